@@ -1,0 +1,3 @@
+"""autoseg: self-configuring medical image segmentation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from autoseg.cli import main
+
+main()

@@ -1,0 +1,48 @@
+"""Atomic file writes: write to a temporary sibling, then rename over the final name.
+
+A killed process leaves at most a ``.tmp-*`` file behind, never a half-written file under a name
+that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success rename it to ``final``.
+
+    The temporary name keeps ``final``'s suffixes (``.nii.gz``, ``.npy``) so that writers that
+    pick a format from the extension still work. On any exception the temporary file is removed.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + final.name, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(final: Path, text: str) -> None:
+    """Atomically write ``text`` (UTF-8) to ``final``."""
+    with atomic_path(final) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(final: Path, data: Any) -> None:
+    """Atomically write ``data`` as indented, key-sorted JSON (deterministic bytes)."""
+    write_text(final, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")

@@ -1,0 +1,462 @@
+"""Raw dataset discovery: read ``dataset.json`` and the file layout as they are, never rename.
+
+Two layouts are read:
+
+* **nnU-Net v2**: ``dataset.json`` with ``channel_names``, ``labels``, ``numTraining`` and
+  ``file_ending``; images ``imagesTr/{case}_{CCCC}{ending}`` (one file per channel), labels
+  ``labelsTr/{case}{ending}``.
+* **MSD** (Medical Segmentation Decathlon): ``dataset.json`` with ``modality``, ``labels`` and
+  ``training: [{image, label}]``; a multi-channel image is one 4D file.
+
+Loading collects *every* structural problem as an :class:`Issue` instead of stopping at the first,
+so that ``autoseg check`` can report them all at once. Nothing here reads pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from autoseg.errors import DatasetError, UnknownNameError
+from autoseg.imageio import SUPPORTED_ENDINGS, strip_ending
+from autoseg.preprocessing.normalization import scheme_for_channel
+
+Severity = Literal["error", "warning"]
+Layout = Literal["nnunet", "msd", "images"]
+
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem found in a dataset.
+
+    Attributes:
+        severity: ``"error"`` blocks planning; ``"warning"`` does not.
+        code: a short stable identifier (``"label-undeclared"``), for tests and filtering.
+        problem: what is wrong, naming the value found.
+        fix: how to fix it.
+        case: the case id, when the problem belongs to one case.
+        file: the file concerned, relative to the dataset root where possible.
+    """
+
+    severity: Severity
+    code: str
+    problem: str
+    fix: str
+    case: str | None = None
+    file: str | None = None
+
+    def line(self) -> str:
+        """The issue as one line: ``file: problem; fix``."""
+        where = self.file or self.case or "dataset"
+        return f"{self.severity}: {where}: {self.problem}; {self.fix}"
+
+
+@dataclass(frozen=True)
+class LabelDef:
+    """A declared label (one value) or region (several values, overlapping classes)."""
+
+    name: str
+    values: tuple[int, ...]
+
+    @property
+    def is_region(self) -> bool:
+        return len(self.values) > 1
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: its image file(s) and, for training data, its label file.
+
+    For the nnU-Net layout ``images`` holds one file per channel; for MSD it holds a single file
+    that carries every channel.
+    """
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a raw dataset declares and which files it consists of."""
+
+    root: Path
+    layout: Layout
+    name: str
+    channel_names: tuple[str, ...]
+    labels: tuple[LabelDef, ...]
+    file_ending: str
+    cases: tuple[Case, ...]
+    num_training_declared: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def label_values(self) -> frozenset[int]:
+        """Every value a label file may contain."""
+        return frozenset(v for label in self.labels for v in label.values)
+
+    @property
+    def has_regions(self) -> bool:
+        return any(label.is_region for label in self.labels)
+
+    def case_ids(self) -> list[str]:
+        return [case.case_id for case in self.cases]
+
+
+def rel(root: Path, path: Path) -> str:
+    """``path`` relative to ``root`` when it lies below it, else as given."""
+    try:
+        return os.fspath(Path(path).relative_to(root))
+    except ValueError:
+        return os.fspath(path)
+
+
+def escapes_root(relative: str) -> bool:
+    """True when a path from dataset.json points outside the dataset folder (refused, never read)."""
+    if os.path.isabs(relative) or re.match(r"^[A-Za-z]:[\\/]", relative):
+        return True
+    normalised = os.path.normpath(relative.replace("\\", "/"))
+    return normalised == ".." or normalised.startswith("../")
+
+
+def _listdir(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    # Hidden files (".DS_Store", the "._name" AppleDouble files found in MSD tarballs) are skipped.
+    return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+
+
+def load_dataset(root: Path) -> tuple[DatasetSpec | None, list[Issue]]:
+    """Discover a raw dataset and collect every structural problem.
+
+    Returns:
+        The dataset spec (``None`` when dataset.json is missing or unusable) and the issues found.
+        A spec is returned even when there are errors, so that later checks can run on what is
+        readable.
+    """
+    root = Path(root)
+    issues: list[Issue] = []
+    if not root.is_dir():
+        issues.append(Issue("error", "no-dataset-folder", f"dataset folder {root} does not exist",
+                            "pass the folder that holds dataset.json, imagesTr/ and labelsTr/"))
+        return None, issues
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        issues.append(Issue("error", "no-dataset-json", "dataset.json is missing",
+                            "add dataset.json (nnU-Net v2 or MSD format) to the dataset folder",
+                            file="dataset.json"))
+        return None, issues
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        issues.append(Issue("error", "invalid-dataset-json", f"dataset.json is not valid JSON ({exc})",
+                            "fix the JSON syntax (a JSON linter shows the position)", file="dataset.json"))
+        return None, issues
+    if not isinstance(meta, dict):
+        issues.append(Issue("error", "invalid-dataset-json", "dataset.json does not hold a JSON object",
+                            "write dataset.json as an object with channel_names/modality and labels",
+                            file="dataset.json"))
+        return None, issues
+
+    layout: Layout = "msd" if "training" in meta else "nnunet"
+    channel_names = _parse_channels(meta, layout, issues)
+    labels = _parse_labels(meta, issues)
+    num_training = meta.get("numTraining")
+    if num_training is not None and not isinstance(num_training, int):
+        issues.append(Issue("warning", "invalid-num-training", f"numTraining is {num_training!r}, not an integer",
+                            "set numTraining to the number of training cases", file="dataset.json"))
+        num_training = None
+
+    if layout == "msd":
+        cases, ending = _discover_msd(root, meta, issues)
+    else:
+        ending = meta.get("file_ending")
+        if not isinstance(ending, str) or not ending:
+            issues.append(Issue("error", "missing-key", "dataset.json has no 'file_ending'",
+                                'add e.g. "file_ending": ".nii.gz" (or use the MSD "training" list)',
+                                file="dataset.json"))
+            cases, ending = [], ""
+        else:
+            if ending.lower() not in SUPPORTED_ENDINGS:
+                issues.append(Issue("error", "unsupported-ending", f"file_ending {ending!r} is not supported",
+                                    f"convert the images to one of {', '.join(SUPPORTED_ENDINGS)}",
+                                    file="dataset.json"))
+            cases = _discover_nnunet(root, ending, len(channel_names), issues)
+
+    if num_training is not None and num_training != len(cases):
+        issues.append(Issue("warning", "num-training-mismatch",
+                            f"numTraining is {num_training} but {len(cases)} training cases were found",
+                            f"set numTraining to {len(cases)}", file="dataset.json"))
+    if not cases and not any(i.severity == "error" for i in issues):
+        issues.append(Issue("error", "no-cases", "no training cases found",
+                            "put images in imagesTr/ and labels in labelsTr/", file="imagesTr"))
+
+    spec = DatasetSpec(
+        root=root,
+        layout=layout,
+        name=str(meta.get("name", root.name)),
+        channel_names=tuple(channel_names),
+        labels=tuple(labels),
+        file_ending=ending,
+        cases=tuple(cases),
+        num_training_declared=num_training,
+        raw=meta,
+    )
+    return spec, issues
+
+
+def load_dataset_strict(root: Path) -> DatasetSpec:
+    """Load a dataset and raise on the first structural error (for stages after ``check``)."""
+    spec, issues = load_dataset(root)
+    errors = [i for i in issues if i.severity == "error"]
+    if spec is None or errors:
+        first = errors[0] if errors else Issue("error", "invalid", "dataset could not be read", "run autoseg check")
+        more = f" (and {len(errors) - 1} more; run 'autoseg check {root}')" if len(errors) > 1 else ""
+        raise DatasetError(f"{Path(root) / (first.file or '')}: {first.problem}; {first.fix}{more}")
+    return spec
+
+
+def _parse_channels(meta: dict[str, Any], layout: Layout, issues: list[Issue]) -> list[str]:
+    key = "channel_names" if "channel_names" in meta else "modality"
+    raw = meta.get(key)
+    if raw is None:
+        issues.append(Issue("error", "missing-key", "dataset.json has neither 'channel_names' nor 'modality'",
+                            'add e.g. "channel_names": {"0": "CT"}', file="dataset.json"))
+        return []
+    if not isinstance(raw, dict) or not raw:
+        issues.append(Issue("error", "invalid-channels", f"'{key}' must be a non-empty object, got {raw!r}",
+                            f'write it as {{"0": "CT", "1": "T2"}}', file="dataset.json"))
+        return []
+    expected = [str(i) for i in range(len(raw))]
+    if sorted(raw, key=lambda k: (len(k), k)) != expected:
+        issues.append(Issue("error", "invalid-channels",
+                            f"'{key}' keys must be 0..{len(raw) - 1}, got {sorted(raw)}",
+                            "number the channels from 0 without gaps", file="dataset.json"))
+        return []
+    names = [str(raw[k]) for k in expected]
+    for index, name in enumerate(names):
+        try:
+            scheme_for_channel(name)
+        except UnknownNameError as exc:
+            issues.append(Issue("error", "unknown-normalization",
+                                f"channel {index} name {name!r} selects no normalisation scheme{_tail(str(exc))}",
+                                "name the modality (e.g. 'CT', 'MRI', 'T2') or a scheme "
+                                "('zscore', 'ct', 'noNorm', 'rescale_to_0_1')",
+                                file="dataset.json"))
+    return names
+
+
+def _tail(message: str) -> str:
+    # UnknownNameError's message ends with "; did you mean 'x'?" — keep only that part.
+    return message[message.index(";"):] if ";" in message else ""
+
+
+def _parse_labels(meta: dict[str, Any], issues: list[Issue]) -> list[LabelDef]:
+    raw = meta.get("labels")
+    if raw is None:
+        issues.append(Issue("error", "missing-key", "dataset.json has no 'labels'",
+                            'add e.g. "labels": {"background": 0, "tumour": 1}', file="dataset.json"))
+        return []
+    if not isinstance(raw, dict) or not raw:
+        issues.append(Issue("error", "invalid-labels", f"'labels' must be a non-empty object, got {raw!r}",
+                            'write it as {"background": 0, "organ": 1}', file="dataset.json"))
+        return []
+    labels: list[LabelDef] = []
+    msd_style = all(re.fullmatch(r"-?\d+", str(k)) for k in raw) and all(isinstance(v, str) for v in raw.values())
+    for key, value in raw.items():
+        if msd_style:  # MSD: {"0": "background", "1": "Anterior"}
+            name, values = value, [int(key)]
+        else:  # nnU-Net v2: {"background": 0, "organ": 1} or a region {"whole": [1, 2]}
+            name = key
+            values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            issues.append(Issue("error", "invalid-labels", f"label {name!r} has value {value!r}, not an integer",
+                                "use integer label values (a list of integers for a region)", file="dataset.json"))
+            continue
+        labels.append(LabelDef(str(name), tuple(int(v) for v in values)))
+    singles = sorted(label.values[0] for label in labels if not label.is_region)
+    if labels and 0 not in singles:
+        issues.append(Issue("error", "invalid-labels", "labels declare no background value 0",
+                            'add "background": 0', file="dataset.json"))
+    if len(singles) != len(set(singles)):
+        dupes = sorted({v for v in singles if singles.count(v) > 1})
+        issues.append(Issue("error", "invalid-labels", f"label values declared twice: {dupes}",
+                            "give every label its own value", file="dataset.json"))
+    elif singles and singles != list(range(len(singles))):
+        issues.append(Issue("error", "invalid-labels", f"label values must be consecutive 0..N, got {singles}",
+                            "renumber the labels (and the label files) to 0, 1, 2, ...", file="dataset.json"))
+    labels.sort(key=lambda label: (label.is_region, label.values))
+    return labels
+
+
+def _discover_nnunet(root: Path, ending: str, num_channels: int, issues: list[Issue]) -> list[Case]:
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        issues.append(Issue("error", "missing-folder", "imagesTr/ is missing",
+                            "put the training images in imagesTr/{case}_{CCCC}" + ending, file="imagesTr"))
+        return []
+    channels_by_case: dict[str, dict[int, Path]] = {}
+    for name in _listdir(images_dir):
+        path = images_dir / name
+        if not name.endswith(ending):
+            issues.append(Issue("warning", "unlisted-file", f"file does not end with file_ending {ending!r}; ignored",
+                                "remove it or fix dataset.json's file_ending", file=rel(root, path)))
+            continue
+        match = _CHANNEL_FILE.match(name[: -len(ending)])
+        if not match:
+            issues.append(Issue("error", "bad-image-name",
+                                "image file name lacks the _CCCC channel suffix (e.g. case_0000" + ending + ")",
+                                "rename to {case}_{channel:04d}" + ending, file=rel(root, path)))
+            continue
+        case_id, channel = match.group("case"), int(match.group("channel"))
+        channels_by_case.setdefault(case_id, {})[channel] = path
+
+    label_files = {}
+    for name in _listdir(labels_dir):
+        if name.endswith(ending):
+            label_files[name[: -len(ending)]] = labels_dir / name
+        else:
+            issues.append(Issue("warning", "unlisted-file", f"file does not end with file_ending {ending!r}; ignored",
+                                "remove it or fix dataset.json's file_ending", file=rel(root, labels_dir / name)))
+    if not labels_dir.is_dir():
+        issues.append(Issue("error", "missing-folder", "labelsTr/ is missing",
+                            "put the label maps in labelsTr/{case}" + ending, file="labelsTr"))
+
+    cases: list[Case] = []
+    for case_id in sorted(channels_by_case):
+        found = channels_by_case[case_id]
+        missing = [c for c in range(num_channels) if c not in found]
+        extra = sorted(c for c in found if c >= num_channels)
+        for c in missing:
+            issues.append(Issue("error", "missing-channel", f"channel {c} image is missing",
+                                f"add imagesTr/{case_id}_{c:04d}{ending} or remove the case",
+                                case=case_id, file=f"imagesTr/{case_id}_{c:04d}{ending}"))
+        for c in extra:
+            issues.append(Issue("error", "wrong-channel-count",
+                                f"channel file {c:04d} found but dataset.json declares {num_channels} channel(s)",
+                                "declare the channel in channel_names or remove the file",
+                                case=case_id, file=rel(root, found[c])))
+        label = label_files.pop(case_id, None)
+        if label is None and labels_dir.is_dir():
+            issues.append(Issue("error", "missing-label", "label file is missing",
+                                f"add labelsTr/{case_id}{ending} or remove the case's images",
+                                case=case_id, file=f"labelsTr/{case_id}{ending}"))
+        if missing:
+            continue
+        cases.append(Case(case_id, tuple(found[c] for c in range(num_channels)), label))
+    for case_id, path in sorted(label_files.items()):
+        issues.append(Issue("warning", "unlisted-file", "label file has no matching image",
+                            f"add imagesTr/{case_id}_0000{ending} or remove the label", case=case_id,
+                            file=rel(root, path)))
+    return cases
+
+
+def _discover_msd(root: Path, meta: dict[str, Any], issues: list[Issue]) -> tuple[list[Case], str]:
+    training = meta.get("training")
+    if not isinstance(training, list):
+        issues.append(Issue("error", "invalid-dataset-json", "'training' must be a list of {image, label}",
+                            'write "training": [{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}]',
+                            file="dataset.json"))
+        return [], ""
+    cases: list[Case] = []
+    seen: dict[str, int] = {}
+    listed_images: set[str] = set()
+    listed_labels: set[str] = set()
+    endings: set[str] = set()
+    for index, entry in enumerate(training):
+        where = f"dataset.json training[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            issues.append(Issue("error", "invalid-dataset-json", f"{where} has no 'image' path",
+                                'each entry needs "image" and "label" paths', file="dataset.json"))
+            continue
+        image_rel, label_rel = entry["image"], entry.get("label")
+        paths_ok = True
+        for kind, value in (("image", image_rel), ("label", label_rel)):
+            if isinstance(value, str) and escapes_root(value):
+                issues.append(Issue("error", "path-escapes-dataset",
+                                    f"{where} {kind} path {value!r} points outside the dataset folder (refused, not read)",
+                                    "use a path relative to the dataset folder, inside it", file="dataset.json"))
+                paths_ok = False
+        if not isinstance(label_rel, str):
+            issues.append(Issue("error", "missing-label", f"{where} has no 'label' path",
+                                'add "label": "./labelsTr/<case>.nii.gz"', file="dataset.json"))
+            paths_ok = False
+        if not paths_ok:
+            continue
+        image_path = root / os.path.normpath(image_rel)
+        label_path = root / os.path.normpath(label_rel)
+        stem, ending = strip_ending(image_path.name)
+        if not ending:
+            issues.append(Issue("error", "unsupported-ending", f"{where} image {image_rel!r} has an unsupported ending",
+                                f"convert it to one of {', '.join(SUPPORTED_ENDINGS)}", file=rel(root, image_path)))
+            continue
+        endings.add(ending)
+        if stem in seen:
+            issues.append(Issue("error", "duplicate-case", f"case id {stem!r} is listed twice "
+                                f"(training[{seen[stem]}] and training[{index}])",
+                                "list every case once", case=stem, file="dataset.json"))
+            continue
+        seen[stem] = index
+        listed_images.add(os.path.normpath(rel(root, image_path)))
+        listed_labels.add(os.path.normpath(rel(root, label_path)))
+        missing = False
+        if not image_path.is_file():
+            issues.append(Issue("error", "missing-image", "image file listed in dataset.json does not exist",
+                                "add the file or remove its entry from 'training'", case=stem,
+                                file=rel(root, image_path)))
+            missing = True
+        if not label_path.is_file():
+            issues.append(Issue("error", "missing-label", "label file listed in dataset.json does not exist",
+                                "add the file or remove its entry from 'training'", case=stem,
+                                file=rel(root, label_path)))
+            missing = True
+        if not missing:
+            cases.append(Case(stem, (image_path,), label_path))
+    for folder, listed in (("imagesTr", listed_images), ("labelsTr", listed_labels)):
+        for name in _listdir(root / folder):
+            relative = os.path.normpath(f"{folder}/{name}")
+            if relative not in listed:
+                issues.append(Issue("warning", "unlisted-file", "file is present but not listed in dataset.json 'training'",
+                                    "add it to 'training' or move it out of the dataset", file=relative))
+    if len(endings) > 1:
+        issues.append(Issue("warning", "mixed-endings", f"images use several file endings: {sorted(endings)}",
+                            "convert them to one format", file="dataset.json"))
+    cases.sort(key=lambda c: c.case_id)
+    return cases, (sorted(endings)[0] if endings else "")
+
+
+def discover_images(folder: Path, num_channels: int) -> list[Case]:
+    """Cases of a folder of images without labels (for prediction).
+
+    Files named ``{case}_{CCCC}{ending}`` are grouped into channels when ``num_channels`` files
+    of a case are present; any other supported file is a single-file case (multi-channel files
+    are split by the reader).
+    """
+    grouped: dict[str, dict[int, Path]] = {}
+    singles: list[Case] = []
+    for name in _listdir(Path(folder)):
+        stem, ending = strip_ending(name)
+        if not ending:
+            continue
+        match = _CHANNEL_FILE.match(stem)
+        if match:
+            grouped.setdefault(match.group("case"), {})[int(match.group("channel"))] = Path(folder) / name
+        else:
+            singles.append(Case(stem, (Path(folder) / name,), None))
+    cases = list(singles)
+    for case_id, files in grouped.items():
+        if sorted(files) == list(range(num_channels)):
+            cases.append(Case(case_id, tuple(files[c] for c in range(num_channels)), None))
+        else:
+            cases.extend(Case(path.name[: -len(strip_ending(path.name)[1])], (path,), None) for path in files.values())
+    return sorted(cases, key=lambda c: c.case_id)

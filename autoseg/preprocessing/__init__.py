@@ -1,0 +1,1 @@
+"""Preprocessing: crop, normalise and resample cases exactly as planned, and the inverse."""

@@ -251,6 +251,19 @@ def print_plans(console: Console, plans: Plans) -> None:
     console.print(f"recommended: {', '.join(plans.recommended)}")
 
 
+@app.command("example")
+def example_cmd(
+    name: Annotated[str, typer.Argument(help="Example dataset to copy (hippocampus).")] = "hippocampus",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to create.")] = Path("example_raw"),
+) -> None:
+    """Copy a small real example dataset shipped with autoseg (24 MSD Hippocampus cases, CC BY-SA 4.0)."""
+    with _user_errors():
+        from autoseg.examples import copy_example
+
+        path = copy_example(name, out)
+        _console().print(f"[green]✓[/] {name} example copied to {path}; next: autoseg plan {path} -o WORK")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

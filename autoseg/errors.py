@@ -42,11 +42,10 @@ class UnknownNameError(ConfigError):
 def did_you_mean(name: str, known: Iterable[str]) -> str:
     """A suffix for an error message: ``"; did you mean 'x'?"`` or the list of valid names."""
     known_list = sorted(known)
-    close = difflib.get_close_matches(name, known_list, n=1, cutoff=0.6)
-    if not close:
-        lowered = {k.lower(): k for k in known_list}
-        if name.lower() in lowered:
-            close = [lowered[name.lower()]]
+    by_lower = {k.lower(): k for k in known_list}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
     if close:
-        return f"; did you mean {close[0]!r}?"
+        return f"; did you mean {by_lower[close[0]]!r}?"
+    if len(known_list) > 12:
+        return f"; expected one of: {', '.join(repr(k) for k in known_list[:12])}, ..."
     return f"; expected one of: {', '.join(repr(k) for k in known_list)}"

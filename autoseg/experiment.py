@@ -23,9 +23,9 @@ from typing import Any
 from autoseg import plans as plans_io
 from autoseg.atomic import write_json
 from autoseg.dataset import DatasetSpec, Issue, load_dataset
-from autoseg.errors import DatasetError, PlanError
+from autoseg.errors import DatasetError
 from autoseg.fingerprint import Fingerprint
-from autoseg.planning import GpuMemory, load_preset, plan
+from autoseg.planning import GpuMemory, load_preset, plan, preset_for_gpu
 from autoseg.plans import Plans
 from autoseg.scan import ProgressFn, build_fingerprint, dataset_issues, files_checksum, scan_dataset, write_fingerprint
 
@@ -191,11 +191,7 @@ def plan_dataset(
     """
     preset = load_preset(planner)
     if gpu_memory_gb is not None:
-        if gpu_memory_gb <= 0:
-            raise PlanError(f"--gpu-memory must be positive, got {gpu_memory_gb}")
-        from dataclasses import replace
-
-        preset = replace(preset, memory_budget_gb=float(gpu_memory_gb))
+        preset = preset_for_gpu(preset, gpu_memory_gb)
         gpu = GpuMemory(float(gpu_memory_gb), "--gpu-memory")
     else:
         gpu = detect_gpu_memory() or GpuMemory(preset.memory_budget_gb, f"preset {preset.name}")

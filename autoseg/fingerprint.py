@@ -263,7 +263,8 @@ def case_fingerprint(
     samples, stats = sample_foreground(image, label > 0, quota, case_seed(case_id))
     record = CaseRecord(
         case_id=case_id,
-        spacing=tuple(float(s) for s in spacing),
+        # NIfTI stores spacing as float32 (0.7 reads as 0.699999988): 7 significant digits undo that.
+        spacing=tuple(float(f"{s:.7g}") for s in spacing),
         shape=shape,
         shape_after_crop=cropped,
         bbox=box,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -169,6 +169,13 @@ def normalization_for(fp: Fingerprint) -> tuple[Normalization, ...]:
     return tuple(result)
 
 
+def preset_for_gpu(preset: Preset, gpu_memory_gb: float) -> Preset:
+    """The preset with its memory budget set to an explicit GPU size (``--gpu-memory``)."""
+    if gpu_memory_gb <= 0:
+        raise PlanError(f"--gpu-memory must be positive, got {gpu_memory_gb}")
+    return replace(preset, memory_budget_gb=float(gpu_memory_gb))
+
+
 def context_slices(slice_spacing: float, preset: Preset) -> int:
     """2.5D neighbours on each side: about ``context_mm`` of tissue in total, 1..max_context_slices.
 
@@ -325,7 +332,9 @@ def _recommend(configs: dict[str, Configuration], gpu: GpuMemory, preset: Preset
     see a whole slice, are the better use of little memory.
     """
     recommended: list[str] = []
-    fits = {name: c.estimated_memory_gb <= gpu.gb * 1.0001 for name, c in configs.items()}
+    # Batch sizes are rounded to the nearest integer (as nnU-Net does), which can overshoot the
+    # budget by up to half a sample; a 10 % margin keeps such a plan "fitting" its own budget.
+    fits = {name: c.estimated_memory_gb <= gpu.gb * 1.1 for name, c in configs.items()}
     full = configs.get("3d_fullres")
     if full is not None:
         starved = np.prod(full.patch_size) < min(preset.min_3d_patch_voxels, np.prod(full.median_shape))
@@ -362,5 +371,5 @@ def _json_default(value: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-__all__ = ["GpuMemory", "context_slices", "fit_patch", "normalization_for", "plan", "target_spacing",
+__all__ = ["GpuMemory", "context_slices", "fit_patch", "normalization_for", "plan", "preset_for_gpu", "target_spacing",
            "transpose_for"]

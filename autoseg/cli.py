@@ -40,7 +40,8 @@ Workers = Annotated[
 def _console(stderr: bool = False) -> Console:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    # stderr carries one-line errors: never wrap them (soft wrap), so they stay greppable.
+    return Console(stderr=stderr, highlight=False, soft_wrap=stderr)
 
 
 @contextlib.contextmanager

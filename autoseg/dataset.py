@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from autoseg.errors import DatasetError, UnknownNameError
-from autoseg.imageio import SUPPORTED_ENDINGS, strip_ending
+from autoseg.imageio import ENDINGS_2D, SUPPORTED_ENDINGS, strip_ending
 from autoseg.preprocessing.normalization import scheme_for_channel
 
 Severity = Literal["error", "warning"]
@@ -73,7 +73,8 @@ class LabelDef:
 class Case:
     """One case: its image file(s) and, for training data, its label file.
 
-    For the nnU-Net layout ``images`` holds one file per channel; for MSD it holds a single file
+    For the nnU-Net layout ``images`` holds one file per channel (or a single RGB image that
+    carries every channel, nnU-Net's convention for natural images); for MSD it holds a single file
     that carries every channel.
     """
 
@@ -292,9 +293,13 @@ def _parse_labels(meta: dict[str, Any], issues: list[Issue]) -> list[LabelDef]:
         dupes = sorted({v for v in singles if singles.count(v) > 1})
         issues.append(Issue("error", "invalid-labels", f"label values declared twice: {dupes}",
                             "give every label its own value", file="dataset.json"))
-    elif singles and singles != list(range(len(singles))):
-        issues.append(Issue("error", "invalid-labels", f"label values must be consecutive 0..N, got {singles}",
-                            "renumber the labels (and the label files) to 0, 1, 2, ...", file="dataset.json"))
+    else:
+        # Regions may name values that no single label does (BraTS in nnU-Net v2: "enhancing": 3,
+        # "whole": [1, 2, 3]), so consecutiveness is over every value that may occur in a file.
+        values = sorted({v for label in labels for v in label.values})
+        if values and values != list(range(len(values))):
+            issues.append(Issue("error", "invalid-labels", f"label values must be consecutive 0..N, got {values}",
+                                "renumber the labels (and the label files) to 0, 1, 2, ...", file="dataset.json"))
     labels.sort(key=lambda label: (label.is_region, label.values))
     return labels
 
@@ -335,7 +340,10 @@ def _discover_nnunet(root: Path, ending: str, num_channels: int, issues: list[Is
     cases: list[Case] = []
     for case_id in sorted(channels_by_case):
         found = channels_by_case[case_id]
-        missing = [c for c in range(num_channels) if c not in found]
+        # nnU-Net's natural-image convention (Dataset120_RoadSegmentation): one RGB file
+        # {case}_0000.png carries every channel; the scan checks that it holds them all.
+        one_file = num_channels > 1 and sorted(found) == [0] and ending.lower() in ENDINGS_2D
+        missing = [] if one_file else [c for c in range(num_channels) if c not in found]
         extra = sorted(c for c in found if c >= num_channels)
         for c in missing:
             issues.append(Issue("error", "missing-channel", f"channel {c} image is missing",
@@ -353,7 +361,8 @@ def _discover_nnunet(root: Path, ending: str, num_channels: int, issues: list[Is
                                 case=case_id, file=f"labelsTr/{case_id}{ending}"))
         if missing:
             continue
-        cases.append(Case(case_id, tuple(found[c] for c in range(num_channels)), label))
+        images = (found[0],) if one_file else tuple(found[c] for c in range(num_channels))
+        cases.append(Case(case_id, images, label))
     for case_id, path in sorted(label_files.items()):
         issues.append(Issue("warning", "unlisted-file", "label file has no matching image",
                             f"add imagesTr/{case_id}_0000{ending} or remove the label", case=case_id,
@@ -441,6 +450,10 @@ def discover_images(folder: Path, num_channels: int) -> list[Case]:
     Files named ``{case}_{CCCC}{ending}`` are grouped into channels when ``num_channels`` files
     of a case are present; any other supported file is a single-file case (multi-channel files
     are split by the reader).
+
+    Raises:
+        DatasetError: two files map to one case id (``a.nii.gz`` and ``a_0000.nii.gz``), whose
+            predictions would overwrite each other.
     """
     grouped: dict[str, dict[int, Path]] = {}
     singles: list[Case] = []
@@ -459,4 +472,9 @@ def discover_images(folder: Path, num_channels: int) -> list[Case]:
             cases.append(Case(case_id, tuple(files[c] for c in range(num_channels)), None))
         else:
             cases.extend(Case(path.name[: -len(strip_ending(path.name)[1])], (path,), None) for path in files.values())
-    return sorted(cases, key=lambda c: c.case_id)
+    cases.sort(key=lambda c: c.case_id)
+    for first, second in zip(cases, cases[1:]):
+        if first.case_id == second.case_id:
+            raise DatasetError(f"{folder}: {first.images[0].name} and {second.images[0].name} are both case "
+                               f"{first.case_id!r}; rename one so that every case has its own name")
+    return cases

@@ -14,7 +14,11 @@ Conventions (the same everywhere in autoseg):
 
 from __future__ import annotations
 
+import gzip
 import os
+import re
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,10 +85,16 @@ def _sitk() -> "SimpleITK":
 
 
 def _cannot_read(path: Path, exc: Exception) -> DatasetError:
-    detail = str(exc).strip().splitlines()
-    # SimpleITK messages start with a C++ source location; the last line says what went wrong.
-    reason = detail[-1].strip() if detail else type(exc).__name__
-    return DatasetError(f"{path}: cannot read image ({reason}); the file is corrupt, truncated or not an image")
+    # SimpleITK messages start with a C++ source location; the last line says what went wrong,
+    # except for a trailing "Reason: <errno text>" that is stale ("No such file or directory" for a
+    # file that exists but is truncated), so that line is dropped.
+    detail = [line.strip() for line in str(exc).strip().splitlines()
+              if line.strip() and not line.strip().startswith("Reason:")]
+    reason = detail[-1] if detail else type(exc).__name__
+    reason = re.sub(r"^(sitk::ERROR|ITK ERROR)(: \w+\(0x[0-9a-fA-F]+\))?: ", "", reason)
+    reason = reason.replace(os.fspath(path), path.name)  # the path leads the message already
+    return DatasetError(f"{path}: cannot read image ({reason}); the file is corrupt, truncated or not an image: "
+                        "re-export or re-copy it")
 
 
 def _check_file(path: Path) -> None:
@@ -145,24 +155,35 @@ def read_image(path: Path) -> tuple[np.ndarray, Geometry]:
     """Read an image file (or a DICOM series folder) as ``(C, Z, Y, X)`` plus its geometry.
 
     The dtype is kept as stored; callers convert. Raises :class:`DatasetError` for missing, empty,
-    corrupt or unsupported files.
+    truncated, corrupt or unsupported files.
     """
     sitk = _sitk()
     path = Path(path)
     _check_file(path)
+    nifti = _nifti_header(path) if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")) else None
+    float_nifti = nifti is not None and nifti.float_dtype is not None
     try:
         if path.is_dir():
-            image = _read_dicom_series(path)
+            source = _read_dicom_series(path)
+        elif float_nifti:
+            # ITK reads the header and geometry; the voxels are read below, as stored (_NiftiHeader).
+            source = sitk.ImageFileReader()
+            source.SetFileName(os.fspath(path))
+            source.ReadImageInformation()
         else:
-            image = sitk.ReadImage(os.fspath(path))
+            source = sitk.ReadImage(os.fspath(path))
     except RuntimeError as exc:
         raise _cannot_read(path, exc) from None
-    dim = image.GetDimension()
+    dim = source.GetDimension()
     if dim not in (2, 3, 4):
         raise DatasetError(f"{path}: {dim}D image; autoseg reads 2D, 3D and 4D (channels last) images")
-    geometry = _geometry_from_sitk(image.GetSpacing(), image.GetOrigin(), image.GetDirection(), dim)
-    array = sitk.GetArrayFromImage(image)
-    components = image.GetNumberOfComponentsPerPixel()
+    geometry = _geometry_from_sitk(source.GetSpacing(), source.GetOrigin(), source.GetDirection(), dim)
+    if float_nifti:
+        array, components = _read_nifti_floats(path, nifti, tuple(reversed(source.GetSize()))), 1
+    else:
+        array, components = sitk.GetArrayFromImage(source), source.GetNumberOfComponentsPerPixel()
+        if nifti is not None:
+            _check_nifti_length(path, nifti)
     if components > 1:
         # Vector pixels (RGB): components are the last numpy axis -> move to the front.
         array = np.moveaxis(array, -1, 0)
@@ -178,6 +199,109 @@ def read_image(path: Path) -> tuple[np.ndarray, Geometry]:
     if min(array.shape) == 0:
         raise DatasetError(f"{path}: image has zero size {array.shape[1:]}; the file holds no voxels")
     return np.ascontiguousarray(array), geometry
+
+
+@dataclass(frozen=True)
+class _NiftiHeader:
+    """What autoseg checks itself in a NIfTI file, because ITK's NIfTI reader hides two problems.
+
+    ITK 5.4 (SimpleITK 2.5) reads a truncated .nii/.nii.gz without error, zero-filling the missing
+    voxels, and replaces every NaN and ±Inf voxel with 0 (fixed only in ITK 6, ITK PR #6683): both
+    would pass ``autoseg check`` silently. So the file's length is checked against the header, and
+    float voxels are read here, as stored (ITK still reads the header and the geometry).
+
+    Attributes:
+        offset: byte offset of the voxels (``vox_offset``) in the uncompressed file.
+        nbytes: byte size of the voxel data the header declares.
+        float_dtype: numpy dtype (with byte order) of unscaled float32/float64 scalar voxels, which
+            are read here; None for every other file, read by ITK.
+    """
+
+    offset: int
+    nbytes: int
+    float_dtype: str | None
+
+
+#: NIfTI datatype codes of real floating-point voxels -> numpy type (FLOAT32, FLOAT64).
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_header(path: Path) -> _NiftiHeader | None:
+    """The fields of a NIfTI-1/2 header that autoseg checks; None if it cannot be parsed (ITK decides)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            head = handle.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:  # NIfTI-1
+            dims = struct.unpack(endian + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(endian + "2h", head[70:74])
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            slope, inter = struct.unpack(endian + "2f", head[112:120])
+            break
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:  # NIfTI-2
+            datatype, bitpix = struct.unpack(endian + "2h", head[12:16])
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = int(struct.unpack(endian + "q", head[168:176])[0])
+            slope, inter = struct.unpack(endian + "2d", head[176:192])
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1:1 + dims[0]]):
+        return None
+    voxels = int(np.prod([int(d) for d in dims[1:1 + dims[0]]]))
+    # Scaled voxels (scl_slope not 0 or 1, or an intercept) and vector voxels (dim[5]) stay with ITK.
+    unscaled = slope in (0.0, 1.0) and inter == 0.0 and dims[0] <= 4
+    dtype = _NIFTI_FLOATS.get(datatype) if unscaled else None
+    return _NiftiHeader(max(offset, 348), voxels * bitpix // 8, (endian + dtype) if dtype else None)
+
+
+def _check_nifti_length(path: Path, header: _NiftiHeader) -> None:
+    """Raise when the file holds less voxel data than its header declares (a cheap check)."""
+    expected = header.offset + header.nbytes
+    if not path.name.lower().endswith(".gz"):
+        if path.stat().st_size < expected:
+            raise _truncated(path, path.stat().st_size, expected)
+        return
+    with open(path, "rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        # The gzip trailer holds the uncompressed size mod 2**32. A mismatch can also mean a
+        # multi-member gzip (bgzip), so it is confirmed by decompressing before calling it truncated.
+        if struct.unpack("<I", handle.read(4))[0] == expected % 2**32:
+            return
+    _nifti_payload(path, header)
+
+
+def _nifti_payload(path: Path, header: _NiftiHeader) -> bytes:
+    """The whole uncompressed file; raises when it is shorter than the header declares."""
+    try:
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as handle:
+            payload = handle.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatasetError(f"{path}: file is truncated or corrupt ({exc}); re-export or re-copy it") from None
+    if len(payload) < header.offset + header.nbytes:
+        raise _truncated(path, len(payload), header.offset + header.nbytes)
+    return payload
+
+
+def _read_nifti_floats(path: Path, header: _NiftiHeader, shape: tuple[int, ...]) -> np.ndarray:
+    """Float voxels as stored, NaN and ±Inf included, in ITK's array order (``shape`` from ITK)."""
+    dtype = np.dtype(header.float_dtype)
+    count = int(np.prod(shape))
+    if count * dtype.itemsize != header.nbytes:
+        raise DatasetError(f"{path}: NIfTI header declares {header.nbytes} bytes of voxels, not {count} "
+                           f"{dtype.name} voxels of shape {shape}; re-export the file")
+    payload = _nifti_payload(path, header)
+    # NIfTI stores x fastest, as ITK's buffer does: the bytes are numpy's C order of (..., z, y, x).
+    stored = np.frombuffer(payload, dtype=dtype, count=count, offset=header.offset)
+    return stored.reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _truncated(path: Path, size: int, expected: int) -> DatasetError:
+    return DatasetError(f"{path}: file is truncated ({size} of the {expected} bytes its header declares); "
+                        "re-export or re-copy it")
 
 
 def _read_dicom_series(folder: Path) -> "SimpleITK.Image":

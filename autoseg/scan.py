@@ -87,7 +87,9 @@ def scan_case(case: Case, spec: DatasetSpec, want_fingerprint: bool, quota: int)
                                     "store the label map as a single-channel integer image",
                                     case=case.case_id, file=file))
             else:
-                issues.extend(check.check_label_values(label[0], spec.label_values, case=case.case_id, file=file))
+                if spec.labels:  # no labels declared: one dataset.json error, not one per case
+                    issues.extend(check.check_label_values(label[0], spec.label_values,
+                                                           case=case.case_id, file=file))
                 if geometries:
                     issues.extend(check.compare_geometry(geometries[0][0], geometries[0][1], label_geometry,
                                                          label.shape[1:], what="label vs image",

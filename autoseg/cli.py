@@ -213,6 +213,30 @@ def plan_cmd(
         console.print(f"[green]✓[/] {experiment.WorkPaths(out).plans}")
 
 
+@app.command("preprocess")
+def preprocess_cmd(
+    work: Annotated[Path, typer.Argument(help="Experiment folder (WORK) written by 'autoseg plan'.")],
+    configs: Annotated[Optional[list[str]], typer.Option(
+        "--config", "-c", metavar="CONFIG", help="Configuration to preprocess; repeat or separate with commas "
+                               "(default: the plan's recommended ones).")] = None,
+    workers: Workers = None,
+) -> None:
+    """Crop, normalise and resample every case -> WORK/preprocessed/<config>/. Resumes where it stopped."""
+    with _user_errors():
+        from autoseg.preprocessing import run as preprocessing
+
+        names = [n.strip() for c in (configs or []) for n in c.split(",") if n.strip()] or None
+        with _progress("preprocessing") as progress:
+            summary = preprocessing.run(work, names, workers, progress)
+        console = _console()
+        for name, s in summary.configs.items():
+            how = f"linked from {s.linked_from}" if s.linked_from else f"{s.processed} processed"
+            stale = f", {s.stale_removed} stale temp file(s) removed" if s.stale_removed else ""
+            console.print(f"[green]✓[/] {name}: {s.cases} case(s) — {how}, {s.reused} already done{stale} "
+                          f"→ {s.folder}")
+        console.print(f"{summary.seconds:.1f} s with {summary.workers} worker(s)")
+
+
 def print_plans(console: Console, plans: Plans) -> None:
     """One table per configuration."""
     from rich.table import Table

@@ -97,3 +97,44 @@ NORMALIZERS: dict[str, Callable[..., np.ndarray]] = {
     "rescale_0_1": normalize_rescale,
     "rgb_0_1": normalize_rgb,
 }
+
+
+def normalize_channel(
+    channel: np.ndarray,
+    scheme: str,
+    *,
+    mask: np.ndarray | None = None,
+    use_mask: bool = False,
+    clip: tuple[float, float] | None = None,
+    mean: float | None = None,
+    std: float | None = None,
+) -> np.ndarray:
+    """Normalise one channel with a scheme from the plans (the preprocessor's single entry point).
+
+    Args:
+        channel: the channel's voxels, any numeric dtype.
+        scheme: a name from :data:`SCHEMES`.
+        mask: the nonzero region of the case (same shape as ``channel``); used by ``zscore`` when
+            ``use_mask`` is set (nnU-Net: only its z-score honours ``use_mask_for_norm``).
+        use_mask: restrict the z-score statistics (and output) to ``mask``.
+        clip, mean, std: the dataset's foreground window and statistics, for ``ct``.
+
+    Returns:
+        A float32 array of ``channel``'s shape.
+
+    Raises:
+        UnknownNameError: ``scheme`` is not a known scheme.
+        ValueError: ``ct`` without clip/mean/std, or ``use_mask`` without a mask (plans validation
+            rules both out, so this is a bug in the caller).
+    """
+    if scheme not in NORMALIZERS:
+        raise UnknownNameError("normalisation scheme", scheme, NORMALIZERS)
+    if scheme == "ct":
+        if clip is None or mean is None or std is None:
+            raise ValueError("scheme 'ct' needs clip, mean and std")
+        return normalize_ct(channel, clip[0], clip[1], mean, std)
+    if scheme == "zscore":
+        if use_mask and mask is None:
+            raise ValueError("z-score with use_mask needs the nonzero mask")
+        return normalize_zscore(channel, mask if use_mask else None)
+    return NORMALIZERS[scheme](channel)

@@ -237,6 +237,99 @@ def preprocess_cmd(
         console.print(f"{summary.seconds:.1f} s with {summary.workers} worker(s)")
 
 
+@app.command("train")
+def train_cmd(
+    work: Annotated[Path, typer.Argument(help="Experiment folder (WORK) written by 'autoseg plan'.")],
+    configuration: Annotated[str, typer.Option("--config", "-c", help="Configuration to train (2d, 2.5d, "
+                                                                      "3d_fullres, 3d_lowres).")],
+    fold: Annotated[str, typer.Option("--fold", "-f", help="Fold number, comma list, or 'all'.")] = "0",
+    epochs: Annotated[int, typer.Option("--epochs", help="Upper bound on epochs.", min=1)] = 1000,
+    iters_per_epoch: Annotated[Optional[int], typer.Option(
+        "--iters-per-epoch", help="Training iterations per epoch (default 250; with --time-budget: sized so "
+                                  "about 20 epochs fit).", min=1)] = None,
+    val_iters: Annotated[Optional[int], typer.Option("--val-iters", help="Validation batches per epoch.",
+                                                     min=0)] = None,
+    time_budget: Annotated[Optional[str], typer.Option(
+        "--time-budget", help="Wall-clock budget per fold, e.g. 15m, 2h; the LR schedule is fitted to it.")] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Initial learning rate (SGD, Nesterov).")] = 1e-2,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Override the plan's batch size.",
+                                                      min=1)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the network init and every epoch's batches.")] = 12345,
+    workers: Annotated[Optional[int], typer.Option(
+        "-j", "--workers", help="Background augmentation processes; 0 = in the training process (default: 0 "
+                                "on a CPU with <= 4 cores, where workers steal the step's cores).", min=0)] = None,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the network (CUDA).")] = False,
+    save_every: Annotated[int, typer.Option("--save-every", help="Epochs between checkpoint_latest.pt writes.",
+                                            min=1)] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoint_latest.pt exactly.")] = False,
+    splits: Annotated[Optional[Path], typer.Option("--splits", help="Your own splits JSON "
+                                                   "([{train: [...], val: [...]}, ...]).")] = None,
+) -> None:
+    """Train a configuration's folds with 5-fold cross-validation; logs, curves and checkpoints per fold."""
+    with _user_errors():
+        from autoseg.training import run as training
+        from autoseg.training.config import TrainConfig, parse_duration
+
+        budget = parse_duration(time_budget) if time_budget else None
+        cfg = TrainConfig(
+            epochs=epochs if (budget is None or epochs != 1000) else 10**6,
+            iters_per_epoch=iters_per_epoch if (iters_per_epoch or budget) else 250,
+            val_iters=val_iters, time_budget_s=budget, lr=lr, batch_size=batch_size, device=device,
+            amp=amp, compile=compile_, seed=seed, workers=workers, save_every=save_every,
+        )
+        console = _console()
+        with _training_progress(console) as callbacks_for:
+            results = training.run(
+                work, configuration, fold, cfg, resume=resume, splits_file=splits, callbacks_for=callbacks_for,
+                on_preprocess=lambda name: console.print(f"{name} is not preprocessed yet: preprocessing it first"),
+            )
+        for result in results:
+            last = result.state.history[-1] if result.state.history else {}
+            console.print(f"[green]✓[/] fold {result.fold}: {result.state.epoch} epoch(s), "
+                          f"pseudo-Dice {last.get('mean_fg_dice', float('nan')):.3f} "
+                          f"(EMA {last.get('ema_fg_dice', float('nan')):.3f}) → {result.folder}")
+
+
+@contextlib.contextmanager
+def _training_progress(console: Console) -> Iterator[object]:
+    """Per fold: a bar per epoch with ETA, and one summary line per finished epoch."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from autoseg.training.trainer import Callbacks
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
+
+    def callbacks_for(fold: int) -> Callbacks:
+        task = {"id": None}
+
+        def start(epoch: int, iters: int | None) -> None:
+            if task["id"] is None or progress.tasks[task["id"]].description != f"fold {fold} epoch {epoch}":
+                if task["id"] is not None:
+                    progress.remove_task(task["id"])
+                task["id"] = progress.add_task(f"fold {fold} epoch {epoch}", total=iters, loss="-")
+            else:
+                progress.update(task["id"], total=iters)
+
+        def step(it: int, loss: float) -> None:
+            progress.update(task["id"], completed=it + 1, loss=f"{loss:.4f}")
+
+        def end(record: dict) -> None:
+            dice = ", ".join("-" if d is None else f"{d:.3f}" for d in record["pseudo_dice"])
+            progress.console.print(
+                f"fold {fold} epoch {record['epoch']}: train {record['train_loss']:.4f}, val {record['val_loss']:.4f}, "
+                f"pseudo-Dice [{dice}] (EMA {record['ema_fg_dice']:.3f}), lr {record['lr']:.2e}, "
+                f"{record['epoch_time_s']:.1f} s ({record['s_per_it']:.2f} s/it, data wait "
+                f"{100 * record['data_wait_fraction']:.0f}%)")
+
+        return Callbacks(on_epoch_start=start, on_iteration=step, on_epoch_end=end)
+
+    with progress:
+        yield callbacks_for
+
+
 def print_plans(console: Console, plans: Plans) -> None:
     """One table per configuration."""
     from rich.table import Table

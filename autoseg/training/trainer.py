@@ -1,0 +1,497 @@
+"""The training loop of one fold, readable in one sitting, and its hooks.
+
+    for epoch in epochs:                    (or until the time budget is spent)
+        for it in iterations:  batch -> forward -> Dice+CE (deep supervision) -> SGD step
+        validation batches -> loss and pseudo-Dice per class
+        log.jsonl, progress.png, checkpoint_latest.pt (+ checkpoint_best.pt on a new best EMA Dice)
+    checkpoint_final.pt
+
+Every epoch's batches come from a loader seeded with ``(seed, fold, epoch)``, and checkpoints are
+taken at epoch boundaries, so ``--resume`` continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoseg.atomic import atomic_path, write_text
+from autoseg.data import BatchLoader, Case
+from autoseg.errors import ConfigError
+from autoseg.networks import build_network
+from autoseg.plans import Configuration, Plans
+from autoseg.training.config import TrainConfig
+from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss
+
+CHECKPOINT_FORMAT = 1
+#: Smoothing of the validation pseudo-Dice that selects the best checkpoint (nnU-Net: 0.9).
+EMA_DECAY = 0.9
+#: With a time budget and no --iters-per-epoch, aim for this many epochs (validation points).
+BUDGET_EPOCHS = 20
+
+
+@dataclass
+class TrainState:
+    """What changes during training (all of it goes into checkpoint_latest.pt)."""
+
+    epoch: int = 0
+    elapsed_s: float = 0.0
+    iters_per_epoch: int | None = None
+    val_iters: int | None = None
+    ema_dice: float | None = None
+    best_ema_dice: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FoldPaths:
+    """Files of one fold: ``WORK/models/<config>/fold_<k>/``."""
+
+    root: Path
+
+    @property
+    def latest(self) -> Path:
+        return self.root / "checkpoint_latest.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "checkpoint_best.pt"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "checkpoint_final.pt"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.jsonl"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "train_config.yaml"
+
+    @property
+    def plot(self) -> Path:
+        return self.root / "progress.png"
+
+
+@dataclass
+class Callbacks:
+    """Progress reporting hooks (the CLI draws rich bars with them; tests leave them empty)."""
+
+    on_epoch_start: Callable[[int, int | None], None] = lambda epoch, iters: None
+    on_iteration: Callable[[int, float], None] = lambda it, loss: None
+    on_epoch_end: Callable[[dict[str, Any]], None] = lambda record: None
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA if available, else CPU. Raises ConfigError for an unavailable device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def default_workers(device: torch.device) -> int:
+    """Background augmentation processes: none on small CPUs, where they steal the step's cores."""
+    import os
+
+    cpus = os.cpu_count() or 1
+    if device.type == "cpu":
+        return 0 if cpus <= 4 else max(1, cpus // 4)
+    return max(1, min(12, cpus - 2))
+
+
+def epoch_seed(seed: int, fold: int, epoch: int, stream: int) -> int:
+    """The seed of one epoch's loader (stream 0: training, 1: validation)."""
+    return int(np.random.SeedSequence([seed, fold, epoch, stream]).generate_state(1)[0])
+
+
+def poly_lr(base_lr: float, progress: float, exponent: float) -> float:
+    """nnU-Net's poly schedule: ``base * (1 - progress) ** exponent``, progress in [0, 1]."""
+    return base_lr * (1.0 - min(max(progress, 0.0), 1.0)) ** exponent
+
+
+def _memory_format(device: torch.device, config: Configuration, cfg: TrainConfig) -> torch.memory_format:
+    if cfg.channels_last and device.type == "cpu" and config.dims == 3:
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _autocast_dtype(device: torch.device, cfg: TrainConfig) -> torch.dtype | None:
+    # Never on CPU: this project's CPUs have no bf16 units (bf16 convolutions run ~100x slower).
+    if not cfg.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and records
+
+
+def plans_meta(plans: Plans) -> dict[str, Any]:
+    """What a checkpoint needs to be used without the experiment folder's plans."""
+    return {
+        "labels": {k: list(v) for k, v in plans.labels.items()},
+        "channel_names": list(plans.channel_names),
+        "transpose": list(plans.transpose),
+        "num_classes": plans.num_classes,
+    }
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomically write a checkpoint (plain containers and tensors only: loadable weights_only)."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``: no code runs from the file).
+
+    Raises:
+        ConfigError: missing, unreadable, or written by an incompatible autoseg.
+    """
+    if not path.is_file():
+        raise ConfigError(f"{path}: checkpoint not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise ConfigError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                          "the file is corrupt or not an autoseg checkpoint") from None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path}: not an autoseg checkpoint of format {CHECKPOINT_FORMAT}")
+    return data
+
+
+def write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite log.jsonl from the history (atomic; after a resume it matches the checkpoint)."""
+    write_text(path, "".join(json.dumps(record, sort_keys=True) + "\n" for record in history))
+
+
+def write_train_config(path: Path, cfg: TrainConfig, plans: Plans, configuration: str, fold: int,
+                       device: torch.device, workers: int, batch_size: int) -> None:
+    """The resolved configuration of the run, with its hash and the environment."""
+    import yaml
+
+    from autoseg import __version__
+
+    record = {
+        "autoseg_version": __version__,
+        "configuration": configuration,
+        "fold": fold,
+        "train": cfg.to_dict(),
+        "train_digest": cfg.digest(),
+        "resolved": {"device": str(device), "workers": workers, "batch_size": batch_size},
+        "plans_fingerprint_sha256": plans.fingerprint_sha256,
+        "environment": {"torch": str(torch.__version__), "python": platform.python_version(),
+                        "cuda": torch.version.cuda, "threads": torch.get_num_threads()},
+    }
+    write_text(path, yaml.safe_dump(record, sort_keys=False))
+
+
+def plot_progress(path: Path, history: list[dict[str, Any]]) -> None:
+    """progress.png: losses, pseudo-Dice (and its EMA), learning rate and epoch time per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+    axes[0].plot(epochs, [r["train_loss"] for r in history], label="train loss")
+    axes[0].plot(epochs, [r["val_loss"] for r in history], label="validation loss")
+    twin = axes[0].twinx()
+    twin.plot(epochs, [r["mean_fg_dice"] for r in history], "g.", label="pseudo-Dice")
+    twin.plot(epochs, [r["ema_fg_dice"] for r in history], "g-", label="pseudo-Dice (EMA)")
+    twin.set_ylim(0, 1)
+    axes[0].legend(loc="upper left")
+    twin.legend(loc="upper right")
+    axes[1].plot(epochs, [r["epoch_time_s"] for r in history])
+    axes[1].set_ylabel("epoch time (s)")
+    axes[2].plot(epochs, [r["lr"] for r in history])
+    axes[2].set_ylabel("learning rate")
+    axes[2].set_xlabel("epoch")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class FoldSetup:
+    """Everything one fold's training needs, resolved by the stage."""
+
+    plans: Plans
+    configuration: str
+    fold: int
+    train_cases: list[Case]
+    val_cases: list[Case]
+    paths: FoldPaths
+
+
+def train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool = False,
+               callbacks: Callbacks | None = None) -> TrainState:
+    """Train one fold; returns the final state (history included).
+
+    Raises:
+        ConfigError: bad device, no checkpoint to resume from, or a checkpoint of another run.
+    """
+    callbacks = callbacks or Callbacks()
+    config = setup.plans.configuration(setup.configuration)
+    device = resolve_device(cfg.device)
+    workers = default_workers(device) if cfg.workers is None else cfg.workers
+    batch_size = cfg.batch_size or config.batch_size
+    paths = setup.paths
+    paths.root.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed + setup.fold)
+    net = build_network(config.topology, config.input_channels, setup.plans.num_classes, deep_supervision=True)
+    memory_format = _memory_format(device, config, cfg)
+    net = net.to(device=device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                                weight_decay=cfg.weight_decay)
+    autocast_dtype = _autocast_dtype(device, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+    n_outputs = config.topology.num_stages - 1
+    loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=True), n_outputs)
+    state = TrainState(iters_per_epoch=cfg.iters_per_epoch if cfg.time_budget_s is None else cfg.iters_per_epoch,
+                       val_iters=cfg.val_iters)
+
+    if resume:
+        state = _restore(paths.latest, net, optimizer, scaler, cfg, setup)
+    elif paths.latest.exists() or paths.final.exists():
+        raise ConfigError(f"{paths.root}: this fold already has checkpoints; use --resume to continue it "
+                          "or delete the folder to start over")
+    write_train_config(paths.config, cfg, setup.plans, setup.configuration, setup.fold, device, workers, batch_size)
+    step = _make_step(net, optimizer, scaler, loss_fn, cfg, autocast_dtype, memory_format, device)
+    model = torch.compile(net) if cfg.compile and device.type == "cuda" else net
+
+    while state.epoch < cfg.epochs and not _budget_spent(state, cfg):
+        record = _run_epoch(model, net, step, loss_fn, optimizer, state, setup, cfg, config, device, workers,
+                            batch_size, memory_format, autocast_dtype, callbacks)
+        state.history.append(record)
+        state.epoch += 1
+        write_log(paths.log, state.history)
+        plot_progress(paths.plot, state.history)
+        if record["ema_fg_dice"] > state.best_ema_dice:
+            state.best_ema_dice = record["ema_fg_dice"]
+            save_checkpoint(paths.best, _weights_payload(net, state, cfg, setup))
+        last = state.epoch >= cfg.epochs or _budget_spent(state, cfg)
+        if state.epoch % cfg.save_every == 0 or last:
+            save_checkpoint(paths.latest, _full_payload(net, optimizer, scaler, state, cfg, setup))
+        callbacks.on_epoch_end(record)
+    save_checkpoint(paths.final, _weights_payload(net, state, cfg, setup))
+    return state
+
+
+def _budget_spent(state: TrainState, cfg: TrainConfig) -> bool:
+    return cfg.time_budget_s is not None and state.elapsed_s >= cfg.time_budget_s
+
+
+def _make_step(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss_fn: nn.Module,
+               cfg: TrainConfig, autocast_dtype: torch.dtype | None, memory_format: torch.memory_format,
+               device: torch.device) -> Callable[[nn.Module, torch.Tensor, list[torch.Tensor]], float]:
+    def step(model: nn.Module, image: torch.Tensor, targets: list[torch.Tensor]) -> float:
+        image = image.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        targets = [t.to(device, non_blocking=True) for t in targets]
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            outputs = model(image)
+            loss = loss_fn(outputs, targets)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        return float(loss.detach())
+
+    return step
+
+
+def _run_epoch(model: nn.Module, net: nn.Module, step: Callable, loss_fn: nn.Module,
+               optimizer: torch.optim.Optimizer, state: TrainState, setup: FoldSetup, cfg: TrainConfig,
+               config: Configuration, device: torch.device, workers: int, batch_size: int,
+               memory_format: torch.memory_format, autocast_dtype: torch.dtype | None,
+               callbacks: Callbacks) -> dict[str, Any]:
+    epoch_start = time.perf_counter()
+    elapsed_at_start = state.elapsed_s
+    net.train()
+    losses: list[float] = []
+    wait = 0.0
+    lr = cfg.lr
+    loader = BatchLoader(setup.train_cases, config, augment=True, workers=workers, oversample=cfg.oversample,
+                         batch_size=batch_size, seed=epoch_seed(cfg.seed, setup.fold, state.epoch, 0))
+    callbacks.on_epoch_start(state.epoch, state.iters_per_epoch)
+    try:
+        it = 0
+        while True:
+            if state.iters_per_epoch is not None and it >= state.iters_per_epoch:
+                break
+            elapsed = elapsed_at_start + time.perf_counter() - epoch_start
+            if cfg.time_budget_s is not None:
+                if elapsed >= cfg.time_budget_s:
+                    break
+                lr = poly_lr(cfg.lr, elapsed / cfg.time_budget_s, cfg.poly_exponent)
+            else:
+                lr = poly_lr(cfg.lr, state.epoch / cfg.epochs, cfg.poly_exponent)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = next(loader)
+            wait += batch.wait_s
+            losses.append(step(model, batch.image, batch.target))
+            callbacks.on_iteration(it, losses[-1])
+            it += 1
+            if state.iters_per_epoch is None and it == 3:
+                # Time budget without --iters-per-epoch: size epochs from the measured step time.
+                per_it = (time.perf_counter() - epoch_start) / it
+                state.iters_per_epoch = int(min(250, max(10, cfg.time_budget_s / BUDGET_EPOCHS / per_it)))
+                state.val_iters = cfg.val_iters if cfg.val_iters is not None else max(5, state.iters_per_epoch // 5)
+                callbacks.on_epoch_start(state.epoch, state.iters_per_epoch)
+    finally:
+        loader.close()
+    train_time = time.perf_counter() - epoch_start
+    val_iters = state.val_iters if state.val_iters is not None else 50
+    val_loss, dice = _validate(model, net, loss_fn, setup, cfg, config, device, batch_size, memory_format,
+                               autocast_dtype, val_iters, state.epoch)
+    epoch_time = time.perf_counter() - epoch_start
+    state.elapsed_s = elapsed_at_start + epoch_time
+    foreground = [d for d in dice if not math.isnan(d)]
+    mean_dice = float(np.mean(foreground)) if foreground else 0.0
+    state.ema_dice = mean_dice if state.ema_dice is None else EMA_DECAY * state.ema_dice + (1 - EMA_DECAY) * mean_dice
+    n_iters = max(len(losses), 1)
+    return {
+        "epoch": state.epoch,
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "val_loss": val_loss,
+        "pseudo_dice": [None if math.isnan(d) else round(d, 6) for d in dice],
+        "mean_fg_dice": mean_dice,
+        "ema_fg_dice": float(state.ema_dice),
+        "lr": lr,
+        "iters": len(losses),
+        "epoch_time_s": round(epoch_time, 3),
+        "s_per_it": round(train_time / n_iters, 4),
+        "samples_per_s": round(len(losses) * batch_size / max(train_time, 1e-9), 3),
+        "data_wait_fraction": round(wait / max(train_time, 1e-9), 4),
+        "elapsed_s": round(state.elapsed_s, 3),
+    }
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, net: nn.Module, loss_fn: nn.Module, setup: FoldSetup, cfg: TrainConfig,
+              config: Configuration, device: torch.device, batch_size: int, memory_format: torch.memory_format,
+              autocast_dtype: torch.dtype | None, iters: int, epoch: int) -> tuple[float, list[float]]:
+    """Loss and pseudo-Dice per foreground class on validation patches (nnU-Net's online metric)."""
+    num_classes = setup.plans.num_classes
+    tp = np.zeros(num_classes - 1)
+    fp = np.zeros(num_classes - 1)
+    fn = np.zeros(num_classes - 1)
+    if iters == 0 or not setup.val_cases:
+        return float("nan"), [float("nan")] * (num_classes - 1)
+    net.eval()
+    losses = []
+    # Validation patches are the same every epoch (fixed seed), so the curve compares like with like.
+    loader = BatchLoader(setup.val_cases, config, augment=False, workers=0, oversample=cfg.oversample,
+                         batch_size=batch_size, seed=epoch_seed(cfg.seed, setup.fold, 0, 1))
+    try:
+        for _ in range(iters):
+            batch = next(loader)
+            image = batch.image.to(device).contiguous(memory_format=memory_format)
+            targets = [t.to(device) for t in batch.target]
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                outputs = model(image)
+                losses.append(float(loss_fn(outputs, targets)))
+            logits = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+            prediction = logits.argmax(1)
+            truth = targets[0][:, 0]
+            for c in range(1, num_classes):
+                pred_c, true_c = prediction == c, truth == c
+                tp[c - 1] += float((pred_c & true_c).sum())
+                fp[c - 1] += float((pred_c & ~true_c).sum())
+                fn[c - 1] += float((~pred_c & true_c).sum())
+    finally:
+        loader.close()
+        net.train()
+    denominator = 2 * tp + fp + fn
+    dice = [float(2 * t / d) if d > 0 else float("nan") for t, d in zip(tp, denominator)]
+    return float(np.mean(losses)), dice
+
+
+def _weights_payload(net: nn.Module, state: TrainState, cfg: TrainConfig, setup: FoldSetup) -> dict[str, Any]:
+    from autoseg import plans as plans_io
+
+    config_dict = plans_io.to_dict(setup.plans)["configurations"][setup.configuration]
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "epoch": state.epoch,
+        "ema_fg_dice": state.ema_dice,
+        "configuration_name": setup.configuration,
+        "configuration": config_dict,
+        "plans": plans_meta(setup.plans),
+        "train_config": cfg.to_dict(),
+        "fold": setup.fold,
+    }
+
+
+def _full_payload(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  state: TrainState, cfg: TrainConfig, setup: FoldSetup) -> dict[str, Any]:
+    payload = _weights_payload(net, state, cfg, setup)
+    payload.update({
+        "optimizer": optimizer.state_dict(),
+        "grad_scaler": scaler.state_dict(),
+        "state": {
+            "epoch": state.epoch,
+            "elapsed_s": state.elapsed_s,
+            "iters_per_epoch": state.iters_per_epoch,
+            "val_iters": state.val_iters,
+            "ema_dice": state.ema_dice,
+            "best_ema_dice": state.best_ema_dice,
+            "history": state.history,
+        },
+        "torch_rng": torch.get_rng_state(),
+    })
+    return payload
+
+
+def _restore(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             cfg: TrainConfig, setup: FoldSetup) -> TrainState:
+    if not path.exists():
+        raise ConfigError(f"{path}: no checkpoint to resume from; start without --resume")
+    data = load_checkpoint(path)
+    if data.get("configuration_name") != setup.configuration or data.get("fold") != setup.fold:
+        raise ConfigError(f"{path}: checkpoint is for {data.get('configuration_name')} fold {data.get('fold')}, "
+                          f"not {setup.configuration} fold {setup.fold}")
+    net.load_state_dict(data["model"])
+    optimizer.load_state_dict(data["optimizer"])
+    scaler.load_state_dict(data["grad_scaler"])
+    torch.set_rng_state(data["torch_rng"])
+    saved = data["state"]
+    return TrainState(
+        epoch=int(saved["epoch"]), elapsed_s=float(saved["elapsed_s"]),
+        iters_per_epoch=saved["iters_per_epoch"], val_iters=saved["val_iters"],
+        ema_dice=saved["ema_dice"], best_ema_dice=float(saved["best_ema_dice"]),
+        history=list(saved["history"]),
+    )

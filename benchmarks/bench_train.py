@@ -1,0 +1,110 @@
+"""Benchmark: training throughput of one configuration on preprocessed data, and its arithmetic floor.
+
+    python benchmarks/bench_train.py WORK [-c 3d_fullres] [--iters 6] [--workers 0] [--batch-size B]
+                                     [--preset-features default] [--device cpu]
+
+WORK must be planned (``autoseg plan``); it is preprocessed first if needed. Runs one epoch of
+``--iters`` training iterations (no validation) through the real trainer (sampler, augmentation,
+network, loss, optimiser), skips the first iteration as warm-up, and prints JSON: seconds per
+iteration, samples/s, the fraction of step time spent waiting for data, peak RSS, and the
+arithmetic floor = FLOPs per iteration (forward + backward ≈ 3 × forward) / measured convolution
+throughput of this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+
+def conv_throughput_gflops(channels_last: bool, seconds: float = 3.0) -> float:
+    """Measured forward+backward GFLOP/s of a representative 3D convolution (32->32, 3^3, 40x56x40)."""
+    import torch
+
+    x = torch.randn(2, 32, 40, 56, 40, requires_grad=True)
+    conv = torch.nn.Conv3d(32, 32, 3, padding=1)
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+        conv = conv.to(memory_format=torch.channels_last_3d)
+    flops = 2 * 32 * 32 * 27 * 40 * 56 * 40 * 2 * 3  # 2*MACs, batch 2, fwd + 2x bwd
+    conv(x).sum().backward()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        conv(x).sum().backward()
+        n += 1
+    return flops * n / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work", type=Path)
+    parser.add_argument("-c", "--config", default="3d_fullres")
+    parser.add_argument("--iters", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-channels-last", action="store_true")
+    args = parser.parse_args()
+
+    from autoseg import plans as plans_io
+    from autoseg.networks import conv_flops
+    from autoseg.training import run as training
+    from autoseg.training.config import TrainConfig
+
+    plans = plans_io.load(args.work / "plans.yaml")
+    config = plans.configuration(args.config)
+    batch = args.batch_size or config.batch_size
+    cfg = TrainConfig(epochs=1, iters_per_epoch=args.iters, val_iters=0, device=args.device,
+                      workers=args.workers, batch_size=batch, channels_last=not args.no_channels_last)
+    per_iteration: list[float] = []
+    waits: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # Train in a scratch copy of the models folder so the benchmark never touches real runs.
+        from autoseg.training.trainer import Callbacks
+
+        stamps: list[float] = []
+        callbacks = Callbacks(on_iteration=lambda it, loss: stamps.append(time.perf_counter()))
+        import autoseg.training.run as run_module
+
+        original = run_module.fold_folder
+        run_module.fold_folder = lambda work, c, f: Path(tmp) / c / f"fold_{f}"
+        try:
+            start = time.perf_counter()
+            results = training.run(args.work, args.config, "0", cfg, callbacks_for=lambda fold: callbacks)
+            wall = time.perf_counter() - start
+        finally:
+            run_module.fold_folder = original
+    per_iteration = [b - a for a, b in zip(stamps, stamps[1:])]
+    record = results[0].state.history[0]
+    s_per_it = sum(per_iteration) / len(per_iteration)
+    forward = conv_flops(config.topology, config.patch_size, config.input_channels, plans.num_classes)
+    flops_per_it = 3 * forward * batch
+    gflops = conv_throughput_gflops(channels_last=not args.no_channels_last and config.dims == 3)
+    print(json.dumps({
+        "benchmark": "training throughput",
+        "configuration": args.config,
+        "patch_size": list(config.patch_size),
+        "batch_size": batch,
+        "features": list(config.topology.features_per_stage),
+        "workers": args.workers,
+        "device": args.device,
+        "iterations_timed": len(per_iteration),
+        "s_per_it": round(s_per_it, 3),
+        "s_per_it_each": [round(t, 3) for t in per_iteration],
+        "samples_per_s": round(batch / s_per_it, 3),
+        "data_wait_fraction_epoch": record["data_wait_fraction"],
+        "flops_per_it_tflop": round(flops_per_it / 1e12, 4),
+        "measured_conv_gflops_fwd_bwd": round(gflops, 1),
+        "arithmetic_floor_s_per_it": round(flops_per_it / (gflops * 1e9), 3),
+        "wall_s_including_setup": round(wall, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Training: losses, splits, the loop (every configuration), checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoseg import crossval
+from autoseg.data import Case
+from autoseg.errors import ConfigError
+from autoseg.fingerprint import CaseRecord, Fingerprint, IntensityStats
+from autoseg.planning import load_preset, plan
+from autoseg.training.config import TrainConfig, parse_duration
+from autoseg.training.losses import DiceCELoss, deep_supervision_weights, soft_dice_loss
+from autoseg.training.trainer import FoldPaths, FoldSetup, load_checkpoint, poly_lr, train_fold
+
+SHAPE = (12, 20, 18)
+
+
+def _tiny_plans(spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)):
+    stats = IntensityStats(0.0, 1.0, -3.0, 3.0, -2.5, 0.0, 2.5, 100)
+    cases = tuple(CaseRecord(f"c{i}", spacing, SHAPE, SHAPE, tuple((0, s) for s in SHAPE), 1.0, "RAS", {}, (stats,))
+                  for i in range(6))
+    fp = Fingerprint("tiny", 3, ("MRI",), {"background": [0], "shell": [1], "core": [2]}, cases, (stats,))
+    return plan(fp, load_preset("tiny"))
+
+
+def _cases(n: int = 4, seed: int = 0) -> list[Case]:
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    out = []
+    for i in range(n):
+        r = ((z - 6) / 4) ** 2 + ((y - 10 - i % 2) / 6) ** 2 + ((x - 9) / 5) ** 2
+        seg = np.where(r < 0.35, 2, np.where(r < 1, 1, 0)).astype(np.int8)
+        image = (seg.astype(np.float32) + rng.normal(0, 0.3, SHAPE).astype(np.float32))[None]
+        out.append(Case(f"case_{i}", image, seg))
+    return out
+
+
+def _setup(tmp_path: Path, configuration: str = "3d_fullres", name: str = "run") -> FoldSetup:
+    cases = _cases()
+    return FoldSetup(_tiny_plans(), configuration, 0, cases[:3], cases[3:], FoldPaths(tmp_path / name))
+
+
+FAST = TrainConfig(epochs=2, iters_per_epoch=3, val_iters=2, device="cpu", workers=0, seed=7)
+
+
+def test_soft_dice_perfect_and_wrong() -> None:
+    target = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    target[:, :, :2] = 1
+    perfect = torch.where(target[:, 0] == 1, 1, 0)
+    logits = torch.stack([1 - perfect, perfect], 1).float() * 50
+    assert soft_dice_loss(logits, target).item() == pytest.approx(-1.0, abs=1e-4)
+    assert soft_dice_loss(-logits, target).item() == pytest.approx(0.0, abs=1e-3)
+    assert DiceCELoss()(logits, target).item() < 1e-3 - 1.0 + 1e-2
+
+
+def test_deep_supervision_weights() -> None:
+    weights = deep_supervision_weights(4)
+    assert sum(weights) == pytest.approx(1.0)
+    assert weights[0] == pytest.approx(2 * weights[1]) and weights[-1] < 1e-5
+
+
+def test_poly_lr() -> None:
+    assert poly_lr(0.01, 0.0, 0.9) == 0.01
+    assert poly_lr(0.01, 1.0, 0.9) == 0.0
+    assert poly_lr(0.01, 0.5, 0.9) == pytest.approx(0.01 * 0.5**0.9)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("15m", 900), ("2h", 7200), ("1h30m", 5400), ("90s", 90), ("120", 120)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_parse_duration_rejects_garbage() -> None:
+    with pytest.raises(ConfigError, match="15m"):
+        parse_duration("fifteen minutes")
+
+
+def test_splits_are_nnunet_kfold_and_validated(tmp_path: Path) -> None:
+    ids = [f"case_{i:03d}" for i in range(10)]
+    splits = crossval.load_or_create(tmp_path, list(reversed(ids)))
+    assert len(splits) == 5 and (tmp_path / "splits.json").is_file()
+    assert sorted(v for s in splits for v in s["val"]) == ids
+    assert crossval.make_splits(ids) == splits  # sorted ids, seed 12345: independent of input order
+    with pytest.raises(ConfigError, match="unknown case"):
+        crossval.validate_splits([{"train": ["x"], "val": ids[:2]}], ids, "s.json")
+    with pytest.raises(ConfigError, match="twice"):
+        crossval.validate_splits([{"train": ids[2:] + ids[2:3], "val": ids[:2]}], ids, "s.json")
+    with pytest.raises(ConfigError, match="both train and val"):
+        crossval.validate_splits([{"train": ids, "val": ids[:2]}], ids, "s.json")
+    custom = tmp_path / "mine.json"
+    custom.write_text(json.dumps([{"train": ids[2:], "val": ids[:2]}]))
+    assert crossval.load_or_create(tmp_path, ids, custom) == [{"train": ids[2:], "val": ids[:2]}]
+    with pytest.raises(ConfigError, match="fold 3 does not exist"):
+        crossval.fold_cases(crossval.load_or_create(tmp_path, ids), 3)
+
+
+@pytest.mark.parametrize("configuration", ["2d", "2.5d", "3d_fullres"])
+def test_every_configuration_trains_a_few_iterations(tmp_path: Path, configuration: str) -> None:
+    setup = _setup(tmp_path, configuration)
+    state = train_fold(setup, FAST)
+    assert state.epoch == 2 and len(state.history) == 2
+    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) for r in state.history)
+    paths = setup.paths
+    for path in (paths.latest, paths.best, paths.final, paths.log, paths.config, paths.plot):
+        assert path.is_file(), path
+    assert len(paths.log.read_text().splitlines()) == 2
+    data = load_checkpoint(paths.final)  # weights_only=True inside
+    assert data["configuration_name"] == configuration and "model" in data
+
+
+def test_training_reduces_the_loss(tmp_path: Path) -> None:
+    cfg = replace(FAST, epochs=6, iters_per_epoch=5, lr=0.02)
+    state = train_fold(_setup(tmp_path), cfg)
+    losses = [r["train_loss"] for r in state.history]
+    assert losses[-1] < losses[0]
+
+
+def test_resume_gives_the_same_weights(tmp_path: Path) -> None:
+    full = train_fold(_setup(tmp_path, name="full"), replace(FAST, epochs=3))
+    interrupted = _setup(tmp_path, name="resumed")
+    train_fold(interrupted, replace(FAST, epochs=1))
+    # The first run ended with checkpoint_final; pretend it was killed after epoch 1.
+    interrupted.paths.final.unlink()
+    resumed = train_fold(interrupted, replace(FAST, epochs=3), resume=True)
+    assert resumed.epoch == full.epoch == 3
+    a = load_checkpoint(tmp_path / "full" / "checkpoint_final.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint_final.pt")["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
+
+
+def test_existing_fold_needs_resume(tmp_path: Path) -> None:
+    setup = _setup(tmp_path)
+    train_fold(setup, replace(FAST, epochs=1))
+    with pytest.raises(ConfigError, match="--resume"):
+        train_fold(setup, replace(FAST, epochs=1))
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no checkpoint to resume"):
+        train_fold(_setup(tmp_path), FAST, resume=True)
+
+
+def test_time_budget_stops_training(tmp_path: Path) -> None:
+    cfg = replace(FAST, epochs=1000, iters_per_epoch=None, val_iters=1, time_budget_s=3.0)
+    state = train_fold(_setup(tmp_path), cfg)
+    assert state.elapsed_s < 3.0 + 10  # stops soon after the budget (one validation pass at most)
+    assert state.history[-1]["lr"] < cfg.lr  # the schedule ran on elapsed time
+
+
+def test_unavailable_device_is_a_clear_error(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        train_fold(_setup(tmp_path), replace(FAST, device="cuda"))

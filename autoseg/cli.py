@@ -303,13 +303,15 @@ def _training_progress(console: Console) -> Iterator[object]:
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
 
     def callbacks_for(fold: int) -> Callbacks:
-        task = {"id": None}
+        task: dict = {"id": None, "epoch": None}
 
         def start(epoch: int, iters: int | None) -> None:
-            if task["id"] is None or progress.tasks[task["id"]].description != f"fold {fold} epoch {epoch}":
+            # Called again within an epoch when a time budget has just sized the epoch.
+            if task["epoch"] != epoch:
                 if task["id"] is not None:
                     progress.remove_task(task["id"])
                 task["id"] = progress.add_task(f"fold {fold} epoch {epoch}", total=iters, loss="-")
+                task["epoch"] = epoch
             else:
                 progress.update(task["id"], total=iters)
 

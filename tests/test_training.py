@@ -161,3 +161,33 @@ def test_unavailable_device_is_a_clear_error(tmp_path: Path) -> None:
         pytest.skip("CUDA present")
     with pytest.raises(ConfigError, match="CUDA is not available"):
         train_fold(_setup(tmp_path), replace(FAST, device="cuda"))
+
+
+def test_train_cli_end_to_end(tmp_path: Path) -> None:
+    import phantoms
+    from typer.testing import CliRunner
+
+    from autoseg.cli import app
+
+    raw = tmp_path / "raw"
+    phantoms.write_nnunet_dataset(raw, n_cases=5)
+    runner = CliRunner()
+    work = tmp_path / "work"
+    assert runner.invoke(app, ["plan", str(raw), "-o", str(work), "--planner", "tiny", "-j", "1"]).exit_code == 0
+    args = ["train", str(work), "-c", "3d_fullres", "-f", "0", "--epochs", "2", "--iters-per-epoch", "2",
+            "--val-iters", "1", "-j", "0", "--device", "cpu"]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "preprocessing it first" in result.output and "fold 0 epoch 1" in result.output
+    assert (work / "models" / "3d_fullres" / "fold_0" / "checkpoint_final.pt").is_file()
+    assert (work / "splits.json").is_file()
+    again = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert again.exit_code != 0 and "--resume" in again.output and "Traceback" not in again.output
+    resumed = runner.invoke(app, args[:6] + ["--epochs", "3"] + args[8:] + ["--resume"], env={"COLUMNS": "200"})
+    assert resumed.exit_code == 0, resumed.output
+    assert "fold 0 epoch 2" in resumed.output
+    budget = runner.invoke(app, ["train", str(work), "-c", "2d", "-f", "1", "--time-budget", "3s", "-j", "0",
+                                 "--val-iters", "1", "--device", "cpu"], env={"COLUMNS": "200"})
+    assert budget.exit_code == 0, budget.output
+    bad = runner.invoke(app, ["train", str(work), "-c", "3d_fulres"])
+    assert bad.exit_code != 0 and "did you mean '3d_fullres'" in bad.output

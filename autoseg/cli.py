@@ -251,7 +251,10 @@ def train_cmd(
                                                      min=0)] = None,
     time_budget: Annotated[Optional[str], typer.Option(
         "--time-budget", help="Wall-clock budget per fold, e.g. 15m, 2h; the LR schedule is fitted to it.")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Initial learning rate (SGD, Nesterov).")] = 1e-2,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Initial learning rate (default: 1e-2 for sgd, "
+                                                             "1e-3 for adamw).")] = None,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="auto (sgd; adamw with --time-budget, which "
+                                                               "learns several times faster at first), sgd or adamw.")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Override the plan's batch size.",
                                                       min=1)] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
@@ -276,7 +279,8 @@ def train_cmd(
         cfg = TrainConfig(
             epochs=epochs if (budget is None or epochs != 1000) else 10**6,
             iters_per_epoch=iters_per_epoch if (iters_per_epoch or budget) else 250,
-            val_iters=val_iters, time_budget_s=budget, lr=lr, batch_size=batch_size, device=device,
+            val_iters=val_iters, time_budget_s=budget, optimizer=optimizer,
+            lr=lr, batch_size=batch_size, device=device,
             amp=amp, compile=compile_, seed=seed, workers=workers, save_every=save_every,
         )
         console = _console()
@@ -332,6 +336,215 @@ def _training_progress(console: Console) -> Iterator[object]:
         yield callbacks_for
 
 
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _fmt_metric(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}" if abs(value) >= 10 else f"{value:.{digits - 1}f}"
+
+
+def _summary_table(summary: dict, title: str) -> object:
+    """Mean and median of Dice, IoU, HD95 and NSD per label (HD95: how many were undefined)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("label", overflow="fold")
+    for column in ("Dice mean", "Dice median", "IoU mean", "HD95 mean (mm)", "HD95 median", "NSD mean",
+                   "NSD median"):
+        table.add_column(column, justify="right")
+    for name, stats in summary["labels"].items():
+        undefined = stats.get("hd95", {}).get("n_undefined", 0)
+        table.add_row(
+            _escape(name),
+            _fmt_metric(stats["dice"]["mean"]), _fmt_metric(stats["dice"]["median"]), _fmt_metric(stats["iou"]["mean"]),
+            _fmt_metric(stats["hd95"]["mean"]) + (f" ({undefined} undefined)" if undefined else ""),
+            _fmt_metric(stats["hd95"]["median"]), _fmt_metric(stats["nsd"]["mean"]),
+            _fmt_metric(stats["nsd"]["median"]),
+        )
+    table.add_row("[bold]mean foreground Dice[/]", _fmt_metric(summary["mean_foreground_dice"]), *[""] * 6)
+    return table
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    pred: Annotated[Path, typer.Argument(help="Folder of predicted label maps (case id = file name without "
+                                              "its ending).")],
+    ref: Annotated[Path, typer.Argument(help="Folder of reference label maps, or a raw dataset (its labelsTr).")],
+    labels: Annotated[Optional[Path], typer.Option(
+        "--labels", "-l", help="dataset.json, or a folder holding one (raw dataset or WORK), that declares the "
+                               "labels (default: REF's dataset.json, else every value found).")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="JSON report (default: PRED/evaluation.json); a CSV is written beside it.")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm.", min=0.0)] = 2.0,
+    workers: Workers = None,
+) -> None:
+    """Score predictions against references: Dice, IoU, HD95, NSD per case and label -> JSON, CSV, table."""
+    with _user_errors():
+        from autoseg import evaluate
+
+        with _progress("evaluating") as progress:
+            report = evaluate.run(pred, ref, labels, output, tolerance, workers, progress)
+        console = _console()
+        for warning in report.warnings[:20]:
+            console.print(f"[yellow]warning:[/] {_escape(warning)}")
+        if len(report.warnings) > 20:
+            console.print(f"... and {len(report.warnings) - 20} more warning(s) in {report.json_path}")
+        console.print(_summary_table(report.summary, f"{len(report.cases)} case(s), labels from "
+                                                     f"{_escape(report.labels_source)}"))
+        console.print(f"[green]✓[/] {_escape(str(report.json_path))}, {_escape(str(report.csv_path))}")
+
+
+@app.command("find-best")
+def find_best_cmd(
+    work: Annotated[Path, typer.Argument(help="Experiment folder (WORK) with trained folds.")],
+    tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm (reported; the choice "
+                                                                 "is by mean foreground Dice).", min=0.0)] = 2.0,
+    workers: Workers = None,
+) -> None:
+    """Choose the best configuration or pair ensemble from cross-validation, and postprocessing -> best.yaml."""
+    with _user_errors():
+        from rich.table import Table
+
+        from autoseg import find_best
+
+        with _progress("scoring cross-validation") as progress:
+            result = find_best.run(work, tolerance, workers, progress)
+        console = _console()
+        for note in result.notes:
+            console.print(f"• {_escape(note)}")
+        first = next(iter(result.summaries.values()))
+        label_names = list(first["labels"])
+        table = Table(title="cross-validation (all folds pooled)", title_justify="left")
+        table.add_column("candidate", overflow="fold")
+        table.add_column("mean fg Dice", justify="right")
+        for name in label_names:
+            table.add_column(f"Dice {_escape(name)}", justify="right")
+        table.add_column("mean HD95 (mm)", justify="right")
+        table.add_column("mean NSD", justify="right")
+        chosen = result.best.name
+        for name, summary in sorted(result.summaries.items(), key=lambda kv: -(kv[1]["mean_foreground_dice"] or 0)):
+            per_label = summary["labels"]
+            hd95 = [s["hd95"]["mean"] for s in per_label.values() if s["hd95"]["mean"] is not None]
+            nsd = [s["nsd"]["mean"] for s in per_label.values() if s["nsd"]["mean"] is not None]
+            mark = "[bold green]★ [/]" if name == chosen else "  "
+            table.add_row(mark + _escape(name), _fmt_metric(summary["mean_foreground_dice"]),
+                          *[_fmt_metric(per_label.get(n, {}).get("dice", {}).get("mean")) for n in label_names],
+                          _fmt_metric(sum(hd95) / len(hd95) if hd95 else None),
+                          _fmt_metric(sum(nsd) / len(nsd) if nsd else None))
+        console.print(table)
+        pp = result.best.postprocessing
+        steps = (["largest component of all foreground"] if pp.all_foreground else []) + \
+            [f"largest component of {n}" for n in pp.per_label]
+        console.print(f"postprocessing: {_escape(', '.join(steps)) if steps else 'none'} "
+                      f"(mean fg Dice {_fmt_metric(pp.dice_before)} → {_fmt_metric(pp.dice_after)})")
+        console.print(f"[green]✓[/] best: {_escape(chosen)} → {_escape(str(result.path))}")
+
+
+@app.command("ensemble")
+def ensemble_cmd(
+    folders: Annotated[list[Path], typer.Argument(metavar="DIR", help="Prediction folders with <case>.npz "
+                                                  "probabilities (the first also holds the label maps).")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Output folder for the ensembled label maps.")],
+    save_probabilities: Annotated[bool, typer.Option(
+        "--save-probabilities", help="Also write the averaged probabilities (<case>.npz).")] = False,
+    workers: Workers = None,
+) -> None:
+    """Average saved probabilities of the same cases across folders, argmax -> label maps."""
+    with _user_errors():
+        from autoseg import ensemble
+
+        with _progress("ensembling") as progress:
+            result = ensemble.run(folders, out, save_probabilities, workers, progress)
+        console = _console()
+        for folder, cases in result.ignored.items():
+            console.print(f"[yellow]warning:[/] {_escape(folder)}: {len(cases)} case(s) not in "
+                          f"{_escape(str(folders[0]))} were ignored: {_escape(', '.join(cases[:5]))}"
+                          f"{' ...' if len(cases) > 5 else ''}")
+        console.print(f"[green]✓[/] {len(result.cases)} case(s) → {_escape(str(result.out))}")
+
+
+@app.command("predict", context_settings={"allow_extra_args": True})
+def predict_cmd(
+    ctx: typer.Context,
+    work: Annotated[Path, typer.Argument(help="Experiment folder (WORK) with trained folds.")],
+    inputs: Annotated[list[Path], typer.Option(
+        "--input", "-i", metavar="PATH", help="Image file or folder of images (nnU-Net {case}_0000 naming, plain files, or MSD "
+                              "4D); repeat for several.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for the label maps.")],
+    configs: Annotated[Optional[list[str]], typer.Option(
+        "--config", "-c", metavar="CONFIG", help="Configuration; repeat or separate with commas to average several "
+                                                 "(default: WORK/best.yaml's, with its postprocessing; else the "
+                                                 "single trained one).")] = None,
+    folds: Annotated[Optional[list[str]], typer.Option(
+        "--folds", "-f", metavar="FOLD", help="Folds to average: -f 0 1 2, -f 0,1 or -f all (default: every trained fold).")] = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", metavar="final|best", help="Checkpoint of each fold: final or best.")] = "final",
+    no_tta: Annotated[bool, typer.Option("--no-tta", help="No mirroring test-time augmentation (about 8x faster "
+                                                          "in 3D, 4x in 2D; slightly less accurate).")] = False,
+    save_probabilities: Annotated[bool, typer.Option(
+        "--save-probabilities", help="Also write <case>.npz: float16 class probabilities in the input's grid.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    resume: Annotated[bool, typer.Option("--continue", help="Skip cases whose output already exists.")] = False,
+    step: Annotated[float, typer.Option("--step", help="Window stride as a fraction of the patch (smaller: more "
+                                                       "overlap, slower).", min=0.05, max=1.0)] = 0.5,
+) -> None:
+    """Segment new images with the trained folds: sliding window, mirroring TTA, fold averaging -> label maps."""
+    with _user_errors():
+        from rich.markup import escape
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from autoseg import predict
+        from autoseg.errors import ConfigError
+
+        names = [n.strip() for c in (configs or []) for n in c.split(",") if n.strip()] or None
+        # "-f 0 1 2" (nnU-Net's spelling): the numbers after the first reach us as extra arguments.
+        fold_words = [w.strip() for f in (folds or []) for w in f.split(",") if w.strip()]
+        for extra in ctx.args:
+            if not (folds and extra.isdigit()):
+                raise ConfigError(f"unexpected argument {extra!r}; folds go after -f (-f 0 1 2), inputs after -i")
+            fold_words.append(extra)
+        fold_list: list[int] | None = None
+        if fold_words and [w.lower() for w in fold_words] != ["all"]:
+            bad = [w for w in fold_words if not w.isdigit()]
+            if bad:
+                raise ConfigError(f"-f {bad[0]}: expected fold numbers (-f 0 1 2), a comma list, or 'all'")
+            fold_list = [int(w) for w in fold_words]
+
+        console = _console()
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
+                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                            console=_console(stderr=True), transient=True)
+        task: dict[str, object] = {}
+
+        def on_case(index: int, total: int, case_id: str) -> None:
+            if not progress.live.is_started:
+                progress.start()
+            if "id" in task:
+                progress.remove_task(task["id"])
+            task["id"] = progress.add_task(f"{escape(case_id)} ({index + 1}/{total})", total=None)
+
+        def on_windows(done: int, total: int) -> None:
+            progress.update(task["id"], completed=done, total=total)
+
+        try:
+            summary = predict.run(work, inputs, output, names, fold_list, checkpoint, tta=not no_tta,
+                                  save_probabilities=save_probabilities, device=device, resume=resume, step=step,
+                                  callbacks=predict.PredictCallbacks(on_case, on_windows))
+        finally:
+            if progress.live.is_started:
+                progress.stop()
+        used = ", ".join(f"{s.configuration} (fold{'s' if len(s.folds) > 1 else ''} "
+                         f"{' '.join(str(f) for f in s.folds)})" for s in summary.selections)
+        skipped = f", {len(summary.skipped)} already done" if summary.skipped else ""
+        how = f"{'TTA' if not no_tta else 'no TTA'}, {summary.device}, {summary.seconds:.1f} s" if summary.written else ""
+        console.print(f"[green]✓[/] {len(summary.written)} case(s) predicted{skipped} with {escape(used)}"
+                      + (f" ({how})" if how else "") + f" → {escape(str(summary.output))}")
+        if summary.postprocessing:
+            console.print("postprocessing from best.yaml applied")
+
+
 def print_plans(console: Console, plans: Plans) -> None:
     """One table per configuration."""
     from rich.table import Table
@@ -382,6 +595,124 @@ def example_cmd(
 
         path = copy_example(name, out)
         _console().print(f"[green]✓[/] {name} example copied to {path}; next: autoseg plan {path} -o WORK")
+
+
+ConvertName = Annotated[Optional[str], typer.Option("--name", help="Dataset name (default: the output folder's name).")]
+
+convert_app = typer.Typer(
+    help="Bring benchmark data into the nnU-Net v2 raw layout (RAW); the source is only read. Resumable.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+def _print_conversion(summary: object, unit: str) -> None:
+    """Warnings (at most 50 lines), then one summary line and the next step."""
+    from rich.markup import escape
+
+    console = _console()
+    warnings = list(getattr(summary, "warnings", ()))
+    for line in warnings[:50]:  # one line each (soft wrap), so they stay greppable
+        console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
+    if len(warnings) > 50:
+        console.print(f"... and {len(warnings) - 50} more warning(s)")
+    root = getattr(summary, "root")
+    written, skipped, failed = (len(getattr(summary, k)) for k in ("written", "skipped", "failed"))
+    left_out = f", {failed} left out" if failed else ""
+    console.print(f"[green]✓[/] {escape(str(root))}: {written} {unit}(s) converted, {skipped} already done{left_out}; "
+                  f"next: autoseg check {escape(str(root))}")
+
+
+@convert_app.command("dicom-rt")
+def convert_dicom_rt_cmd(
+    src: Annotated[Path, typer.Argument(help="Folder with one folder per patient (CT series + RTSTRUCT, nested "
+                                             "folders allowed), e.g. the AAPM LCTSC 2017 download.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Raw dataset folder to write (nnU-Net v2 layout).")],
+    roi_map: Annotated[Optional[Path], typer.Option(
+        "--roi-map", help="YAML/JSON {label_name: [ROI names...]}, in label order; replaces the default map "
+                          "(Esophagus, Heart, Lung_L, Lung_R, SpinalCord with common spellings).")] = None,
+    overlap: Annotated[str, typer.Option(
+        "--overlap", help="priority: one label per voxel, the label later in the map wins; regions: bitmask "
+                          "values, every structure declared as an nnU-Net region (no voxel lost).")] = "priority",
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Warn about and skip a patient that cannot "
+                                                                       "be converted, instead of stopping.")] = False,
+    allow_frame_mismatch: Annotated[bool, typer.Option(
+        "--allow-frame-mismatch", help="Convert ROIs whose frame of reference differs from the CT's (only when "
+                                       "you know they share coordinates).")] = False,
+    name: ConvertName = None,
+) -> None:
+    """Convert CT + RTSTRUCT patient folders (AAPM LCTSC layout); contours rasterised on the CT grid.
+
+    Writes imagesTr/{patient}_0000.nii.gz, labelsTr/{patient}.nii.gz and dataset.json.
+    """
+    with _user_errors():
+        from autoseg.convert import dicom_rt
+
+        mapping = dicom_rt.load_roi_map(roi_map) if roi_map is not None else None
+        with _progress("converting patients") as progress:
+            summary = dicom_rt.run(src, out, mapping, overlap, skip_invalid=skip_invalid,  # type: ignore[arg-type]
+                                   allow_frame_mismatch=allow_frame_mismatch, name=name, progress=progress)
+        _print_conversion(summary, "patient")
+
+
+@convert_app.command("kaggle-uwmgi")
+def convert_kaggle_uwmgi_cmd(
+    src: Annotated[Path, typer.Argument(help="Competition folder holding train.csv and train/case*/case*_day*/scans/.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Raw dataset folder to write (nnU-Net v2 layout).")],
+    slice_spacing: Annotated[float, typer.Option(
+        "--slice-spacing", help="Distance between slices in mm; the competition files do not store it.")] = 3.0,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Leave out a case-day with malformed rows "
+                                                                       "(warning) instead of stopping.")] = False,
+    name: ConvertName = None,
+) -> None:
+    """Convert Kaggle UW-Madison GI Tract (PNG slices + RLE train.csv) to one volume per case-day.
+
+    The three organs overlap and are written as regions: bitmask values large_bowel 1, small_bowel 2,
+    stomach 4 (a pixel holds the sum of its organs).
+    """
+    with _user_errors():
+        from autoseg.convert import kaggle_uwmgi
+
+        with _progress("converting case-days") as progress:
+            summary = kaggle_uwmgi.run(src, out, slice_spacing, skip_invalid=skip_invalid, name=name,
+                                       progress=progress)
+        _print_conversion(summary, "case-day")
+
+
+@convert_app.command("png-masks")
+def convert_png_masks_cmd(
+    images: Annotated[Path, typer.Argument(help="Folder of 2D images (.png, .tif, .bmp).")],
+    masks: Annotated[Path, typer.Argument(help="Folder of 2D masks, paired with the images by name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Raw dataset folder to write (nnU-Net v2 layout).")],
+    value_map: Annotated[list[str], typer.Option(
+        "--map", metavar="V=L", help="Mask value V is label L; repeat per value (0=0 is implied unless 0 is "
+                                     "mapped). Required, e.g. --map 255=1.")],
+    name: ConvertName = None,
+    channel_name: Annotated[Optional[list[str]], typer.Option(
+        "--channel-name", metavar="NAME", help="Channel name (selects the normalisation, e.g. EM, MRI, CT); "
+                                               "repeat per channel (default: image, or R G B for colour).")] = None,
+    label_name: Annotated[Optional[list[str]], typer.Option(
+        "--label-name", metavar="L=NAME", help="Name of label L in dataset.json; repeat per label.")] = None,
+    pair_by: Annotated[str, typer.Option("--pair-by", help="name: equal file names; order: natural sort order "
+                                                           "of both folders.")] = "name",
+    mask_suffix: Annotated[str, typer.Option("--mask-suffix", help="Suffix of mask names before the ending "
+                                                                   "(e.g. _mask), removed before pairing.")] = "",
+    file_ending: Annotated[str, typer.Option("--file-ending", help=".png or .nii.gz.")] = ".png",
+) -> None:
+    """Convert 2D image and mask folders (e.g. ISBI 2012 EM), masks mapped through --map V=L."""
+    with _user_errors():
+        from autoseg.convert import png_masks
+
+        mapping = png_masks.parse_value_map(value_map)
+        names = png_masks.parse_label_names(label_name or [])
+        with _progress("converting images") as progress:
+            summary = png_masks.run(images, masks, out, mapping, name=name, channel_names=channel_name,
+                                    label_names=names, pair_by=pair_by, mask_suffix=mask_suffix,  # type: ignore[arg-type]
+                                    file_ending=file_ending, progress=progress)
+        _print_conversion(summary, "image")
+
+
+app.add_typer(convert_app, name="convert")
 
 
 def main() -> None:

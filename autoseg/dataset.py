@@ -171,7 +171,7 @@ def load_dataset(root: Path) -> tuple[DatasetSpec | None, list[Issue]]:
 
     layout: Layout = "msd" if "training" in meta else "nnunet"
     channel_names = _parse_channels(meta, layout, issues)
-    labels = _parse_labels(meta, issues)
+    labels = parse_labels(meta, issues)
     num_training = meta.get("numTraining")
     if num_training is not None and not isinstance(num_training, int):
         issues.append(Issue("warning", "invalid-num-training", f"numTraining is {num_training!r}, not an integer",
@@ -262,7 +262,8 @@ def _tail(message: str) -> str:
     return message[message.index(";"):] if ";" in message else ""
 
 
-def _parse_labels(meta: dict[str, Any], issues: list[Issue]) -> list[LabelDef]:
+def parse_labels(meta: dict[str, Any], issues: list[Issue]) -> list[LabelDef]:
+    """The ``labels`` of a dataset.json (nnU-Net or MSD style), appending problems to ``issues``."""
     raw = meta.get("labels")
     if raw is None:
         issues.append(Issue("error", "missing-key", "dataset.json has no 'labels'",

@@ -153,7 +153,7 @@ def test_time_budget_stops_training(tmp_path: Path) -> None:
     cfg = replace(FAST, epochs=1000, iters_per_epoch=None, val_iters=1, time_budget_s=3.0)
     state = train_fold(_setup(tmp_path), cfg)
     assert state.elapsed_s < 3.0 + 10  # stops soon after the budget (one validation pass at most)
-    assert state.history[-1]["lr"] < cfg.lr  # the schedule ran on elapsed time
+    assert state.history[-1]["lr"] < cfg.resolved_lr == 1e-3  # AdamW; the schedule ran on elapsed time
 
 
 def test_unavailable_device_is_a_clear_error(tmp_path: Path) -> None:

@@ -25,7 +25,12 @@ class TrainConfig:
         val_iters: validation batches per epoch (nnU-Net: 50); ``None``: 50, or a fifth of the
             training iterations with a time budget.
         time_budget_s: wall-clock budget of the fold; the poly LR schedule runs on elapsed time.
-        lr, momentum, weight_decay, poly_exponent: SGD with Nesterov momentum, poly decay.
+        optimizer: ``sgd`` (Nesterov, nnU-Net's), ``adamw``, or ``auto``: SGD for epoch-based runs,
+            AdamW with a time budget. Measured on MSD Hippocampus (cpu preset, batch 4): SGD with
+            momentum 0.99 first collapses to all-background and still scores pseudo-Dice 0 after
+            300 iterations; AdamW (lr 1e-3) reaches 0.79 in the same 300 iterations.
+        lr: initial learning rate; ``None``: 1e-2 for SGD, 1e-3 for AdamW.
+        momentum, weight_decay, poly_exponent: learning rate, SGD momentum, weight decay, poly decay.
         grad_clip: gradient-norm clip (nnU-Net: 12).
         batch_size: ``None`` = the plan's batch size.
         oversample: forced-foreground fraction of each batch (nnU-Net: 0.33).
@@ -43,7 +48,8 @@ class TrainConfig:
     iters_per_epoch: int | None = 250
     val_iters: int | None = None
     time_budget_s: float | None = None
-    lr: float = 1e-2
+    optimizer: str = "auto"
+    lr: float | None = None
     momentum: float = 0.99
     weight_decay: float = 3e-5
     poly_exponent: float = 0.9
@@ -67,7 +73,9 @@ class TrainConfig:
             raise ConfigError(f"--val-iters must be >= 0, not {self.val_iters}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ConfigError(f"--time-budget must be positive, not {self.time_budget_s}")
-        if not self.lr > 0:
+        if self.optimizer not in ("auto", "sgd", "adamw"):
+            raise ConfigError(f"--optimizer {self.optimizer!r}: expected 'auto', 'sgd' or 'adamw'")
+        if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr must be positive, not {self.lr}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, not {self.batch_size}")
@@ -77,6 +85,18 @@ class TrainConfig:
             raise ConfigError(f"--save-every must be >= 1, not {self.save_every}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"--device {self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+    @property
+    def resolved_optimizer(self) -> str:
+        if self.optimizer != "auto":
+            return self.optimizer
+        return "adamw" if self.time_budget_s is not None else "sgd"
+
+    @property
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if self.resolved_optimizer == "adamw" else 1e-2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

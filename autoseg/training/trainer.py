@@ -131,6 +131,14 @@ def poly_lr(base_lr: float, progress: float, exponent: float) -> float:
     return base_lr * (1.0 - min(max(progress, 0.0), 1.0)) ** exponent
 
 
+def make_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (nnU-Net's default) or AdamW (faster start for short budgets)."""
+    if cfg.resolved_optimizer == "adamw":
+        return torch.optim.AdamW(net.parameters(), lr=cfg.resolved_lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(net.parameters(), lr=cfg.resolved_lr, momentum=cfg.momentum, nesterov=True,
+                           weight_decay=cfg.weight_decay)
+
+
 def _memory_format(device: torch.device, config: Configuration, cfg: TrainConfig) -> torch.memory_format:
     if cfg.channels_last and device.type == "cpu" and config.dims == 3:
         return torch.channels_last_3d
@@ -170,6 +178,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     Raises:
         ConfigError: missing, unreadable, or written by an incompatible autoseg.
     """
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: checkpoint not found")
     try:
@@ -200,7 +209,8 @@ def write_train_config(path: Path, cfg: TrainConfig, plans: Plans, configuration
         "fold": fold,
         "train": cfg.to_dict(),
         "train_digest": cfg.digest(),
-        "resolved": {"device": str(device), "workers": workers, "batch_size": batch_size},
+        "resolved": {"device": str(device), "workers": workers, "batch_size": batch_size,
+                     "optimizer": cfg.resolved_optimizer, "lr": cfg.resolved_lr},
         "plans_fingerprint_sha256": plans.fingerprint_sha256,
         "environment": {"torch": str(torch.__version__), "python": platform.python_version(),
                         "cuda": torch.version.cuda, "threads": torch.get_num_threads()},
@@ -271,8 +281,7 @@ def train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool = False,
     net = build_network(config.topology, config.input_channels, setup.plans.num_classes, deep_supervision=True)
     memory_format = _memory_format(device, config, cfg)
     net = net.to(device=device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(net, cfg)
     autocast_dtype = _autocast_dtype(device, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
     n_outputs = config.topology.num_stages - 1
@@ -341,7 +350,7 @@ def _run_epoch(model: nn.Module, net: nn.Module, step: Callable, loss_fn: nn.Mod
     net.train()
     losses: list[float] = []
     wait = 0.0
-    lr = cfg.lr
+    lr = cfg.resolved_lr
     loader = BatchLoader(setup.train_cases, config, augment=True, workers=workers, oversample=cfg.oversample,
                          batch_size=batch_size, seed=epoch_seed(cfg.seed, setup.fold, state.epoch, 0))
     callbacks.on_epoch_start(state.epoch, state.iters_per_epoch)
@@ -354,9 +363,9 @@ def _run_epoch(model: nn.Module, net: nn.Module, step: Callable, loss_fn: nn.Mod
             if cfg.time_budget_s is not None:
                 if elapsed >= cfg.time_budget_s:
                     break
-                lr = poly_lr(cfg.lr, elapsed / cfg.time_budget_s, cfg.poly_exponent)
+                lr = poly_lr(cfg.resolved_lr, elapsed / cfg.time_budget_s, cfg.poly_exponent)
             else:
-                lr = poly_lr(cfg.lr, state.epoch / cfg.epochs, cfg.poly_exponent)
+                lr = poly_lr(cfg.resolved_lr, state.epoch / cfg.epochs, cfg.poly_exponent)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = next(loader)

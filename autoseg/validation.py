@@ -1,0 +1,123 @@
+"""Fold validation: predict a fold's held-out cases in full and score them (nnU-Net's final validation).
+
+For fold ``k`` of a configuration, every validation case of ``WORK/splits.json`` is read from the
+RAW dataset (``WORK/dataset.json``: ``source`` + each case's ``images`` and ``label``) and
+predicted exactly as ``autoseg predict`` would (same :class:`~autoseg.predict.Predictor`: sliding
+window, mirroring TTA on), then written and scored::
+
+    WORK/models/<config>/fold_<k>/validation/<case>.nii.gz   label map, the image's geometry
+    WORK/models/<config>/fold_<k>/validation/<case>.npz      "probabilities" (K, Z, Y, X) float16
+    WORK/models/<config>/fold_<k>/metrics.json                per case and summary (autoseg.metrics)
+
+``autoseg find-best`` reads these files to compare configurations and ensembles and to decide the
+postprocessing. The trainer calls :func:`validate_fold` at the end of a fold.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from autoseg.atomic import write_json
+from autoseg.errors import ConfigError, DatasetError
+from autoseg.metrics import DEFAULT_NSD_TOLERANCE_MM
+
+#: File name of a fold's validation scores.
+METRICS_FILE = "metrics.json"
+
+
+def validation_folder(work: Path, configuration: str, fold: int) -> Path:
+    """``WORK/models/<configuration>/fold_<fold>/validation``."""
+    return Path(work) / "models" / configuration / f"fold_{fold}" / "validation"
+
+
+def _validation_case_ids(work: Path, fold: int, case_ids: list[str]) -> list[str]:
+    from autoseg import crossval
+
+    path = Path(work) / "splits.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; training writes it (or pass --splits to 'autoseg train')")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); fix or delete the file") from None
+    splits = crossval.validate_splits(data, case_ids, str(path))
+    return sorted(crossval.fold_cases(splits, fold)["val"])
+
+
+def validate_fold(
+    work: Path,
+    configuration: str,
+    fold: int,
+    checkpoint: str = "final",
+    device: str = "auto",
+    *,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Predict the validation cases of one fold from the raw images, write them, and score them.
+
+    Args:
+        work: the experiment folder.
+        configuration: the trained configuration.
+        fold: the fold (its validation cases come from WORK/splits.json).
+        checkpoint: ``final``, ``best`` or ``latest``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        nsd_tolerance_mm: NSD tolerance (2 mm: autoseg's default).
+        progress: ``progress(done, total)`` over the validation cases.
+
+    Returns:
+        What ``metrics.json`` holds: ``configuration``, ``fold``, ``checkpoint``, ``tta``,
+        ``nsd_tolerance_mm``, ``per_case`` (case -> label -> metrics, as
+        :func:`autoseg.metrics.case_metrics` returns them), ``summary``
+        (:func:`autoseg.metrics.summarize`) and ``seconds``.
+
+    Raises:
+        ConfigError: the fold is not trained, the splits are missing or invalid, a bad device.
+        DatasetError: dataset.json is missing, the raw dataset moved, or a file is unreadable.
+        PlanError: plans.yaml is missing or invalid.
+    """
+    from autoseg.imageio import read_image
+    from autoseg.metrics import case_metrics, summarize
+    from autoseg.predict import InputCase, Predictor, read_input, select_models
+    from autoseg.preprocessing.run import load_work_cases
+
+    started = time.perf_counter()
+    work = Path(work)
+    selections, _ = select_models(work, [configuration], [fold], checkpoint)
+    cases = {case.case_id: case for case in load_work_cases(work)}
+    val_ids = _validation_case_ids(work, fold, sorted(cases))
+    predictor = Predictor(work, selections, device=device, tta=True)
+    folder = validation_folder(work, configuration, fold)
+    per_case: dict[str, dict[str, dict]] = {}
+    for index, case_id in enumerate(val_ids):
+        case = cases[case_id]
+        if case.label is None:
+            raise DatasetError(f"{case_id}: validation case without a label file in {work / 'dataset.json'}; "
+                               "re-run 'autoseg plan'")
+        image, geometry = read_input(InputCase(case_id, case.images, ".nii.gz"))
+        reference = read_image(case.label)[0][0]
+        if reference.shape != image.shape[1:]:
+            raise DatasetError(f"{case.label}: label shape {reference.shape} differs from the image's "
+                               f"{image.shape[1:]}; run 'autoseg check' on the dataset")
+        predictions = predictor.predict(image, geometry)
+        labels = predictor.export(predictions, geometry, folder / f"{case_id}.nii.gz", folder / f"{case_id}.npz")
+        per_case[case_id] = case_metrics(labels, reference, geometry.spacing, predictor.labels,
+                                         nsd_tolerance_mm=nsd_tolerance_mm)
+        if progress is not None:
+            progress(index + 1, len(val_ids))
+    record = {
+        "configuration": configuration,
+        "fold": int(fold),
+        "checkpoint": checkpoint,
+        "tta": True,
+        "nsd_tolerance_mm": float(nsd_tolerance_mm),
+        "per_case": per_case,
+        "summary": summarize(per_case),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json(folder.parent / METRICS_FILE, record)
+    return record

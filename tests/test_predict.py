@@ -1,0 +1,559 @@
+"""Prediction: the sliding window, TTA, fold averaging, export geometry, the CLI, and fold validation.
+
+Networks are tiny (the ``tiny`` preset on 16×14×12 phantoms) with random weights saved in the
+trainer's checkpoint format: what is tested is where predictions go, not how good they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import phantoms
+from autoseg import plans as plans_io
+from autoseg.errors import ConfigError, DatasetError, UnknownNameError
+from autoseg.imageio import Geometry, read_image, write_image
+from autoseg.predict import (
+    CHECKPOINT_FORMAT,
+    ConfigPrediction,
+    Predictor,
+    export_prediction,
+    find_input_cases,
+    run,
+    select_models,
+)
+from autoseg.predict_window import (
+    count_windows,
+    gaussian_importance,
+    mirror_combinations,
+    sliding_window,
+    window_starts,
+)
+
+#: Training phantoms: the coarse axis last, so the plan transposes (2, 0, 1) and the inverse is exercised.
+TRAIN_SHAPE = (16, 14, 12)
+TRAIN_SPACING = (0.8, 0.8, 3.0)
+#: A rotation about z by 30° (ITK row-major direction cosines), and an origin that is not 0.
+ROTATION = (math.cos(math.pi / 6), -math.sin(math.pi / 6), 0.0,
+            math.sin(math.pi / 6), math.cos(math.pi / 6), 0.0,
+            0.0, 0.0, 1.0)
+ORIGIN = (12.5, -40.25, 7.125)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures: experiment folders with checkpoints of random weights
+
+
+def _save_fold(work: Path, plans: plans_io.Plans, name: str, fold: int, seed: int) -> None:
+    from autoseg.networks import build_network
+    from autoseg.training.trainer import plans_meta, save_checkpoint
+
+    config = plans.configurations[name]
+    torch.manual_seed(seed)
+    net = build_network(config.topology, config.input_channels, plans.num_classes, deep_supervision=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model": net.state_dict(),
+        "epoch": 1,
+        "configuration_name": name,
+        "configuration": plans_io.to_dict(plans)["configurations"][name],
+        "plans": plans_meta(plans),
+        "fold": fold,
+    }
+    save_checkpoint(work / "models" / name / f"fold_{fold}" / "checkpoint_final.pt", payload)
+
+
+def _experiment(root: Path, writer, folds: dict[str, tuple[int, ...]], **kwargs) -> Path:
+    from autoseg import crossval, experiment
+
+    raw, work = root / "raw", root / "work"
+    ids = writer(raw, n_cases=5, **kwargs)
+    _, _, plans, _ = experiment.plan_dataset(raw, work, "tiny", None, 1, None)
+    crossval.load_or_create(work, ids)
+    for name, fold_list in folds.items():
+        for fold in fold_list:
+            _save_fold(work, plans, name, fold, seed=100 * fold + len(name))
+    return work
+
+
+@pytest.fixture(scope="module")
+def work3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3D experiment: 3d_fullres folds 0 and 1, 2d and 2.5d fold 0."""
+    return _experiment(tmp_path_factory.mktemp("exp3d"), phantoms.write_nnunet_dataset,
+                       {"3d_fullres": (0, 1), "2d": (0,), "2.5d": (0,)}, shape=TRAIN_SHAPE, spacing=TRAIN_SPACING)
+
+
+@pytest.fixture(scope="module")
+def work_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2D experiment trained on PNG images: 2d fold 0."""
+    return _experiment(tmp_path_factory.mktemp("exppng"), phantoms.write_png_dataset, {"2d": (0,)})
+
+
+def _image(path: Path, shape=(10, 23, 19), spacing=(0.9, 0.7, 2.5), seed: int = 3) -> Path:
+    """An anisotropic phantom with a rotated direction and an offset origin (spacing (z, y, x))."""
+    image, _ = phantoms.ellipsoid(shape, seed=seed)
+    write_image(path, image[None].astype(np.float32)[0], Geometry(spacing, ORIGIN, ROTATION, 3))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The sliding window
+
+
+def test_window_starts_follow_nnunet() -> None:
+    assert window_starts(100, 40, 0.5) == [0, 20, 40, 60]
+    assert window_starts(40, 40, 0.5) == [0]
+    assert window_starts(41, 40, 0.5) == [0, 1]
+    # ceil((57 - 16) / 8) + 1 = 7 windows spread evenly over 0 .. 41: no stride exceeds step * patch.
+    assert window_starts(57, 16, 0.5) == [0, 7, 14, 20, 27, 34, 41]
+    with pytest.raises(ValueError):
+        window_starts(10, 16, 0.5)
+
+
+def test_gaussian_importance_is_centred_and_positive() -> None:
+    g = gaussian_importance((12, 16, 9))
+    assert g.shape == (12, 16, 9) and g.dtype == torch.float32
+    assert float(g.max()) == 1.0 and float(g[6, 8, 4]) == 1.0
+    assert float(g.min()) > 0
+    # Separable and symmetric about the centre voxel.
+    torch.testing.assert_close(g[6 - 3, 8, 4], g[6 + 3, 8, 4])
+
+
+def test_mirror_combinations_are_every_subset() -> None:
+    assert mirror_combinations((0, 1, 2)) == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    assert mirror_combinations(()) == [()]
+
+
+def _constant_net(values: list[float]):
+    def net_fn(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((x.shape[0], len(values), *x.shape[2:]))
+        for k, v in enumerate(values):
+            out[:, k] = v
+        return out
+    return net_fn
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 6), (12, 16, 14), (31, 45, 29)])
+@pytest.mark.parametrize("patch,mirror", [((12, 16, 14), (0, 1, 2)), ((12, 16, 14), ()), ((16, 14), (0, 1))])
+def test_constant_network_gives_the_constant_everywhere(shape, patch, mirror) -> None:
+    data = torch.randn(1, *shape)
+    logits = sliding_window(_constant_net([1.5, -2.0]), data, patch, mirror_axes=mirror)
+    assert logits.shape == (2, *shape) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits[0], torch.full(shape, 1.5))
+    torch.testing.assert_close(logits[1], torch.full(shape, -2.0))
+
+
+@pytest.mark.parametrize("patch", [(12, 16, 14), (16, 14)])
+@pytest.mark.parametrize("shape", [(5, 7, 6), (31, 45, 29)])
+def test_identity_network_reproduces_the_input(patch, shape) -> None:
+    """Every window lands where it was cut (also when padded, mirrored and batched)."""
+    data = torch.randn(2, *shape)
+    logits = sliding_window(lambda x: torch.cat([x, 2 * x], 1), data, patch, mirror_axes=(0, 1),
+                            forward_batch=3)
+    torch.testing.assert_close(logits, torch.cat([data, 2 * data]), rtol=1e-5, atol=1e-5)
+
+
+def test_context_slices_are_stacked_as_the_training_sampler_does() -> None:
+    from autoseg.data.sampler import stack_context
+
+    data = torch.randn(2, 6, 16, 14)
+    seen: list[torch.Tensor] = []
+
+    def net_fn(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return x[:, 4:6]  # the centre slice's two channels (k = 2: channels 2k*C .. (2k+1)*C)
+
+    logits = sliding_window(net_fn, data, (16, 14), context_slices=2, forward_batch=64)
+    torch.testing.assert_close(logits, data)
+    inputs = torch.cat(seen)
+    assert inputs.shape == (6, 10, 16, 14)
+    for z in range(6):
+        expected = stack_context(data.numpy(), z, 2)
+        np.testing.assert_array_equal(inputs[z].numpy(), expected)
+
+
+def _equivariant_net(dims: int, channels: int, classes: int) -> torch.nn.Module:
+    conv = (torch.nn.Conv3d if dims == 3 else torch.nn.Conv2d)(channels, classes, 3, padding=1)
+    with torch.no_grad():  # a kernel symmetric under every flip: the network commutes with mirroring
+        w = conv.weight
+        for axis in range(2, 2 + dims):
+            w.copy_((w + w.flip(axis)) / 2)
+    return conv.eval()
+
+
+@pytest.mark.parametrize("patch", [(12, 16, 14), (16, 14)])
+def test_tta_of_a_flip_equivariant_network_equals_no_tta(patch) -> None:
+    net = _equivariant_net(len(patch), 1, 3)
+    data = torch.randn(1, 20, 27, 23)
+    axes = tuple(range(len(patch)))
+    with torch.inference_mode():
+        plain = sliding_window(net, data, patch)
+        mirrored = sliding_window(net, data, patch, mirror_axes=axes)
+    torch.testing.assert_close(mirrored, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_tta_averages_the_flipped_back_predictions() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+    data = torch.randn(1, 12, 16, 14)  # exactly one window: the weights cancel
+    with torch.inference_mode():
+        logits = sliding_window(net, data, (12, 16, 14), mirror_axes=(0, 1, 2))
+        expected = sum(net(data[None].flip([a + 2 for a in c])).flip([a + 2 for a in c])
+                       for c in mirror_combinations((0, 1, 2)))[0] / 8
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_count_windows() -> None:
+    assert count_windows((31, 45, 29), (12, 16, 14)) == len(window_starts(31, 12, .5)) * \
+        len(window_starts(45, 16, .5)) * len(window_starts(29, 14, .5))
+    assert count_windows((7, 16, 14), (16, 14)) == 7
+    assert count_windows((3, 5, 5), (12, 16, 14)) == 1
+
+
+def test_cpu_inference_network_gives_the_training_network_output(work3d: Path) -> None:
+    from autoseg.networks import build_network
+    from autoseg.predict_cpu import InferenceInstanceNorm, keep_freed_memory, prepare_for_cpu_inference
+
+    assert isinstance(keep_freed_memory(), bool)
+    plans = plans_io.load(work3d / "plans.yaml")
+    config = plans.configurations["3d_fullres"]
+    torch.manual_seed(0)
+    trained = build_network(config.topology, 1, 3, deep_supervision=False).eval()
+    fast = build_network(config.topology, 1, 3, deep_supervision=False).eval()
+    fast.load_state_dict(trained.state_dict())
+    fast = prepare_for_cpu_inference(fast).to(memory_format=torch.channels_last_3d)
+    assert any(isinstance(m, InferenceInstanceNorm) for m in fast.modules())
+    x = torch.randn(2, 1, 12, 16, 14) * 3 + 5
+    with torch.inference_mode():
+        expected = trained(x)
+        got = fast(x.contiguous(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # With gradients on, the wrapped training norm runs (the in-place path is inference only).
+    torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last_3d)), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model selection and inputs
+
+
+def test_checkpoint_format_matches_the_trainer() -> None:
+    from autoseg.training.trainer import CHECKPOINT_FORMAT as TRAINER_FORMAT
+
+    assert CHECKPOINT_FORMAT == TRAINER_FORMAT
+
+
+def test_select_models(work3d: Path, tmp_path: Path) -> None:
+    selections, best = select_models(work3d, ["3d_fullres"])
+    assert best is None and selections[0].folds == (0, 1)
+    assert select_models(work3d, ["3d_fullres"], [1])[0][0].folds == (1,)
+    with pytest.raises(ConfigError, match="several configurations are trained"):
+        select_models(work3d)
+    with pytest.raises(UnknownNameError, match="did you mean '3d_fullres'"):
+        select_models(work3d, ["3d_fulres"])
+    with pytest.raises(ConfigError, match=r"fold\(s\) \[3\] not trained.*\[0, 1\]"):
+        select_models(work3d, ["3d_fullres"], [3])
+    with pytest.raises(UnknownNameError, match="checkpoint"):
+        select_models(work3d, ["3d_fullres"], checkpoint="last")
+
+
+def test_best_yaml_chooses_the_default(work3d: Path) -> None:
+    best = work3d / "best.yaml"
+    best.write_text("configurations: [2d, 3d_fullres]\nfolds: [0]\npostprocessing: {}\n", encoding="utf-8")
+    try:
+        selections, data = select_models(work3d)
+        assert [(s.configuration, s.folds) for s in selections] == [("2d", (0,)), ("3d_fullres", (0,))]
+        assert data is not None
+    finally:
+        best.unlink()
+
+
+def test_best_yaml_postprocessing_is_applied(work3d: Path, tmp_path: Path) -> None:
+    from scipy import ndimage
+
+    source = _image(tmp_path / "x.nii.gz", shape=(14, 40, 36))
+    best = work3d / "best.yaml"
+    best.write_text("configurations: [3d_fullres]\nfolds: [0]\npostprocessing:\n  all_foreground: true\n"
+                    "  per_label: []\n  labels: {shell: [1], core: [2]}\n", encoding="utf-8")
+    try:
+        summary = run(work3d, [source], tmp_path / "out", device="cpu", tta=False)
+    finally:
+        best.unlink()
+    assert summary.postprocessing and [s.folds for s in summary.selections] == [(0,)]
+    labels = read_image(summary.written[0])[0][0]
+    _, components = ndimage.label(labels > 0, structure=np.ones((3, 3, 3)))
+    assert components <= 1
+
+
+def test_input_discovery_groups_channels(tmp_path: Path) -> None:
+    for name in ("a_0000.nii.gz", "a_0001.nii.gz", "b.nii.gz", "c_0000.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    cases = find_input_cases([tmp_path], num_channels=2)
+    assert [(c.case_id, len(c.images)) for c in cases] == [("a", 2), ("b", 1), ("c_0000", 1)]
+    files = find_input_cases([tmp_path / "a_0000.nii.gz", tmp_path / "a_0001.nii.gz"], num_channels=2)
+    assert [(c.case_id, c.ending) for c in files] == [("a", ".nii.gz")]
+    with pytest.raises(DatasetError, match="both be written"):
+        find_input_cases([tmp_path / "b.nii.gz", tmp_path / "b.nii.gz", tmp_path], num_channels=2)
+    with pytest.raises(DatasetError, match="input not found"):
+        find_input_cases([tmp_path / "missing.nii.gz"], num_channels=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictor and export
+
+
+def test_fold_average_is_the_softmax_of_the_mean_logits(work3d: Path) -> None:
+    image, geometry = read_image(_image(work3d.parent / "fold_avg.nii.gz"))
+    probabilities = {}
+    for folds in ((0,), (1,), (0, 1)):
+        selections, _ = select_models(work3d, ["3d_fullres"], folds)
+        [prediction] = Predictor(work3d, selections, device="cpu", tta=False).predict(image, geometry)
+        probabilities[folds] = prediction.probabilities
+    import torch.nn.init
+
+    assert torch.nn.init.kaiming_normal_.__name__ == "kaiming_normal_"  # restored after loading
+    mean_log = (np.log(probabilities[(0,)]) + np.log(probabilities[(1,)])) / 2  # softmax ignores the offset
+    expected = torch.softmax(torch.from_numpy(mean_log), 0).numpy()
+    np.testing.assert_allclose(probabilities[(0, 1)], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_matches_the_pipeline_inverse(work3d: Path) -> None:
+    from autoseg.preprocessing.pipeline import export_segmentation, revert_to_original
+
+    image, geometry = read_image(_image(work3d.parent / "export.nii.gz"))
+    selections, _ = select_models(work3d, ["3d_fullres"])
+    [prediction] = Predictor(work3d, selections, device="cpu", tta=False).predict(image, geometry)
+    probs_path = work3d.parent / "export_probs.npz"
+    labels = export_prediction([prediction], geometry, probabilities_path=probs_path)
+    np.testing.assert_array_equal(labels, export_segmentation(prediction.probabilities, prediction.props))
+    saved = np.load(probs_path)["probabilities"]
+    assert saved.dtype == np.float16 and saved.shape == (3, *image.shape[1:])
+    np.testing.assert_allclose(saved, revert_to_original(prediction.probabilities, prediction.props), atol=1e-3)
+    # Two configurations average in the original grid: the same prediction twice changes nothing.
+    twice = export_prediction([prediction, ConfigPrediction("copy", prediction.probabilities, prediction.props)],
+                              geometry)
+    np.testing.assert_array_equal(twice, labels)
+
+
+@pytest.mark.parametrize("configs", [["3d_fullres"], ["2d"], ["2.5d"], ["3d_fullres", "2d", "2.5d"]])
+def test_output_has_the_input_geometry_exactly(work3d: Path, tmp_path: Path, configs: list[str]) -> None:
+    source = _image(tmp_path / "in" / "case.nii.gz")
+    image, geometry = read_image(source)
+    summary = run(work3d, [source], tmp_path / "out", configs, save_probabilities=True, device="cpu")
+    [written] = summary.written
+    assert written == tmp_path / "out" / "case.nii.gz"
+    labels, out_geometry = read_image(written)
+    assert out_geometry == geometry  # spacing, origin, direction: exactly, no float drift
+    assert labels.shape == image.shape and labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    probabilities = np.load(tmp_path / "out" / "case.npz")["probabilities"]
+    assert probabilities.shape == (3, *image.shape[1:]) and probabilities.dtype == np.float16
+    # The label map is the argmax of the saved probabilities (float16 ties aside).
+    agree = np.mean(np.argmax(probabilities, 0) == labels[0])
+    assert agree > 0.99, agree
+
+
+def test_single_file_folder_and_several_files(work3d: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    _image(folder / "a_0000.nii.gz", seed=1)
+    _image(folder / "b.nii.gz", seed=2, shape=(6, 30, 17))
+    _image(tmp_path / "c.nrrd", seed=3)
+    out = tmp_path / "out"
+    assert run(work3d, [folder], out, ["2d"]).written == (out / "a.nii.gz", out / "b.nii.gz")
+    assert run(work3d, [tmp_path / "c.nrrd"], out, ["2d"]).written == (out / "c.nrrd",)
+    several = run(work3d, [folder / "a_0000.nii.gz", tmp_path / "c.nrrd"], tmp_path / "out2", ["2d"])
+    assert several.written == (tmp_path / "out2" / "a.nii.gz", tmp_path / "out2" / "c.nrrd")
+    for name, source in (("a.nii.gz", folder / "a_0000.nii.gz"), ("b.nii.gz", folder / "b.nii.gz")):
+        assert read_image(out / name)[1] == read_image(source)[1]
+        assert read_image(out / name)[0].shape == read_image(source)[0].shape
+    # NRRD stores spacing x direction as one vector per axis; ITK's split of it on reading is not
+    # idempotent for a rotated direction (2.5 -> 2.5000000000000004): equal to float64 precision.
+    labels, geometry = read_image(out / "c.nrrd")
+    image, expected = read_image(tmp_path / "c.nrrd")
+    assert labels.shape == image.shape
+    for field in ("spacing", "origin", "direction"):
+        np.testing.assert_allclose(getattr(geometry, field), getattr(expected, field), rtol=1e-12, atol=1e-12)
+
+
+def test_continue_skips_finished_cases(work3d: Path, tmp_path: Path, cli) -> None:
+    folder = tmp_path / "in"
+    _image(folder / "a.nii.gz", seed=1)
+    _image(folder / "b.nii.gz", seed=2)
+    out = tmp_path / "out"
+    first = cli("predict", work3d, "-i", folder, "-o", out, "-c", "2d", "--device", "cpu")
+    assert first.exit_code == 0, first.output
+    (out / "b.nii.gz").unlink()
+    stamp = (out / "a.nii.gz").stat().st_mtime_ns
+    again = cli("predict", work3d, "-i", folder, "-o", out, "-c", "2d", "--continue")
+    assert again.exit_code == 0, again.output
+    assert "1 case(s) predicted, 1 already done" in again.output
+    assert (out / "a.nii.gz").stat().st_mtime_ns == stamp and (out / "b.nii.gz").is_file()
+    # --save-probabilities redoes cases that lack their probabilities.
+    with_probs = run(work3d, [folder], out, ["2d"], resume=True, save_probabilities=True)
+    assert len(with_probs.written) == 2 and (out / "a.npz").is_file()
+
+
+def test_cli_folds_spellings(work3d: Path, tmp_path: Path, cli) -> None:
+    source = _image(tmp_path / "x.nii.gz")
+    for folds in (["-f", "0", "1"], ["-f", "0,1"], ["-f", "all"], ["-f", "0", "-f", "1"]):
+        result = cli("predict", work3d, "-i", source, "-o", tmp_path / "o", "-c", "3d_fullres", *folds, "--no-tta")
+        assert result.exit_code == 0, result.output
+        assert "3d_fullres (folds 0 1)" in result.output
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, nothing written
+
+
+def _assert_clean_failure(result, out: Path, needle: str, code: int | None = None) -> None:
+    assert result.exit_code != 0, result.output
+    assert code is None or result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def test_unreadable_input(work3d: Path, tmp_path: Path, cli) -> None:
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"this is not an image" * 10)
+    out = tmp_path / "out"
+    _assert_clean_failure(cli("predict", work3d, "-i", bad, "-o", out, "-c", "2d"), out, "cannot read image", 1)
+
+
+def test_wrong_channel_count(work3d: Path, tmp_path: Path, cli) -> None:
+    image, _ = phantoms.ellipsoid((8, 10, 9))
+    two = phantoms.write_4d(tmp_path / "two.nii.gz", [image, image])
+    out = tmp_path / "out"
+    _assert_clean_failure(cli("predict", work3d, "-i", two, "-o", out, "-c", "3d_fullres"), out,
+                          "2 channel(s); the model expects 1", 1)
+
+
+def test_2d_model_on_a_3d_image(work_png: Path, tmp_path: Path, cli) -> None:
+    source = _image(tmp_path / "vol.nii.gz")
+    out = tmp_path / "out"
+    _assert_clean_failure(cli("predict", work_png, "-i", source, "-o", out), out, "trained on 2D images", 1)
+
+
+def test_3d_model_on_a_2d_image(work3d: Path, tmp_path: Path, cli) -> None:
+    image, _ = phantoms.ellipsoid((20, 18))
+    source = phantoms.write_case_image(tmp_path / "slice.nii.gz", image)
+    out = tmp_path / "out"
+    _assert_clean_failure(cli("predict", work3d, "-i", source, "-o", out, "-c", "3d_fullres"), out, "2D image", 1)
+
+
+def test_png_model_predicts_pngs(work_png: Path, tmp_path: Path) -> None:
+    image, _ = phantoms.ellipsoid((21, 25))
+    source = phantoms.write_case_image(tmp_path / "img.png", np.clip(image, 0, 255).astype(np.uint8))
+    [written] = run(work_png, [source], tmp_path / "out").written
+    labels, geometry = read_image(written)
+    assert written.suffix == ".png" and labels.shape == (1, 1, 21, 25) and labels.dtype == np.uint8
+    assert geometry == read_image(source)[1]
+
+
+def test_work_without_trained_folds(tmp_path: Path, cli) -> None:
+    from autoseg import experiment
+
+    phantoms.write_nnunet_dataset(tmp_path / "raw", n_cases=3)
+    experiment.plan_dataset(tmp_path / "raw", tmp_path / "work", "tiny", None, 1, None)
+    source = _image(tmp_path / "x.nii.gz")
+    out = tmp_path / "out"
+    _assert_clean_failure(cli("predict", tmp_path / "work", "-i", source, "-o", out), out, "no trained model", 2)
+    _assert_clean_failure(cli("predict", tmp_path / "raw", "-i", source, "-o", out), out, "not an experiment folder")
+
+
+def test_unknown_configuration_and_bad_options(work3d: Path, tmp_path: Path, cli) -> None:
+    source = _image(tmp_path / "x.nii.gz")
+    out = tmp_path / "out"
+    _assert_clean_failure(cli("predict", work3d, "-i", source, "-o", out, "-c", "3d_fulres"), out,
+                          "did you mean '3d_fullres'?", 2)
+    _assert_clean_failure(cli("predict", work3d, "-i", source, "-o", out, "-c", "2d", "-f", "7"), out,
+                          "not trained", 2)
+    _assert_clean_failure(cli("predict", work3d, "-i", source, "-o", out, "-c", "2d", "-f", "zero"), out,
+                          "expected fold numbers", 2)
+    _assert_clean_failure(cli("predict", work3d, "-i", source, "-o", out, "-c", "2d", "--checkpoint", "bset"), out,
+                          "did you mean 'best'?", 2)
+    _assert_clean_failure(cli("predict", work3d, "-i", tmp_path / "nope.nii.gz", "-o", out, "-c", "2d"), out,
+                          "input not found", 1)
+    _assert_clean_failure(cli("predict", work3d, "-i", source, "-o", tmp_path, "-c", "2d"), out,
+                          "would overwrite the input", 2)
+
+
+def test_corrupt_checkpoint(work3d: Path, tmp_path: Path, cli) -> None:
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(work3d, work, ignore=shutil.ignore_patterns("3d_fullres", "2.5d"))
+    (work / "models" / "2d" / "fold_0" / "checkpoint_final.pt").write_bytes(b"\x00" * 100)
+    source = _image(tmp_path / "x.nii.gz")
+    out = tmp_path / "out"
+    _assert_clean_failure(cli("predict", work, "-i", source, "-o", out), out, "cannot load checkpoint", 2)
+
+
+def test_truncated_image_leaves_no_output(work3d: Path, tmp_path: Path, cli) -> None:
+    good = _image(tmp_path / "in" / "good.nii")
+    data = good.read_bytes()
+    (tmp_path / "in" / "cut.nii").write_bytes(data[: len(data) // 2])
+    good.unlink()
+    out = tmp_path / "out"
+    _assert_clean_failure(cli("predict", work3d, "-i", tmp_path / "in", "-o", out, "-c", "2d"), out, "truncated", 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fold validation
+
+
+def test_validate_fold_writes_predictions_and_metrics(work3d: Path) -> None:
+    from autoseg.validation import validate_fold
+
+    record = validate_fold(work3d, "3d_fullres", 1, device="cpu")
+    fold_dir = work3d / "models" / "3d_fullres" / "fold_1"
+    val_cases = json.loads((work3d / "splits.json").read_text())[1]["val"]
+    for case in val_cases:
+        labels, geometry = read_image(fold_dir / "validation" / f"{case}.nii.gz")
+        reference, ref_geometry = read_image(work3d.parent / "raw" / "labelsTr" / f"{case}.nii.gz")
+        assert labels.shape == reference.shape and geometry == ref_geometry
+        assert np.load(fold_dir / "validation" / f"{case}.npz")["probabilities"].shape == (3, *labels.shape[1:])
+    metrics = json.loads((fold_dir / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(record))
+    assert sorted(metrics["per_case"]) == sorted(val_cases)
+    assert set(metrics["per_case"][val_cases[0]]) == {"shell", "core"}
+    assert metrics["summary"]["n_cases"] == len(val_cases)
+    assert metrics["configuration"] == "3d_fullres" and metrics["fold"] == 1 and metrics["tta"] is True
+
+
+def test_validate_fold_of_an_untrained_fold(work3d: Path) -> None:
+    from autoseg.validation import validate_fold
+
+    with pytest.raises(ConfigError, match="not trained"):
+        validate_fold(work3d, "2d", 4, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data
+
+
+@pytest.mark.slow
+def test_real_unlabelled_case(hippocampus: Path, tmp_path: Path) -> None:
+    """Hippocampus case 118 (no label) through a freshly planned tiny model: single file and folder."""
+    from autoseg import experiment
+
+    work = tmp_path / "work"
+    _, _, plans, _ = experiment.plan_dataset(hippocampus, work, "tiny", None, 2, None)
+    _save_fold(work, plans, "3d_fullres", 0, seed=0)
+    source = hippocampus / "unlabelled" / "hippocampus_118.nii.gz"
+    image, geometry = read_image(source)
+    single = run(work, [source], tmp_path / "single", ["3d_fullres"], device="cpu")
+    folder = run(work, [source.parent], tmp_path / "folder", ["3d_fullres"], device="cpu", tta=False)
+    for written in (*single.written, *folder.written):
+        assert written.name == "hippocampus_118.nii.gz"
+        labels, out_geometry = read_image(written)
+        assert out_geometry == geometry and labels.shape == image.shape and labels.dtype == np.uint8
+    assert os.path.getsize(single.written[0]) > 0

@@ -267,6 +267,10 @@ def train_cmd(
     save_every: Annotated[int, typer.Option("--save-every", help="Epochs between checkpoint_latest.pt writes.",
                                             min=1)] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from checkpoint_latest.pt exactly.")] = False,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate", help="Predict the fold's validation cases "
+                                           "in full after training -> validation/ and metrics.json.")] = True,
+    validate_only: Annotated[bool, typer.Option("--validate-only", help="Only redo the full validation of "
+                                                "trained folds from checkpoint_final.pt.")] = False,
     splits: Annotated[Optional[Path], typer.Option("--splits", help="Your own splits JSON "
                                                    "([{train: [...], val: [...]}, ...]).")] = None,
 ) -> None:
@@ -288,8 +292,12 @@ def train_cmd(
             results = training.run(
                 work, configuration, fold, cfg, resume=resume, splits_file=splits, callbacks_for=callbacks_for,
                 on_preprocess=lambda name: console.print(f"{name} is not preprocessed yet: preprocessing it first"),
+                validate=validate, validate_only=validate_only,
+                on_validated=lambda fold, m: console.print(
+                    f"fold {fold} validation ({len(m['per_case'])} cases, TTA): mean foreground Dice "
+                    f"{m['summary'].get('mean_foreground_dice') or float('nan'):.4f} → metrics.json"),
             )
-        for result in results:
+        for result in [] if validate_only else results:
             last = result.state.history[-1] if result.state.history else {}
             console.print(f"[green]✓[/] fold {result.fold}: {result.state.epoch} epoch(s), "
                           f"pseudo-Dice {last.get('mean_fg_dice', float('nan')):.3f} "

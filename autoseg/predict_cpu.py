@@ -1,8 +1,9 @@
 """CPU inference speed-ups that leave the results unchanged (to float32 rounding).
 
 Measured on the project's 2-core AVX2 CPU with the default plan's Hippocampus network (features
-32-256, patch 40x56x40, batch 2, channels-last 3D, torch 2.13): 0.123 s per sample as built for
-training, 0.108 s with both changes below; its convolutions alone take 0.086 s (torch profiler).
+32-256, patch 40x56x40, channels-last 3D, torch 2.13), per sample: batch 2 0.123 s as built for
+training, 0.108 s with the changes below (its convolutions alone: 0.086 s, torch profiler);
+batch 1 0.144 s -> 0.127 s.
 
 * **Freed memory is kept for reuse** (:func:`keep_freed_memory`). glibc serves large blocks with
   ``mmap`` and returns them to the OS when freed, so each new activation (23 MB at full
@@ -15,6 +16,9 @@ training, 0.108 s with both changes below; its convolutions alone take 0.086 s (
   mean, centre, variance of the centred values (two passes, as :mod:`autoseg.networks.norm`, for
   the same precision), then scale and shift in one pass — fewer full-size passes and temporaries
   than the training norm, which must keep its input for the backward pass (3-5 %).
+* **oneDNN for every convolution** (:class:`MkldnnConvolution`): for a batch of 1 PyTorch sends
+  small 3D convolutions to a slower native kernel (10 % of a batch-1 pass; prediction without TTA
+  of an image that fits one window runs batches of 1).
 """
 
 from __future__ import annotations

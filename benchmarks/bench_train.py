@@ -75,7 +75,8 @@ def main() -> None:
         run_module.fold_folder = lambda work, c, f: Path(tmp) / c / f"fold_{f}"
         try:
             start = time.perf_counter()
-            results = training.run(args.work, args.config, "0", cfg, callbacks_for=lambda fold: callbacks)
+            results = training.run(args.work, args.config, "0", cfg, callbacks_for=lambda fold: callbacks,
+                                   validate=False)
             wall = time.perf_counter() - start
         finally:
             run_module.fold_folder = original

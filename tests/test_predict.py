@@ -218,7 +218,12 @@ def test_count_windows() -> None:
 
 def test_cpu_inference_network_gives_the_training_network_output(work3d: Path) -> None:
     from autoseg.networks import build_network
-    from autoseg.predict_cpu import InferenceInstanceNorm, keep_freed_memory, prepare_for_cpu_inference
+    from autoseg.predict_cpu import (
+        InferenceInstanceNorm,
+        MkldnnConvolution,
+        keep_freed_memory,
+        prepare_for_cpu_inference,
+    )
 
     assert isinstance(keep_freed_memory(), bool)
     plans = plans_io.load(work3d / "plans.yaml")
@@ -229,11 +234,15 @@ def test_cpu_inference_network_gives_the_training_network_output(work3d: Path) -
     fast.load_state_dict(trained.state_dict())
     fast = prepare_for_cpu_inference(fast).to(memory_format=torch.channels_last_3d)
     assert any(isinstance(m, InferenceInstanceNorm) for m in fast.modules())
+    assert any(isinstance(m, MkldnnConvolution) for m in fast.modules())
     x = torch.randn(2, 1, 12, 16, 14) * 3 + 5
     with torch.inference_mode():
         expected = trained(x)
         got = fast(x.contiguous(memory_format=torch.channels_last_3d))
+        single = fast(x[:1].contiguous(memory_format=torch.channels_last_3d))  # batch 1: oneDNN forced
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(single, expected[:1], rtol=1e-4, atol=1e-4)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
     # With gradients on, the wrapped training norm runs (the in-place path is inference only).
     torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last_3d)), expected,
                                rtol=1e-4, atol=1e-4)

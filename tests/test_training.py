@@ -181,6 +181,15 @@ def test_train_cli_end_to_end(tmp_path: Path) -> None:
     assert "preprocessing it first" in result.output and "fold 0 epoch 1" in result.output
     assert (work / "models" / "3d_fullres" / "fold_0" / "checkpoint_final.pt").is_file()
     assert (work / "splits.json").is_file()
+    fold = work / "models" / "3d_fullres" / "fold_0"
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert "fold 0 validation" in result.output and metrics["per_case"]
+    assert sorted(p.stem.split(".")[0] for p in (fold / "validation").glob("*.nii.gz")) == sorted(metrics["per_case"])
+    (fold / "metrics.json").unlink()
+    only = runner.invoke(app, ["train", str(work), "-c", "3d_fullres", "-f", "0", "--validate-only", "--device", "cpu"],
+                         env={"COLUMNS": "200"})
+    assert only.exit_code == 0, only.output
+    assert json.loads((fold / "metrics.json").read_text())["per_case"] == metrics["per_case"]
     again = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert again.exit_code != 0 and "--resume" in again.output and "Traceback" not in again.output
     resumed = runner.invoke(app, args[:6] + ["--epochs", "3"] + args[8:] + ["--resume"], env={"COLUMNS": "200"})

@@ -67,10 +67,16 @@ def run(
     splits_file: Path | None = None,
     callbacks_for: Callable[[int], Callbacks] | None = None,
     on_preprocess: Callable[[str], None] | None = None,
+    validate: bool = True,
+    validate_only: bool = False,
+    on_validated: Callable[[int, dict], None] | None = None,
 ) -> list[FoldResult]:
-    """Train ``folds`` of ``configuration`` in ``work``.
+    """Train ``folds`` of ``configuration`` in ``work``, then validate each fold in full.
 
-    Preprocesses the configuration first if that was not done (``on_preprocess`` is told).
+    Preprocesses the configuration first if that was not done (``on_preprocess`` is told). After
+    training, the fold's validation cases are predicted from the raw images with the predictor
+    and scored into ``fold_<k>/metrics.json`` (``validate=False`` skips it; ``validate_only``
+    redoes only that, from ``checkpoint_final.pt``).
 
     Raises:
         PlanError / DatasetError / ConfigError: missing plans, unknown configuration, bad splits.
@@ -94,6 +100,15 @@ def run(
     from autoseg.data import load_cases
 
     results = []
+    if validate_only:
+        from autoseg.validation import validate_fold
+
+        for fold in parse_folds(folds, len(splits)):
+            metrics = validate_fold(work, configuration, fold, "final", cfg.device)
+            if on_validated:
+                on_validated(fold, metrics)
+            results.append(FoldResult(fold, TrainState(), fold_folder(work, configuration, fold)))
+        return results
     for fold in parse_folds(folds, len(splits)):
         split = crossval.fold_cases(splits, fold)
         setup = FoldSetup(
@@ -104,6 +119,12 @@ def run(
         )
         callbacks = callbacks_for(fold) if callbacks_for else None
         state = train_fold(setup, cfg, resume=resume, callbacks=callbacks)
+        if validate:
+            from autoseg.validation import validate_fold
+
+            metrics = validate_fold(work, configuration, fold, "final", cfg.device)
+            if on_validated:
+                on_validated(fold, metrics)
         results.append(FoldResult(fold, state, setup.paths.root))
     return results
 

@@ -236,7 +236,7 @@ def _parse_channels(meta: dict[str, Any], layout: Layout, issues: list[Issue]) -
         return []
     if not isinstance(raw, dict) or not raw:
         issues.append(Issue("error", "invalid-channels", f"'{key}' must be a non-empty object, got {raw!r}",
-                            f'write it as {{"0": "CT", "1": "T2"}}', file="dataset.json"))
+                            'write it as {"0": "CT", "1": "T2"}', file="dataset.json"))
         return []
     expected = [str(i) for i in range(len(raw))]
     if sorted(raw, key=lambda k: (len(k), k)) != expected:

@@ -32,6 +32,8 @@ import numpy as np
 
 from autoseg import plans as plans_io
 from autoseg.atomic import atomic_path
+from autoseg.checkpoint import load_checkpoint
+from autoseg.device import resolve_device
 from autoseg.errors import ConfigError, DatasetError, PlanError, UnknownNameError
 from autoseg.imageio import (
     SPACING_2D_AXIS,
@@ -51,10 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The checkpoint format this module reads. It must equal
-#: ``autoseg.training.trainer.CHECKPOINT_FORMAT`` (a test holds them equal): importing the trainer
-#: would import the augmentation libraries, ~0.9 s of start-up that prediction does not need.
-CHECKPOINT_FORMAT = 1
 #: Which checkpoint of a fold to use.
 CHECKPOINT_KINDS = ("final", "best", "latest")
 #: Output endings for inputs whose format keeps the voxels in a second file (.mhd + .raw,
@@ -392,58 +390,6 @@ def read_input(case: InputCase) -> tuple[np.ndarray, Geometry]:
 # The predictor
 
 
-def resolve_device(name: str) -> "torch.device":
-    """``auto`` -> CUDA if available, else CPU; ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-
-    The same rules as :func:`autoseg.training.trainer.resolve_device`, kept here so that
-    prediction does not import the trainer (and with it the augmentation libraries).
-
-    Raises:
-        ConfigError: an unknown or unavailable device.
-    """
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {name}: unsupported device type; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    return device
-
-
-def load_weights(path: Path) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``: no code runs from the file).
-
-    Raises:
-        ConfigError: missing, unreadable, or not an autoseg checkpoint of :data:`CHECKPOINT_FORMAT`.
-    """
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: checkpoint not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise ConfigError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                          "the file is corrupt or not an autoseg checkpoint") from None
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path}: not an autoseg checkpoint of format {CHECKPOINT_FORMAT}")
-    for key in ("model", "configuration_name", "configuration", "plans"):
-        if key not in data:
-            raise ConfigError(f"{path}: checkpoint lacks {key!r}; it was not written by 'autoseg train'")
-    return data
-
-
 @contextlib.contextmanager
 def _without_weight_init() -> Iterator[None]:
     """Make ``torch.nn.init``'s fill functions no-ops while a network whose weights are loaded
@@ -603,7 +549,7 @@ class Predictor:
         reference: dict[str, Any] | None = None
         meta: dict[str, Any] = {}
         for fold, path in zip(selection.folds, selection.checkpoints):
-            data = load_weights(path)
+            data = load_checkpoint(path, ("model", "configuration_name", "configuration", "plans"))
             if data["configuration_name"] != selection.configuration:
                 raise ConfigError(f"{path}: checkpoint of configuration {data['configuration_name']!r}, found in "
                                   f"the folder of {selection.configuration!r}; move it back or re-train")

@@ -30,7 +30,6 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 #: Gaussian σ as a fraction of the patch size per axis (nnU-Net v2: 1/8).

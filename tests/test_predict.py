@@ -19,8 +19,8 @@ import phantoms
 from autoseg import plans as plans_io
 from autoseg.errors import ConfigError, DatasetError, UnknownNameError
 from autoseg.imageio import Geometry, read_image, write_image
+from autoseg.checkpoint import CHECKPOINT_FORMAT
 from autoseg.predict import (
-    CHECKPOINT_FORMAT,
     ConfigPrediction,
     Predictor,
     export_prediction,
@@ -250,12 +250,6 @@ def test_cpu_inference_network_gives_the_training_network_output(work3d: Path) -
 
 # ----------------------------------------------------------------------------------------------
 # Model selection and inputs
-
-
-def test_checkpoint_format_matches_the_trainer() -> None:
-    from autoseg.training.trainer import CHECKPOINT_FORMAT as TRAINER_FORMAT
-
-    assert CHECKPOINT_FORMAT == TRAINER_FORMAT
 
 
 def test_select_models(work3d: Path, tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from autoseg.atomic import atomic_path, write_text
+from autoseg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from autoseg.device import resolve_device
 from autoseg.data import BatchLoader, Case
 from autoseg.errors import ConfigError
 from autoseg.networks import build_network
@@ -33,7 +35,6 @@ from autoseg.plans import Configuration, Plans
 from autoseg.training.config import TrainConfig
 from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss
 
-CHECKPOINT_FORMAT = 1
 #: Smoothing of the validation pseudo-Dice that selects the best checkpoint (nnU-Net: 0.9).
 EMA_DECAY = 0.9
 #: With a time budget and no --iters-per-epoch, aim for this many epochs (validation points).
@@ -97,20 +98,6 @@ class Callbacks:
 # Set-up
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA if available, else CPU. Raises ConfigError for an unavailable device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    return device
-
-
 def default_workers(device: torch.device) -> int:
     """Background augmentation processes: none on small CPUs, where they steal the step's cores."""
     import os
@@ -164,31 +151,6 @@ def plans_meta(plans: Plans) -> dict[str, Any]:
         "transpose": list(plans.transpose),
         "num_classes": plans.num_classes,
     }
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically write a checkpoint (plain containers and tensors only: loadable weights_only)."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``: no code runs from the file).
-
-    Raises:
-        ConfigError: missing, unreadable, or written by an incompatible autoseg.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: checkpoint not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise ConfigError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                          "the file is corrupt or not an autoseg checkpoint") from None
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path}: not an autoseg checkpoint of format {CHECKPOINT_FORMAT}")
-    return data
 
 
 def write_log(path: Path, history: list[dict[str, Any]]) -> None:

@@ -18,7 +18,6 @@ import json
 import resource
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 
@@ -62,7 +61,6 @@ def main() -> None:
     cfg = TrainConfig(epochs=1, iters_per_epoch=args.iters, val_iters=0, device=args.device,
                       workers=args.workers, batch_size=batch, channels_last=not args.no_channels_last)
     per_iteration: list[float] = []
-    waits: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         # Train in a scratch copy of the models folder so the benchmark never touches real runs.
         from autoseg.training.trainer import Callbacks

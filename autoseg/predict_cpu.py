@@ -90,7 +90,7 @@ class InferenceInstanceNorm(nn.Module):
                 or not x.is_contiguous(memory_format=layout) or torch.is_grad_enabled()):
             return norm(x)
         batch, channels = x.shape[:2]
-        flat = x.movedim(1, -1).reshape(batch, -1, channels)  # a view: x is channels-last
+        flat = x.movedim(1, -1).view(batch, -1, channels)  # a view (x is channels-last): updated in place
         flat.sub_(flat.mean(dim=1, keepdim=True))
         if channels <= BMM_CHANNELS:
             # Sum of squares as the diagonal of a batched Gram matrix: one read, no temporary.

@@ -63,9 +63,9 @@ def prepare(work: Path, raw: Path, config: str, folds: list[int]) -> None:
     import torch
 
     from autoseg import plans as plans_io
+    from autoseg.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
     from autoseg.networks import build_network
-    from autoseg.predict import CHECKPOINT_FORMAT
-    from autoseg.training.trainer import plans_meta, save_checkpoint
+    from autoseg.training.trainer import plans_meta
 
     plans = plans_io.load(work / "plans.yaml")
     cfg = plans.configuration(config)

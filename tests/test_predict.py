@@ -17,9 +17,9 @@ import torch
 
 import phantoms
 from autoseg import plans as plans_io
+from autoseg.checkpoint import CHECKPOINT_FORMAT
 from autoseg.errors import ConfigError, DatasetError, UnknownNameError
 from autoseg.imageio import Geometry, read_image, write_image
-from autoseg.checkpoint import CHECKPOINT_FORMAT
 from autoseg.predict import (
     ConfigPrediction,
     Predictor,
@@ -51,8 +51,9 @@ ORIGIN = (12.5, -40.25, 7.125)
 
 
 def _save_fold(work: Path, plans: plans_io.Plans, name: str, fold: int, seed: int) -> None:
+    from autoseg.checkpoint import save_checkpoint
     from autoseg.networks import build_network
-    from autoseg.training.trainer import plans_meta, save_checkpoint
+    from autoseg.training.trainer import plans_meta
 
     config = plans.configurations[name]
     torch.manual_seed(seed)

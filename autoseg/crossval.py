@@ -67,23 +67,34 @@ def validate_splits(splits: object, case_ids: Sequence[str], where: str) -> list
     return result
 
 
+def load(path: Path, case_ids: Sequence[str]) -> list[Split]:
+    """Read and validate a splits file.
+
+    Raises:
+        ConfigError: missing, not JSON, or invalid for these cases.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: splits file not found; training writes WORK/splits.json "
+                          "(or pass --splits to 'autoseg train')")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); fix or delete the file") from None
+    return validate_splits(data, case_ids, str(path))
+
+
 def load_or_create(work: Path, case_ids: Sequence[str], splits_file: Path | None = None) -> list[Split]:
     """The splits of an experiment: a given file, else WORK/splits.json, else new 5-fold splits.
 
     A given file is validated and copied to WORK/splits.json so the record stays in the experiment.
     """
     path = Path(splits_file) if splits_file is not None else Path(work) / "splits.json"
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc}); fix or delete the file") from None
-        splits = validate_splits(data, case_ids, str(path))
+    if path.is_file() or splits_file is not None:
+        splits = load(path, case_ids)
         if splits_file is not None:
             write_json(Path(work) / "splits.json", splits)
         return splits
-    if splits_file is not None:
-        raise ConfigError(f"{splits_file}: splits file not found")
     splits = make_splits(case_ids)
     write_json(path, splits)
     return splits

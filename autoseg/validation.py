@@ -15,14 +15,13 @@ postprocessing. The trainer calls :func:`validate_fold` at the end of a fold.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from autoseg.atomic import write_json
-from autoseg.errors import ConfigError, DatasetError
+from autoseg.errors import DatasetError
 from autoseg.metrics import DEFAULT_NSD_TOLERANCE_MM
 
 #: File name of a fold's validation scores.
@@ -37,14 +36,7 @@ def validation_folder(work: Path, configuration: str, fold: int) -> Path:
 def _validation_case_ids(work: Path, fold: int, case_ids: list[str]) -> list[str]:
     from autoseg import crossval
 
-    path = Path(work) / "splits.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; training writes it (or pass --splits to 'autoseg train')")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc}); fix or delete the file") from None
-    splits = crossval.validate_splits(data, case_ids, str(path))
+    splits = crossval.load(Path(work) / "splits.json", case_ids)
     return sorted(crossval.fold_cases(splits, fold)["val"])
 
 

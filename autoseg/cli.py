@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from autoseg.dataset import Issue
+    from autoseg.demo import DemoResult
     from autoseg.plans import Plans
 
 app = typer.Typer(
@@ -52,7 +53,10 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except AutosegError as exc:
-        _console(stderr=True).print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        from rich.markup import escape
+
+        # Escaped: a message may hold brackets that are not markup ("pip install 'autoseg[dicom]'").
+        _console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(code=exc.exit_code) from None
     except KeyboardInterrupt:
         _console(stderr=True).print("interrupted; finished outputs were kept, partial ones discarded")
@@ -273,11 +277,23 @@ def train_cmd(
                                                 "trained folds from checkpoint_final.pt.")] = False,
     splits: Annotated[Optional[Path], typer.Option("--splits", help="Your own splits JSON "
                                                    "([{train: [...], val: [...]}, ...]).")] = None,
+    gpus: Annotated[Optional[int], typer.Option(
+        "--gpus", help="Train on N GPUs of this machine: DDP over NCCL (the batch is split over the GPUs), or "
+                       "one fold per GPU with --folds-parallel. Multi-node: see README (torchrun).", min=1)] = None,
+    procs: Annotated[Optional[int], typer.Option(
+        "--procs", help="With --device cpu: N CPU processes, DDP over gloo (or one fold each with "
+                        "--folds-parallel); the cores are shared out between them.", min=1)] = None,
+    folds_parallel: Annotated[bool, typer.Option(
+        "--folds-parallel", help="Train several folds at once, one per GPU (--gpus) or process (--procs), "
+                                 "instead of DDP; usually scales better for 5-fold CV.")] = False,
 ) -> None:
     """Train a configuration's folds with 5-fold cross-validation; logs, curves and checkpoints per fold."""
     with _user_errors():
         from autoseg.training import run as training
         from autoseg.training.config import TrainConfig, parse_duration
+        from autoseg.training.distributed import resolve_launch
+
+        launch = resolve_launch(device, gpus, procs, folds_parallel)
 
         budget = parse_duration(time_budget) if time_budget else None
         cfg = TrainConfig(
@@ -292,12 +308,15 @@ def train_cmd(
             results = training.run(
                 work, configuration, fold, cfg, resume=resume, splits_file=splits, callbacks_for=callbacks_for,
                 on_preprocess=lambda name: console.print(f"{name} is not preprocessed yet: preprocessing it first"),
-                validate=validate, validate_only=validate_only,
+                validate=validate, validate_only=validate_only, launch=launch,
                 on_validated=lambda fold, m: console.print(
                     f"fold {fold} validation ({len(m['per_case'])} cases, TTA): mean foreground Dice "
                     f"{m['summary'].get('mean_foreground_dice') or float('nan'):.4f} → metrics.json"),
             )
-        for result in [] if validate_only else results:
+        import os
+
+        rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
+        for result in [] if (validate_only or not rank0) else results:
             last = result.state.history[-1] if result.state.history else {}
             console.print(f"[green]✓[/] fold {result.fold}: {result.state.epoch} epoch(s), "
                           f"pseudo-Dice {last.get('mean_fg_dice', float('nan')):.3f} "
@@ -480,7 +499,8 @@ def predict_cmd(
     work: Annotated[Path, typer.Argument(help="Experiment folder (WORK) with trained folds.")],
     inputs: Annotated[list[Path], typer.Option(
         "--input", "-i", metavar="PATH", help="Image file or folder of images (nnU-Net {case}_0000 naming, plain files, or MSD "
-                              "4D); repeat for several.")],
+                              "4D), or a folder of DICOM series (one case per folder holding a series, named after "
+                              "it); repeat for several.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for the label maps.")],
     configs: Annotated[Optional[list[str]], typer.Option(
         "--config", "-c", metavar="CONFIG", help="Configuration; repeat or separate with commas to average several "
@@ -497,14 +517,31 @@ def predict_cmd(
     resume: Annotated[bool, typer.Option("--continue", help="Skip cases whose output already exists.")] = False,
     step: Annotated[float, typer.Option("--step", help="Window stride as a fraction of the patch (smaller: more "
                                                        "overlap, slower).", min=0.05, max=1.0)] = 0.5,
+    save_uncertainty: Annotated[bool, typer.Option(
+        "--save-uncertainty", help="Also write <case>_entropy and <case>_disagreement (float32, input's geometry): "
+                                   "normalised entropy of the averaged probabilities (0 certain .. 1 uniform) and the "
+                                   "fraction of pairs of folds whose labels differ (always 0 with a single fold).")] = False,
+    output_format: Annotated[Optional[list[str]], typer.Option(
+        "--output-format", metavar="auto|nifti|dicom-seg", help="Label map format: auto (the input's; NIfTI for "
+                                                                 "DICOM series), nifti, or dicom-seg (a DICOM SEG "
+                                                                 "referencing the input series; needs pip install "
+                                                                 "'autoseg[dicom]'); repeat for several.")] = None,
+    gpus: Annotated[Optional[int], typer.Option(
+        "--gpus", help="Share the cases out over N GPUs (one process each); outputs identical to one GPU.",
+        min=1)] = None,
+    procs: Annotated[Optional[int], typer.Option(
+        "--procs", help="With --device cpu: share the cases out over N CPU processes.", min=1)] = None,
 ) -> None:
     """Segment new images with the trained folds: sliding window, mirroring TTA, fold averaging -> label maps."""
     with _user_errors():
         from rich.markup import escape
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         from autoseg import predict
         from autoseg.errors import ConfigError
+        from autoseg.training.distributed import resolve_launch
+
+        several = gpus is not None or procs is not None
+        devices = list(resolve_launch(device, gpus, procs, folds_parallel=several).devices) if several else None
 
         names = [n.strip() for c in (configs or []) for n in c.split(",") if n.strip()] or None
         # "-f 0 1 2" (nnU-Net's spelling): the numbers after the first reach us as extra arguments.
@@ -521,28 +558,11 @@ def predict_cmd(
             fold_list = [int(w) for w in fold_words]
 
         console = _console()
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
-                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                            console=_console(stderr=True), transient=True)
-        task: dict[str, object] = {}
-
-        def on_case(index: int, total: int, case_id: str) -> None:
-            if not progress.live.is_started:
-                progress.start()
-            if "id" in task:
-                progress.remove_task(task["id"])
-            task["id"] = progress.add_task(f"{escape(case_id)} ({index + 1}/{total})", total=None)
-
-        def on_windows(done: int, total: int) -> None:
-            progress.update(task["id"], completed=done, total=total)
-
-        try:
+        with _predict_progress() as callbacks:
             summary = predict.run(work, inputs, output, names, fold_list, checkpoint, tta=not no_tta,
                                   save_probabilities=save_probabilities, device=device, resume=resume, step=step,
-                                  callbacks=predict.PredictCallbacks(on_case, on_windows))
-        finally:
-            if progress.live.is_started:
-                progress.stop()
+                                  callbacks=callbacks, save_uncertainty=save_uncertainty,
+                                  output_format=output_format or "auto", devices=devices)
         used = ", ".join(f"{s.configuration} (fold{'s' if len(s.folds) > 1 else ''} "
                          f"{' '.join(str(f) for f in s.folds)})" for s in summary.selections)
         skipped = f", {len(summary.skipped)} already done" if summary.skipped else ""
@@ -551,6 +571,36 @@ def predict_cmd(
                       + (f" ({how})" if how else "") + f" → {escape(str(summary.output))}")
         if summary.postprocessing:
             console.print("postprocessing from best.yaml applied")
+
+
+@contextlib.contextmanager
+def _predict_progress() -> Iterator[object]:
+    """A bar per case over its sliding windows, with ETA; yields ``predict.PredictCallbacks``."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from autoseg.predict import PredictCallbacks
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                        console=_console(stderr=True), transient=True)
+    task: dict[str, object] = {}
+
+    def on_case(index: int, total: int, case_id: str) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        if "id" in task:
+            progress.remove_task(task["id"])
+        task["id"] = progress.add_task(f"{escape(case_id)} ({index + 1}/{total})", total=None)
+
+    def on_windows(done: int, total: int) -> None:
+        progress.update(task["id"], completed=done, total=total)
+
+    try:
+        yield PredictCallbacks(on_case, on_windows)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 def print_plans(console: Console, plans: Plans) -> None:
@@ -603,6 +653,62 @@ def example_cmd(
 
         path = copy_example(name, out)
         _console().print(f"[green]✓[/] {name} example copied to {path}; next: autoseg plan {path} -o WORK")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes.")] = Path("autoseg_demo"),
+    time_budget: Annotated[str, typer.Option("--time-budget", help="Training wall-clock budget, e.g. 7m, 90s "
+                                                                   "(the whole demo takes about 1 min more).")] = "7m",
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the network init and the training batches.")] = 12345,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Delete the demo's earlier outputs in OUT and start over.")] = False,
+    cases: Annotated[int, typer.Option("--cases", hidden=True, help="Bundled cases to use (tests).")] = 24,
+) -> None:
+    """The whole pipeline on the bundled example, in about 8 minutes on a 2-core CPU.
+
+    Holds 6 of the 24 MSD Hippocampus cases out, then checks, plans (cpu preset), preprocesses and
+    trains 3d_fullres on the rest within --time-budget, predicts the held-out cases, and prints
+    their Dice against the references; overlay PNGs and the training curves go to OUT.
+
+    Rerunning into the same OUT with the same options reuses every finished stage (fingerprint,
+    preprocessed data, trained model, predictions) and redoes only what is missing. An OUT made with
+    other options is refused unless --force, which deletes the demo's outputs there first. A
+    non-empty folder that is not a demo folder is never touched.
+    """
+    with _user_errors():
+        from autoseg import demo
+        from autoseg.training.config import parse_duration
+
+        console = _console()
+        hooks = demo.DemoHooks(note=lambda text: console.print(text, markup=False, highlight=False),
+                               progress=_progress, training=lambda: _training_progress(console),
+                               predicting=_predict_progress)
+        settings = demo.DemoSettings(time_budget_s=parse_duration(time_budget), seed=seed, cases=cases)
+        result = demo.run(out, settings, device, hooks, force=force)
+        console.print(_demo_table(result))
+        total = result.seconds["total"]
+        took = f"{total / 60:.1f} min" if total >= 90 else f"{total:.0f} s"
+        console.print(f"[green]✓[/] demo finished in {took}; outputs:")
+        for what, path in result.outputs:
+            console.print(f"  {_escape(what)}: {_escape(str(path))}")
+
+
+def _demo_table(result: DemoResult) -> object:
+    """Dice per held-out case and label, the case mean, and the mean foreground Dice."""
+    from rich.table import Table
+
+    table = Table(title=f"Dice on {len(result.dice)} held-out case(s) (not used for training)", title_justify="left")
+    table.add_column("case")
+    for name in result.labels:
+        table.add_column(f"Dice {_escape(name)}", justify="right")
+    table.add_column("mean", justify="right")
+    for case, values in sorted(result.dice.items()):
+        table.add_row(_escape(case), *[_fmt_metric(values[n]) for n in result.labels],
+                      _fmt_metric(result.case_mean[case]))
+    table.add_row("[bold]mean foreground Dice[/]", *[""] * len(result.labels),
+                  f"[bold]{_fmt_metric(result.mean_dice)}[/]")
+    return table
 
 
 ConvertName = Annotated[Optional[str], typer.Option("--name", help="Dataset name (default: the output folder's name).")]

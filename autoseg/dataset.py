@@ -287,6 +287,11 @@ def parse_labels(meta: dict[str, Any], issues: list[Issue]) -> list[LabelDef]:
             continue
         labels.append(LabelDef(str(name), tuple(int(v) for v in values)))
     singles = sorted(label.values[0] for label in labels if not label.is_region)
+    for label in labels:
+        if label.is_region and 0 in label.values:
+            # Region outputs are sigmoids of foreground masks; background has no output (nnU-Net v2 alike).
+            issues.append(Issue("error", "invalid-labels", f"region {label.name!r} {list(label.values)} contains "
+                                "background 0", f"remove 0 from {label.name!r}", file="dataset.json"))
     if labels and 0 not in singles:
         issues.append(Issue("error", "invalid-labels", "labels declare no background value 0",
                             'add "background": 0', file="dataset.json"))

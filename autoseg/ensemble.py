@@ -8,6 +8,10 @@ reported and ignored). The output label map of class index ``k`` is label value 
 consecutive 0..K-1 in both nnU-Net and autoseg) and is written with the geometry of the first
 folder's label map of the case.
 
+Region-based predictions (sigmoid outputs, :mod:`autoseg.regions`) carry a second array,
+``"regions"`` (``(R, V)`` membership); their averaged probabilities are exported by
+:func:`autoseg.regions.regions_to_labels` (0.5 thresholds on consistent predictions) instead of argmax.
+
 Memory is one case at a time: a float32 running sum plus one loaded array.
 """
 
@@ -28,6 +32,8 @@ from autoseg.imageio import read_info, write_image
 
 #: Key of the probabilities in a ``.npz`` file (the predictor's convention).
 PROBABILITIES_KEY = "probabilities"
+#: Key of the region membership ``(R, V)`` in the ``.npz`` of region-based predictions.
+REGIONS_KEY = "regions"
 
 
 @dataclass(frozen=True)
@@ -119,16 +125,56 @@ def average_probabilities(arrays: Iterable[np.ndarray]) -> np.ndarray:
     return total
 
 
-def probabilities_to_labels(probabilities: np.ndarray) -> np.ndarray:
-    """Argmax over the class axis: class index = label value; uint8 (uint16 beyond 256 classes)."""
+def load_regions(path: Path) -> np.ndarray | None:
+    """The ``(R, V)`` bool region membership stored beside region probabilities; None for classes.
+
+    Raises:
+        DatasetError: unreadable file.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data[REGIONS_KEY].astype(bool) if REGIONS_KEY in data.files else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"{path}: cannot read probabilities ({exc}); the file is corrupt or truncated") from None
+
+
+def probabilities_to_labels(probabilities: np.ndarray, regions: np.ndarray | None = None) -> np.ndarray:
+    """Argmax over the class axis: class index = label value; uint8 (uint16 beyond 256 classes).
+
+    With ``regions`` (the ``(R, V)`` membership) the probabilities are sigmoid region outputs and
+    the label map follows :func:`autoseg.regions.regions_to_labels`.
+    """
+    if regions is not None:
+        from autoseg.regions import regions_to_labels
+
+        return regions_to_labels(probabilities, regions)
     dtype = np.uint8 if probabilities.shape[0] <= 256 else np.uint16
     return np.argmax(probabilities, axis=0).astype(dtype)
 
 
-def write_probabilities(path: Path, probabilities: np.ndarray) -> None:
-    """Atomically write ``probabilities`` as float16 under the key ``probabilities`` (compressed npz)."""
+def write_probabilities(path: Path, probabilities: np.ndarray, regions: np.ndarray | None = None) -> None:
+    """Atomically write ``probabilities`` as float16 under the key ``probabilities`` (compressed npz),
+    with the region membership under ``regions`` when given."""
+    arrays = {PROBABILITIES_KEY: probabilities.astype(np.float16)}
+    if regions is not None:
+        arrays[REGIONS_KEY] = regions.astype(np.uint8)
     with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, **{PROBABILITIES_KEY: probabilities.astype(np.float16)})
+        np.savez_compressed(handle, **arrays)
+
+
+def case_regions(case_id: str, sources: Sequence[Path]) -> np.ndarray | None:
+    """The region membership shared by a case's ``.npz`` files (None: softmax classes in all).
+
+    Raises:
+        DatasetError: the files disagree (region and class probabilities, or other regions).
+    """
+    first = load_regions(sources[0])
+    for path in sources[1:]:
+        other = load_regions(path)
+        if (first is None) != (other is None) or (first is not None and not np.array_equal(first, other)):
+            raise DatasetError(f"case {case_id!r}: {path} and {sources[0]} hold probabilities of different labels "
+                               "(regions vs classes, or other regions); ensemble predictions of one label set")
+    return first
 
 
 def ensemble_case(case_id: str, sources: Sequence[Path]) -> np.ndarray:
@@ -152,15 +198,16 @@ def ensemble_case(case_id: str, sources: Sequence[Path]) -> np.ndarray:
 
 def _ensemble_task(args: tuple[str, tuple[Path, ...], Path, Path, bool]) -> str:
     case_id, sources, label_map, out, save_probabilities = args
+    regions = case_regions(case_id, sources)
     probabilities = ensemble_case(case_id, sources)
     info = read_info(label_map)
     if info.shape != probabilities.shape[1:]:
         raise DatasetError(f"case {case_id!r}: {label_map} has shape {info.shape} but the probabilities have "
                            f"{probabilities.shape[1:]}; the label map and the .npz must come from one prediction")
     ending = label_map.name[len(case_id):]
-    write_image(out / f"{case_id}{ending}", probabilities_to_labels(probabilities), info.geometry)
+    write_image(out / f"{case_id}{ending}", probabilities_to_labels(probabilities, regions), info.geometry)
     if save_probabilities:
-        write_probabilities(out / f"{case_id}.npz", probabilities)
+        write_probabilities(out / f"{case_id}.npz", probabilities, regions)
     return case_id
 
 

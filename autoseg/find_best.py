@@ -22,8 +22,9 @@ postprocessing is decided on its predictions (:mod:`autoseg.postprocess`). The r
 
 References are the raw label files (``WORK/dataset.json``: ``source`` + each case's ``label``).
 Work is done case by case (a bounded pool, one case per task), so memory does not grow with the
-number of cases. Region-based labels (sigmoid outputs) are scored per configuration but not
-ensembled, since averaged region probabilities are not class probabilities.
+number of cases. Region-based labels (sigmoid outputs, :mod:`autoseg.regions`) are ensembled the
+same way: the mean of the region probabilities, exported by :func:`autoseg.regions.regions_to_labels`
+(each region thresholded at 0.5 where that is consistent).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from autoseg.evaluate import (
 from autoseg.imageio import Geometry, read_info
 from autoseg.metrics import DEFAULT_NSD_TOLERANCE_MM, case_metrics, summarize
 from autoseg.postprocess import PostprocessingDecision, candidate_dice, decide_from_dice
+from autoseg.regions import membership, regions_of
 
 BEST_SCHEMA_VERSION = 1
 BEST_FILE = "best.yaml"
@@ -268,18 +270,14 @@ def trained_configurations(cv: CrossValidation) -> tuple[list[TrainedConfigurati
     return trained, notes
 
 
-def candidates(trained: Sequence[TrainedConfiguration],
-               labels: dict[str, list[int]]) -> tuple[dict[str, tuple[str, ...]], list[str]]:
-    """Candidate name -> member configurations: each configuration, then each pair with probabilities."""
+def candidates(trained: Sequence[TrainedConfiguration]) -> dict[str, tuple[str, ...]]:
+    """Candidate name -> member configurations: each configuration, then each pair with probabilities
+    (class or region probabilities alike)."""
     result = {c.name: (c.name,) for c in trained}
-    notes: list[str] = []
     with_probabilities = [c.name for c in trained if c.probabilities]
-    if any(len(v) > 1 for v in labels.values()) and len(with_probabilities) > 1:
-        notes.append("region-based labels: ensembles are not compared (region probabilities are not classes)")
-        return result, notes
     for a, b in itertools.combinations(with_probabilities, 2):
         result[f"{a}{ENSEMBLE_JOIN}{b}"] = (a, b)
-    return result, notes
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,12 +288,14 @@ _Task = tuple[str, Path, dict[str, tuple[tuple[str, Path, Path | None], ...]], d
 
 
 def candidate_prediction(case_id: str, members: Sequence[tuple[str, Path, Path | None]],
-                         ref_shape: tuple[int, ...], ref_geometry: Geometry) -> np.ndarray:
+                         ref_shape: tuple[int, ...], ref_geometry: Geometry,
+                         regions: np.ndarray | None = None) -> np.ndarray:
     """One candidate's label map of a case: the member's label map, or the argmax of the members'
-    mean probabilities.
+    mean probabilities (region-based: :func:`autoseg.regions.regions_to_labels` of them).
 
     Args:
         members: ``(configuration, label map, npz or None)`` per member.
+        regions: the ``(R, V)`` region membership of region-based labels, else None.
 
     Raises:
         DatasetError: a grid or shape differs from the reference (naming the case and file).
@@ -317,17 +317,22 @@ def candidate_prediction(case_id: str, members: Sequence[tuple[str, Path, Path |
         if array.shape[1:] != tuple(ref_shape):
             raise DatasetError(f"{npz}: case {case_id!r} ({name}): probabilities of shape {array.shape[1:]} but the "
                                f"raw label has shape {tuple(ref_shape)}; rerun the fold's validation")
+        if regions is not None and array.shape[0] != regions.shape[0]:
+            raise DatasetError(f"{npz}: case {case_id!r} ({name}): {array.shape[0]} probability channels but the "
+                               f"labels have {regions.shape[0]} regions; rerun the fold's validation")
         arrays.append(array)
-    return probabilities_to_labels(average_probabilities(arrays))
+    return probabilities_to_labels(average_probabilities(arrays), regions)
 
 
 def _case_task(task: _Task) -> tuple[str, dict[str, dict]]:
     """Metrics of every candidate on one case (or, with ``dice_states``, the postprocessing states)."""
     case_id, ref_path, members_of, labels, tolerance_mm, dice_states = task
     ref, ref_geometry = read_label_map(ref_path)
+    regions = regions_of(labels)
+    member = membership(regions) if regions is not None else None
     result: dict[str, dict] = {}
     for name, members in members_of.items():
-        pred = candidate_prediction(case_id, members, ref.shape, ref_geometry)
+        pred = candidate_prediction(case_id, members, ref.shape, ref_geometry, member)
         if dice_states:
             result[name] = candidate_dice(pred, ref, labels)
         else:
@@ -398,8 +403,7 @@ def run(work: Path, tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM, workers: int
         raise DatasetError(f"{cv.work}: no configuration has cross-validation predictions; train folds first, e.g. "
                            f"'autoseg train {cv.work} -c 3d_fullres -f all'{detail}")
     configs = {c.name: c for c in trained}
-    cands, more_notes = candidates(trained, cv.labels)
-    notes.extend(more_notes)
+    cands = candidates(trained)
     cases = sorted(cv.fold_of())
     n_classes = len(cv.labels)
     total = 2 * len(cases)

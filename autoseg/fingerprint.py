@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from autoseg.regions import num_outputs
+
 SCHEMA_VERSION = 1
 #: Foreground intensity samples in total across cases (nnU-Net v2: 10e7).
 TOTAL_INTENSITY_SAMPLES = 100_000_000
@@ -98,8 +100,9 @@ class Fingerprint:
 
     @property
     def num_classes(self) -> int:
-        """Output channels of the network: every declared label (background included) or region."""
-        return len(self.labels)
+        """Output channels of the network: every declared label (background included), or,
+        region-based, one sigmoid output per label except background (:mod:`autoseg.regions`)."""
+        return num_outputs(self.labels)
 
     def to_dict(self) -> dict[str, Any]:
         data = {

@@ -19,6 +19,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,6 +130,8 @@ def read_info(path: Path) -> ImageInfo:
     sitk = _sitk()
     path = Path(path)
     _check_file(path)
+    if path.is_dir():
+        return _dicom_series_info(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(os.fspath(path))
     try:
@@ -304,16 +307,119 @@ def _truncated(path: Path, size: int, expected: int) -> DatasetError:
                         "re-export or re-copy it")
 
 
-def _read_dicom_series(folder: Path) -> "SimpleITK.Image":
+#: Byte offset of the ``DICM`` magic in a DICOM file: after the 128-byte preamble (PS3.10 §7.1).
+_DICOM_MAGIC_OFFSET = 128
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True for a DICOM file: the ``DICM`` magic after the preamble, or a ``.dcm`` ending.
+
+    The ending alone admits the few files written without the PS3.10 preamble (old ACR-NEMA
+    exports); files such as ``CT.1.3.12...`` (no ending) are recognised by their magic.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.name.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(_DICOM_MAGIC_OFFSET)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_series_files(folder: Path) -> tuple[Path, ...]:
+    """The files of the single DICOM series in ``folder``, in the order ITK stacks them.
+
+    GDCM groups the files by SeriesInstanceUID and sorts them along the slice normal
+    (ImagePositionPatient); :func:`read_image` of the folder stacks them in this order, so index
+    ``z`` of its array is the slice of file ``z``.
+
+    Raises:
+        DatasetError: the folder holds no DICOM series, or several.
+    """
     sitk = _sitk()
+    folder = Path(folder)
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(os.fspath(folder))
     if not series:
         raise DatasetError(f"{folder}: no DICOM series found in this folder")
     if len(series) > 1:
-        raise DatasetError(f"{folder}: {len(series)} DICOM series in one folder; put each series in its own folder")
+        listing = ", ".join(series[:3]) + (", ..." if len(series) > 3 else "")
+        raise DatasetError(f"{folder}: {len(series)} DICOM series mixed in one folder (SeriesInstanceUID {listing}); "
+                           "put each series in its own folder")
+    return tuple(Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(os.fspath(folder), series[0]))
+
+
+def _read_dicom_series(folder: Path) -> "SimpleITK.Image":
+    sitk = _sitk()
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(os.fspath(folder), series[0]))
+    reader.SetFileNames([os.fspath(f) for f in dicom_series_files(folder)])
     return reader.Execute()
+
+
+def _dicom_series_info(folder: Path) -> ImageInfo:
+    """Header facts of a DICOM series from its first and last files (no pixels read).
+
+    The slice spacing is the distance between the first and the last slice positions over the
+    slice count minus one, which is how ITK's series reader sets it (equal to its value on the
+    real CT and MR series in ``../shared/data``).
+    """
+    sitk = _sitk()
+    files = dicom_series_files(folder)
+    readers = []
+    for file in (files[0], files[-1]):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(os.fspath(file))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise _cannot_read(file, exc) from None
+        readers.append(reader)
+    first, last = readers
+    size = first.GetSize()
+    spacing = list(first.GetSpacing())[:2]
+    gap = float(np.linalg.norm(np.subtract(last.GetOrigin(), first.GetOrigin())))
+    spacing.append(gap / (len(files) - 1) if len(files) > 1 else float(first.GetSpacing()[2]))
+    geometry = _geometry_from_sitk(tuple(spacing), first.GetOrigin(), first.GetDirection(), 3)
+    shape = (len(files), int(size[1]), int(size[0]))
+    pixel_type = sitk.GetPixelIDValueAsString(first.GetPixelID())
+    return ImageInfo(shape, first.GetNumberOfComponents(), geometry, pixel_type)
+
+
+def read_dicom_files(files: Sequence[Path], kind: str = "DICOM") -> np.ndarray:
+    """The pixels of DICOM slices stacked in the given order as ``(Z, Y, X)`` (rescale applied).
+
+    For callers that sort the slices themselves (:mod:`autoseg.convert.dicom_rt`).
+
+    Args:
+        files: one single-frame DICOM file per slice, in slice order.
+        kind: the modality named in error messages (``CT``).
+
+    Raises:
+        DatasetError: a slice is truncated or corrupt (the file is named), or the series reader
+            fails although every slice reads alone.
+    """
+    sitk = _sitk()
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([os.fspath(f) for f in files])
+    try:
+        image = reader.Execute()
+    except RuntimeError:
+        # The series reader does not say which file failed; find it (only on this error path).
+        for file in files:
+            try:
+                sitk.ReadImage(os.fspath(file))
+            except RuntimeError as exc:
+                detail = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                last = detail[-1] if detail else ""
+                reason = re.sub(r"^(sitk::ERROR|ITK ERROR)(: \w+\(0x[0-9a-fA-F]+\))?: ", "", last)
+                raise DatasetError(f"{file}: cannot read the {kind} slice's pixels ({reason or type(exc).__name__}); "
+                                   "the file is truncated or corrupt: re-copy it") from None
+        raise DatasetError(f"{Path(files[0]).parent}: SimpleITK cannot read the {kind} series although every slice "
+                           "reads alone; re-export the series") from None
+    return sitk.GetArrayFromImage(image)
 
 
 def to_sitk(array: np.ndarray, geometry: Geometry) -> "SimpleITK.Image":

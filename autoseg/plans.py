@@ -17,6 +17,7 @@ import yaml
 from autoseg.atomic import write_text
 from autoseg.errors import PlanError, did_you_mean
 from autoseg.preprocessing.normalization import SCHEMES
+from autoseg.regions import is_region_based, num_outputs
 
 SCHEMA_VERSION = 1
 
@@ -143,8 +144,15 @@ class Plans:
         return tuple(sorted(range(3), key=lambda i: self.transpose[i]))  # type: ignore[return-value]
 
     @property
+    def region_based(self) -> bool:
+        """True when a label declares several values: sigmoid outputs per region (:mod:`autoseg.regions`)."""
+        return is_region_based(self.labels)
+
+    @property
     def num_classes(self) -> int:
-        return len(self.labels)
+        """Output channels of the network: every label (background included), or, region-based,
+        one per label except background."""
+        return num_outputs(self.labels)
 
     def configuration(self, name: str) -> Configuration:
         if name not in self.configurations:
@@ -193,6 +201,8 @@ def dumps(plans: Plans) -> str:
         "# autoseg plans — written by `autoseg plan`. Hand edits are allowed and validated on load.\n"
         "# Axes are (z, y, x) after `transpose`; spacing in mm; memory in GB.\n"
     )
+    if plans.region_based:
+        header += "# Region-based labels: one sigmoid output per label except background, in `labels` order.\n"
     return header + yaml.dump(to_dict(plans), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
 
 

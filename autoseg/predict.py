@@ -39,6 +39,7 @@ from autoseg.imageio import (
     SPACING_2D_AXIS,
     SUPPORTED_ENDINGS,
     Geometry,
+    is_dicom_file,
     read_image,
     read_info,
     strip_ending,
@@ -58,6 +59,11 @@ CHECKPOINT_KINDS = ("final", "best", "latest")
 #: Output endings for inputs whose format keeps the voxels in a second file (.mhd + .raw,
 #: .nhdr + .raw): a single-file equivalent, so that the atomic rename moves everything.
 _SINGLE_FILE_ENDING = {".mhd": ".mha", ".nhdr": ".nrrd"}
+#: Label-map ending of a DICOM series input (``--output-format auto`` or ``nifti``).
+DICOM_OUTPUT_ENDING = ".nii.gz"
+#: ``--output-format`` values: ``auto`` (the input's format; NIfTI for a DICOM series), ``nifti``
+#: (``.nii.gz``), ``dicom-seg`` (a DICOM SEG ``<case>.dcm`` referencing the input series).
+OUTPUT_FORMATS = ("auto", "nifti", "dicom-seg")
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _FOLD_FOLDER = re.compile(r"^fold_(\d+)$")
 
@@ -266,7 +272,9 @@ def find_input_cases(inputs: Sequence[Path], num_channels: int) -> list[InputCas
 
     In a folder and among the given files, names ``{case}_{CCCC}{ending}`` are grouped into one
     case when the files of channels ``0 .. num_channels - 1`` are all there (nnU-Net's naming);
-    any other image is a case of its own (an MSD 4D file carries all channels itself).
+    any other image is a case of its own (an MSD 4D file carries all channels itself). A folder
+    without images is searched for DICOM series: each folder in or below it that holds DICOM files
+    is one case named after that folder (:func:`autoseg.predict_dicom.find_dicom_series`).
 
     Args:
         inputs: folders and/or image files.
@@ -277,7 +285,8 @@ def find_input_cases(inputs: Sequence[Path], num_channels: int) -> list[InputCas
 
     Raises:
         DatasetError: an input does not exist, has an unsupported ending, a folder holds no
-            image, or two inputs would write the same output.
+            image and no DICOM series, a series folder holds other files, or two inputs would
+            write the same output.
     """
     from autoseg.dataset import discover_images
 
@@ -287,13 +296,22 @@ def find_input_cases(inputs: Sequence[Path], num_channels: int) -> list[InputCas
         path = Path(raw)
         if path.is_dir():
             found = discover_images(path, num_channels)
-            if not found:
+            if found:
+                _check_no_dicom_beside_images(path)
+                cases.extend(InputCase(c.case_id, c.images, _output_ending(c.images[0])) for c in found)
+                continue
+            series = _dicom_cases(path)
+            if not series:
                 raise DatasetError(f"{path}: no images in this folder (supported endings: "
-                                   f"{', '.join(SUPPORTED_ENDINGS)})")
-            cases.extend(InputCase(c.case_id, c.images, _output_ending(c.images[0])) for c in found)
+                                   f"{', '.join(SUPPORTED_ENDINGS)}) and no DICOM series in it or below")
+            cases.extend(series)
         elif path.is_file():
             if not strip_ending(path.name)[1]:
-                raise DatasetError(f"{path}: unsupported file type; autoseg reads {', '.join(SUPPORTED_ENDINGS)}")
+                if is_dicom_file(path):
+                    raise DatasetError(f"{path}: a single DICOM file; give the folder of its series (-i "
+                                       f"{path.parent})")
+                raise DatasetError(f"{path}: unsupported file type; autoseg reads {', '.join(SUPPORTED_ENDINGS)} "
+                                   "and folders of DICOM series")
             files.append(path)
         else:
             raise DatasetError(f"{path}: input not found")
@@ -304,6 +322,27 @@ def find_input_cases(inputs: Sequence[Path], num_channels: int) -> list[InputCas
             raise DatasetError(f"{first.images[0]} and {second.images[0]} would both be written as case "
                                f"{first.case_id!r}; rename one or predict them separately")
     return cases
+
+
+def _dicom_cases(folder: Path) -> list[InputCase]:
+    """One case per DICOM series folder in or below ``folder``; label maps as NIfTI (``.nii.gz``)."""
+    from autoseg.predict_dicom import find_dicom_series
+
+    return [InputCase(case_id, (series,), DICOM_OUTPUT_ENDING) for case_id, series in find_dicom_series(folder)]
+
+
+def _check_no_dicom_beside_images(folder: Path) -> None:
+    """Raise when a folder of images also holds DICOM files (which would be silently left out)."""
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and not strip_ending(entry.name)[1] and not entry.name.startswith(".") \
+                and is_dicom_file(entry):
+            raise DatasetError(f"{folder}: holds both images and DICOM files ({entry.name}); put the DICOM series in "
+                               "a folder of its own and give both with -i")
+
+
+def is_dicom_case(case: InputCase) -> bool:
+    """True when the case is a DICOM series (its one input is the series' folder)."""
+    return len(case.images) == 1 and case.images[0].is_dir()
 
 
 def _group_files(files: Sequence[Path], num_channels: int) -> list[InputCase]:
@@ -452,13 +491,19 @@ class ConfigPrediction:
 
     Attributes:
         configuration: the configuration's name.
-        probabilities: float32 ``(K, z, y, x)`` softmax of the fold-averaged logits.
+        probabilities: float32 ``(K, z, y, x)`` softmax of the fold-averaged logits (region-based
+            labels: ``(R, z, y, x)``, the sigmoid of each region output).
         props: the case's preprocessing record (what the inverse needs).
+        disagreement: float32 ``(z, y, x)`` fraction of pairs of folds whose labels differ
+            (:func:`autoseg.uncertainty.fold_disagreement`), when predicted with ``uncertainty=True``.
+        folds: how many folds were averaged.
     """
 
     configuration: str
     probabilities: np.ndarray
     props: "Props"
+    disagreement: np.ndarray | None = None
+    folds: int = 1
 
 
 @dataclass
@@ -533,10 +578,9 @@ class Predictor:
         self.labels: dict[str, list[int]] = {str(k): [int(v) for v in vals] for k, vals in meta["labels"].items()}
         self.num_classes = int(meta["num_classes"])
         self.channel_names: tuple[str, ...] = tuple(meta["channel_names"])
-        if any(len(values) > 1 for values in self.labels.values()):
-            raise ConfigError("region-based labels (a label with several values) cannot be predicted yet; "
-                              "use a dataset with one value per label")
-        # Label maps store the class index, which is the label value (labels are 0..N consecutive).
+        self.regions: np.ndarray | None = _region_membership(self.labels, self.num_classes, self.models[0].name)
+        # Label maps store the class index, which is the label value (labels are 0..N consecutive);
+        # region outputs are sigmoids, exported by autoseg.regions.regions_to_labels.
         self.plans = self.models[0].plans
 
     # -- loading
@@ -605,39 +649,46 @@ class Predictor:
         config = next(m.config for m in self.models if m.name == configuration)
         return tuple(range(config.dims)) if self.tta else ()
 
-    def _net_fn(self, models: _ConfigModels) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    def _net_fn(self, models: _ConfigModels, nets: Sequence["torch.nn.Module"] | None = None,
+                ) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+        """The folds' mean logits (of ``nets``, default every fold of ``models``) as one function."""
         import torch
 
         stats, sync = self.stats, self.profile and self.device.type == "cuda"
         autocast = self._autocast
+        nets = list(models.nets if nets is None else nets)
 
         def net_fn(x: torch.Tensor) -> torch.Tensor:
             if sync:
                 torch.cuda.synchronize(self.device)
             started = time.perf_counter()
             with torch.autocast(self.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                out = models.nets[0](x).float()
-                for net in models.nets[1:]:
+                out = nets[0](x).float()
+                for net in nets[1:]:
                     out += net(x).float()
-            if len(models.nets) > 1:
-                out /= len(models.nets)  # the folds' mean logits (nnU-Net v2)
+            if len(nets) > 1:
+                out /= len(nets)  # the folds' mean logits (nnU-Net v2)
             if sync:
                 torch.cuda.synchronize(self.device)
             stats.forward_s += time.perf_counter() - started
-            stats.forward_calls += len(models.nets)
-            stats.samples += x.shape[0] * len(models.nets)
+            stats.forward_calls += len(nets)
+            stats.samples += x.shape[0] * len(nets)
             return out
 
         return net_fn
 
     def predict(self, image: np.ndarray, geometry: Geometry,
-                progress: Callable[[int, int], None] | None = None) -> list[ConfigPrediction]:
+                progress: Callable[[int, int], None] | None = None, *,
+                uncertainty: bool = False) -> list[ConfigPrediction]:
         """Probabilities of every configuration for one image, each on its preprocessed grid.
 
         Args:
             image: ``(C, Z, Y, X)`` as read by :func:`autoseg.imageio.read_image`.
             geometry: the image's geometry.
             progress: ``progress(done, total)`` over the windows of all configurations.
+            uncertainty: also the folds' disagreement (``ConfigPrediction.disagreement``): the
+                folds then run one sliding window each (the same network calls, one more logits
+                volume in memory), see :meth:`_fold_logits`.
 
         Returns:
             One :class:`ConfigPrediction` per configuration.
@@ -673,22 +724,74 @@ class Predictor:
                 if progress is not None:
                     progress(offset + done, sum(totals))
 
+            disagreement = None
             with torch.inference_mode():
                 tensor = torch.from_numpy(data).to(self.device)
-                logits = sliding_window(
-                    self._net_fn(models), tensor, models.config.patch_size, self.step,
-                    mirror_axes=self.mirror_axes(models.name), context_slices=models.config.context_slices,
-                    forward_batch=self.forward_batch, memory_format=models.memory_format, progress=report,
-                )
+                if uncertainty and len(models.nets) > 1:
+                    logits, disagreement = self._fold_logits(models, tensor, report)
+                else:
+                    logits = sliding_window(
+                        self._net_fn(models), tensor, models.config.patch_size, self.step,
+                        mirror_axes=self.mirror_axes(models.name), context_slices=models.config.context_slices,
+                        forward_batch=self.forward_batch, memory_format=models.memory_format, progress=report,
+                    )
+                    if uncertainty:  # one fold cannot disagree with itself
+                        disagreement = np.zeros(tuple(logits.shape[1:]), dtype=np.float32)
                 del tensor
-                # Softmax over classes in place: no second (K, z, y, x) volume.
-                logits -= logits.amax(dim=0, keepdim=True)
-                logits.exp_()
-                logits /= logits.sum(dim=0, keepdim=True)
+                if self.regions is not None:
+                    logits.sigmoid_()  # region outputs: sigmoid of the folds' and mirrors' mean logits
+                else:
+                    # Softmax over classes in place: no second (K, z, y, x) volume.
+                    logits -= logits.amax(dim=0, keepdim=True)
+                    logits.exp_()
+                    logits /= logits.sum(dim=0, keepdim=True)
                 probabilities = logits.cpu().numpy()
-            results.append(ConfigPrediction(models.name, probabilities, props))
+            results.append(ConfigPrediction(models.name, probabilities, props, disagreement, len(models.nets)))
         self.stats.predict_s += time.perf_counter() - started
         return results
+
+    def _fold_logits(self, models: _ConfigModels, tensor: "torch.Tensor",
+                     progress: Callable[[int, int], None]) -> tuple["torch.Tensor", np.ndarray]:
+        """The folds' mean logits, one sliding window per fold, and the folds' label disagreement.
+
+        The sliding window is linear in the logits, so the mean of the folds' windows equals the
+        window of their mean (what :meth:`_net_fn` computes), up to float rounding. Each fold's
+        label map (argmax, or the region export rule) is kept as a uint8 volume (16-bit above 256
+        classes), not its logits.
+        """
+        import torch
+
+        from autoseg.predict_window import sliding_window
+        from autoseg.uncertainty import fold_disagreement
+
+        count = len(models.nets)
+        total: torch.Tensor | None = None
+        labels: list[np.ndarray] = []
+        for fold, net in enumerate(models.nets):
+            def report(done: int, windows: int, fold: int = fold) -> None:
+                progress((fold * windows + done) // count, windows)
+
+            logits = sliding_window(
+                self._net_fn(models, [net]), tensor, models.config.patch_size, self.step,
+                mirror_axes=self.mirror_axes(models.name), context_slices=models.config.context_slices,
+                forward_batch=self.forward_batch, memory_format=models.memory_format, progress=report,
+            )
+            if self.regions is not None:  # the fold's own label map, by the export rule of its sigmoids
+                from autoseg.regions import regions_to_labels
+
+                labels.append(regions_to_labels(torch.sigmoid(logits).cpu().numpy(), self.regions))
+            else:
+                index = logits.argmax(dim=0)
+                labels.append(index.to(torch.uint8 if logits.shape[0] <= 256 else torch.int16).cpu().numpy())
+                del index
+            if total is None:
+                total = logits
+            else:
+                total += logits
+                del logits
+        assert total is not None
+        total /= count
+        return total, fold_disagreement(labels)
 
     def _check_image(self, image: np.ndarray, geometry: Geometry) -> None:
         if image.ndim != 4:
@@ -710,7 +813,7 @@ class Predictor:
         See :func:`export_prediction`.
         """
         started = time.perf_counter()
-        labels = export_prediction(predictions, geometry, path, probabilities_path, postprocess)
+        labels = export_prediction(predictions, geometry, path, probabilities_path, postprocess, regions=self.regions)
         self.stats.export_s += time.perf_counter() - started
         return labels
 
@@ -754,6 +857,7 @@ def export_prediction(
     path: Path | None = None,
     probabilities_path: Path | None = None,
     postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    regions: np.ndarray | None = None,
 ) -> np.ndarray:
     """Average the configurations' probabilities in the original geometry and take the argmax.
 
@@ -771,6 +875,9 @@ def export_prediction(
         probabilities_path: where to write float16 probabilities ``(K, Z, Y, X)`` in the original
             geometry as ``.npz`` (key ``probabilities``), or None.
         postprocess: applied to the label map before it is written (best.yaml's postprocessing).
+        regions: for sigmoid region probabilities, the ``(R, V)`` membership of
+            :func:`autoseg.regions.membership`: the label map follows
+            :func:`autoseg.regions.regions_to_labels` (see :func:`_export_regions`).
 
     Returns:
         The ``(Z, Y, X)`` label map, uint8 (uint16 for more than 256 classes).
@@ -789,6 +896,10 @@ def export_prediction(
     transpose = tuple(int(a) for a in first["transpose"])
     box = tuple(slice(lo, hi) for lo, hi in first["bbox"])
     dtype = np.uint8 if num_classes <= 256 else np.uint16
+    if regions is not None:
+        if regions.shape[0] != num_classes:
+            raise ValueError(f"{num_classes} probability channels for {regions.shape[0]} regions")
+        dtype = np.uint8 if regions.shape[1] <= 256 else np.uint16
 
     def class_probability(k: int) -> np.ndarray:
         total = None
@@ -824,7 +935,10 @@ def export_prediction(
         labels.transpose(transpose)[box] = best_label
         return labels
 
-    if probabilities_path is not None:
+    if regions is not None:
+        labels = _export_regions([class_probability(r) for r in range(num_classes)], regions, shape, transpose,
+                                 box, probabilities_path)
+    elif probabilities_path is not None:
         with atomic_path(Path(probabilities_path)) as tmp:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
                 stream = _NpyStream(archive, "probabilities", (num_classes, *shape), np.dtype(np.float16))
@@ -839,6 +953,53 @@ def export_prediction(
     if path is not None:
         write_image(Path(path), labels, geometry)
     return labels
+
+
+def _export_regions(crop: list[np.ndarray], member: np.ndarray, shape: tuple[int, ...], transpose: tuple[int, ...],
+                    box: tuple[slice, ...], probabilities_path: Path | None) -> np.ndarray:
+    """The region branch of :func:`export_prediction`.
+
+    The export rule needs every region at once, so the ``R`` region volumes of the crop box are
+    held together (R is small: BraTS has 3). Outside the crop box every region's probability is 0
+    (background). The ``.npz`` also holds ``regions``, the ``(R, V)`` membership as uint8, so that
+    ``autoseg ensemble`` exports averaged region probabilities by the same rule.
+    """
+    from autoseg.regions import regions_to_labels
+
+    if probabilities_path is not None:
+        with atomic_path(Path(probabilities_path)) as tmp:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+                stream = _NpyStream(archive, "probabilities", (len(crop), *shape), np.dtype(np.float16))
+                try:
+                    full = np.empty(shape, dtype=np.float16)
+                    for volume in crop:
+                        full.fill(0.0)
+                        full.transpose(transpose)[box] = volume
+                        stream.write(full)
+                finally:
+                    stream.close()
+                with archive.open("regions.npy", "w") as handle:
+                    np.lib.format.write_array(handle, member.astype(np.uint8))
+    labels = np.zeros(shape, dtype=np.uint8 if member.shape[1] <= 256 else np.uint16)
+    labels.transpose(transpose)[box] = regions_to_labels(crop, member)
+    return labels
+
+
+def _region_membership(labels: dict[str, list[int]], num_outputs: int, configuration: str) -> np.ndarray | None:
+    """The ``(R, V)`` region membership of a region-based checkpoint, None for softmax classes.
+
+    Raises:
+        ConfigError: the checkpoint's output count does not fit its labels (a region dataset
+            trained before autoseg trained sigmoid region outputs).
+    """
+    from autoseg.regions import membership, num_outputs as expected_outputs, regions_of
+
+    expected = expected_outputs(labels)
+    if num_outputs != expected:
+        raise ConfigError(f"{configuration}: the checkpoint has {num_outputs} outputs but its labels {labels} need "
+                          f"{expected}; it was trained by an autoseg without region training, re-train it")
+    regions = regions_of(labels)
+    return None if regions is None else membership(regions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -887,6 +1048,114 @@ def output_paths(case: InputCase, output: Path) -> tuple[Path, Path]:
     return Path(output) / f"{case.case_id}{case.ending}", Path(output) / f"{case.case_id}.npz"
 
 
+@dataclass(frozen=True)
+class CaseOutputs:
+    """Every file :func:`run` writes for one case.
+
+    Attributes:
+        labels: label maps, one per image format asked for (``auto``, ``nifti``); may be empty.
+        seg: the DICOM SEG (``--output-format dicom-seg``), or None.
+        probabilities: ``<case>.npz`` (``--save-probabilities``), or None.
+        uncertainty: the entropy and disagreement maps (``--save-uncertainty``), or None.
+    """
+
+    labels: tuple[Path, ...]
+    seg: Path | None = None
+    probabilities: Path | None = None
+    uncertainty: tuple[Path, Path] | None = None
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """All of them."""
+        extra = (self.seg, self.probabilities, *(self.uncertainty or ()))
+        return (*self.labels, *(p for p in extra if p is not None))
+
+    @property
+    def primary(self) -> Path:
+        """The label map reported as written: the first image format's, else the SEG."""
+        if self.labels:
+            return self.labels[0]
+        assert self.seg is not None
+        return self.seg
+
+
+def output_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    """``--output-format`` values, validated and de-duplicated (repeated or comma-separated).
+
+    Raises:
+        UnknownNameError: a value is not one of :data:`OUTPUT_FORMATS`.
+    """
+    words = [formats] if isinstance(formats, str) else list(formats)
+    names = [w.strip().lower() for word in words for w in word.split(",") if w.strip()] or ["auto"]
+    for name in names:
+        if name not in OUTPUT_FORMATS:
+            raise UnknownNameError("output format", name, OUTPUT_FORMATS, "--output-format")
+    return tuple(dict.fromkeys(names))
+
+
+def case_outputs(case: InputCase, output: Path, formats: Sequence[str] = ("auto",), *,
+                 save_probabilities: bool = False, save_uncertainty: bool = False) -> CaseOutputs:
+    """The files a case's prediction writes into ``output`` (see :class:`CaseOutputs`)."""
+    from autoseg.uncertainty import uncertainty_paths
+
+    output = Path(output)
+    labels = [output / f"{case.case_id}{case.ending}" if fmt == "auto" else output / f"{case.case_id}.nii.gz"
+              for fmt in formats if fmt in ("auto", "nifti")]
+    return CaseOutputs(
+        tuple(dict.fromkeys(labels)),
+        output / f"{case.case_id}.dcm" if "dicom-seg" in formats else None,
+        output_paths(case, output)[1] if save_probabilities else None,
+        uncertainty_paths(output, case.case_id, case.ending) if save_uncertainty else None,
+    )
+
+
+def _check_outputs(cases: Sequence[InputCase], outputs: dict[str, CaseOutputs], output: Path,
+                   formats: Sequence[str]) -> None:
+    """Raise before any work when an output would overwrite an input or another output.
+
+    Raises:
+        ConfigError: an output is an input file, lies in an input DICOM series folder, two
+            outputs share a name, or ``dicom-seg`` is asked for an input that is no DICOM series.
+        DatasetError: a DICOM series' headers do not allow a SEG (blank UIDs, multi-frame).
+    """
+    input_files = {p.resolve() for case in cases for p in case.images}
+    resolved = output.resolve()
+    for case in cases:
+        if is_dicom_case(case) and (resolved == case.images[0].resolve()
+                                    or case.images[0].resolve() in resolved.parents):
+            raise ConfigError(f"-o {output}: inside the input DICOM series folder {case.images[0]}; choose an "
+                              "output folder outside it")
+    owner: dict[Path, str] = {}
+    for case in cases:
+        for target in outputs[case.case_id].files:
+            if target.resolve() in input_files:
+                raise ConfigError(f"-o {output}: would overwrite the input {target}; choose another output folder")
+            if target in owner:
+                raise ConfigError(f"{target.name}: written for case {owner[target]!r} and for case {case.case_id!r}; "
+                                  "rename one of them or predict them separately")
+            owner[target] = case.case_id
+    if "dicom-seg" in formats:
+        from autoseg.predict_dicom import check_seg_source, require_highdicom
+
+        require_highdicom()
+        for case in cases:
+            if not is_dicom_case(case):
+                raise ConfigError(f"--output-format dicom-seg: {case.images[0]} is not a DICOM series (a DICOM SEG "
+                                  "references its source series); use --output-format auto or nifti for it")
+            check_seg_source(case.images[0])
+
+
+def segment_names(labels: dict[str, list[int]], regions: np.ndarray | None) -> dict[int, str]:
+    """``{value: name}`` of every foreground value of the label map (for DICOM SEG segments).
+
+    Softmax labels name their one value. With region-based labels the label map's values are the
+    single values; a value that no single-valued label names is called ``label <value>``.
+    """
+    named = {int(values[0]): name for name, values in labels.items() if len(values) == 1 and int(values[0]) > 0}
+    count = regions.shape[1] if regions is not None else 1 + max(named, default=0)
+    return {value: named.get(value, f"label {value}") for value in range(1, count)}
+
+
 def _postprocessor(best: dict[str, Any] | None) -> Callable[[np.ndarray], np.ndarray] | None:
     """best.yaml's postprocessing as a function of the label map; None when there is none to do.
 
@@ -921,6 +1190,9 @@ def run(
     resume: bool = False,
     step: float = 0.5,
     callbacks: PredictCallbacks | None = None,
+    save_uncertainty: bool = False,
+    output_format: str | Sequence[str] = "auto",
+    devices: Sequence[str] | None = None,
 ) -> PredictSummary:
     """Predict every input case with the trained models of ``work``; write label maps to ``output``.
 
@@ -941,6 +1213,13 @@ def run(
         resume: skip cases whose outputs exist (``--continue``).
         step: window stride as a fraction of the patch.
         callbacks: progress hooks.
+        save_uncertainty: also write ``<case>_entropy`` and ``<case>_disagreement`` maps
+            (:mod:`autoseg.uncertainty`) in the input's geometry.
+        output_format: ``auto`` (the input's format; NIfTI for a DICOM series), ``nifti``,
+            ``dicom-seg`` (needs highdicom and DICOM series inputs), or several of them.
+        devices: several devices (``--gpus N``: ``cuda:0``…; ``--procs N``: ``cpu`` N times): the
+            cases are shared out over one process per device, each predicting whole cases exactly
+            as a single device would (the outputs are identical). Overrides ``device``.
 
     Returns:
         What was written and skipped.
@@ -957,35 +1236,114 @@ def run(
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"-o {output}: exists and is not a folder; give a folder for the label maps")
+    formats = output_formats(output_format)
     selections, best = select_models(work, configurations, folds, checkpoint)
     plans = plans_io.load(Path(work) / "plans.yaml")
     cases = find_input_cases(inputs, len(plans.channel_names))
     check_inputs(cases, plans, [s.configuration for s in selections])
-    input_files = {p.resolve() for case in cases for p in case.images}
-    for case in cases:
-        for target in output_paths(case, output):
-            if target.resolve() in input_files:
-                raise ConfigError(f"-o {output}: would overwrite the input {target}; choose another output folder")
+    outputs = {case.case_id: case_outputs(case, output, formats, save_probabilities=save_probabilities,
+                                          save_uncertainty=save_uncertainty) for case in cases}
+    _check_outputs(cases, outputs, output, formats)
 
     todo, skipped = [], []
     for case in cases:
-        labels_path, probs_path = output_paths(case, output)
-        if resume and labels_path.is_file() and (not save_probabilities or probs_path.is_file()):
-            skipped.append(labels_path)
+        targets = outputs[case.case_id]
+        if resume and all(p.is_file() for p in targets.files):
+            skipped.append(targets.primary)
         else:
             todo.append(case)
     if not todo:
         return PredictSummary(output, tuple(selections), (), tuple(skipped), time.perf_counter() - started, "")
 
-    postprocess = _postprocessor(best)
-    predictor = Predictor(work, selections, device=device, tta=tta, step=step)
-    written = []
-    for index, case in enumerate(todo):
-        callbacks.on_case(index, len(todo), case.case_id)
-        image, geometry = read_input(case)
-        predictions = predictor.predict(image, geometry, progress=callbacks.on_windows)
-        labels_path, probs_path = output_paths(case, output)
-        predictor.export(predictions, geometry, labels_path, probs_path if save_probabilities else None, postprocess)
-        written.append(labels_path)
+    job = _CasesJob(Path(work), tuple(selections), tuple(todo), {c.case_id: outputs[c.case_id] for c in todo},
+                    best, checkpoint, tta, step, save_uncertainty)
+    if devices is not None and len(devices) > 1:
+        written, used_device, stats = _predict_sharded(job, devices, callbacks)
+    else:
+        written, used_device, stats = _predict_cases(job, devices[0] if devices else device, callbacks)
     return PredictSummary(output, tuple(selections), tuple(written), tuple(skipped), time.perf_counter() - started,
-                          str(predictor.device), postprocess is not None, predictor.stats)
+                          used_device, best is not None and _postprocessor(best) is not None, stats)
+
+
+@dataclass(frozen=True)
+class _CasesJob:
+    """Cases to predict and how (picklable: a process per device gets its share)."""
+
+    work: Path
+    selections: tuple[ModelSelection, ...]
+    cases: tuple[InputCase, ...]
+    outputs: dict[str, CaseOutputs]
+    best: dict[str, Any] | None
+    checkpoint: str
+    tta: bool
+    step: float
+    save_uncertainty: bool
+
+
+def _predict_cases(job: _CasesJob, device: str,
+                   callbacks: PredictCallbacks) -> tuple[list[Path], str, PredictorStats]:
+    """Predict ``job.cases`` one after the other on ``device``; returns what was written."""
+    postprocess = _postprocessor(job.best)
+    predictor = Predictor(job.work, job.selections, device=device, tta=job.tta, step=job.step)
+    written = []
+    for index, case in enumerate(job.cases):
+        callbacks.on_case(index, len(job.cases), case.case_id)
+        image, geometry = read_input(case)
+        predictions = predictor.predict(image, geometry, progress=callbacks.on_windows,
+                                        uncertainty=job.save_uncertainty)
+        targets = job.outputs[case.case_id]
+        labels = predictor.export(predictions, geometry, targets.labels[0] if targets.labels else None,
+                                  targets.probabilities, postprocess)
+        for extra in targets.labels[1:]:
+            write_image(extra, labels, geometry)
+        if targets.uncertainty is not None:
+            from autoseg.uncertainty import export_uncertainty
+
+            export_uncertainty(predictions, geometry, targets.uncertainty, regions=predictor.regions is not None)
+        if targets.seg is not None:
+            from autoseg import __version__
+            from autoseg.predict_dicom import write_dicom_seg
+
+            used = "; ".join(f"{s.configuration} folds {' '.join(str(f) for f in s.folds)}" for s in job.selections)
+            write_dicom_seg(targets.seg, labels, case.images[0], segment_names(predictor.labels, predictor.regions),
+                            version=__version__, parameters={"models": used, "checkpoint": job.checkpoint,
+                                                             "tta": "on" if job.tta else "off"})
+        del predictions
+        written.append(targets.primary)
+    return written, str(predictor.device), predictor.stats
+
+
+def _predict_sharded(job: _CasesJob, devices: Sequence[str],
+                     callbacks: PredictCallbacks) -> tuple[list[Path], str, PredictorStats]:
+    """Share the cases out round robin over one process per device."""
+    import dataclasses
+
+    from autoseg.training import distributed
+
+    count = min(len(devices), len(job.cases))
+    shares = [dataclasses.replace(job, cases=job.cases[p::len(devices)]) for p in range(count)]
+    launch = distributed.Launch("folds", tuple(devices[:count]))
+    done = [0]
+
+    def on_event(event: distributed.Event) -> None:
+        # One bar over all cases: a case counts when any process starts it.
+        if event.name == "case":
+            callbacks.on_case(done[0], len(job.cases), event.args[0])
+            done[0] += 1
+
+    results = distributed.launch(_predict_child, shares, launch, on_event=on_event, join_group=False)
+    written = sorted((path for paths, _, _ in results for path in paths), key=str)
+    stats = PredictorStats()
+    for _, _, part in results:
+        for name in ("forward_s", "forward_calls", "samples", "windows", "predict_s", "preprocess_s", "export_s"):
+            setattr(stats, name, getattr(stats, name) + getattr(part, name))
+    used = ", ".join(sorted({device for _, device, _ in results}))
+    return written, f"{used} × {count} processes" if len(set(devices)) == 1 else used, stats
+
+
+def _predict_child(child: Any, job: _CasesJob) -> tuple[list[Path], str, PredictorStats]:
+    """Runs in a spawned process: this device's share of the cases."""
+    from autoseg.training.distributed import Event
+
+    callbacks = PredictCallbacks(on_case=lambda index, total, case_id: child.post(Event(index, "case", (case_id,))))
+    return _predict_cases(job, child.device, callbacks)

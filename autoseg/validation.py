@@ -7,6 +7,7 @@ window, mirroring TTA on), then written and scored::
 
     WORK/models/<config>/fold_<k>/validation/<case>.nii.gz   label map, the image's geometry
     WORK/models/<config>/fold_<k>/validation/<case>.npz      "probabilities" (K, Z, Y, X) float16
+                                                              (region-based: (R, Z, Y, X) sigmoids + "regions")
     WORK/models/<config>/fold_<k>/metrics.json                per case and summary (autoseg.metrics)
 
 ``autoseg find-best`` reads these files to compare configurations and ensembles and to decide the

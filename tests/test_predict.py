@@ -561,3 +561,33 @@ def test_real_unlabelled_case(hippocampus: Path, tmp_path: Path) -> None:
         labels, out_geometry = read_image(written)
         assert out_geometry == geometry and labels.shape == image.shape and labels.dtype == np.uint8
     assert os.path.getsize(single.written[0]) > 0
+
+
+def test_cases_shared_over_processes_give_identical_outputs(work3d: Path, tmp_path: Path, cli) -> None:
+    """``--procs 2`` (the CPU stand-in for ``--gpus 2``): same files, same voxels, same probabilities."""
+    folder = tmp_path / "in"
+    for seed in (1, 2, 3):
+        _image(folder / f"case{seed}.nii.gz", seed=seed)
+    single = run(work3d, [folder], tmp_path / "one", ["3d_fullres"], device="cpu", save_probabilities=True)
+    shared = cli("predict", work3d, "-i", folder, "-o", tmp_path / "two", "-c", "3d_fullres", "--device", "cpu",
+                 "--procs", "2", "--save-probabilities")
+    assert shared.exit_code == 0, shared.output
+    assert "3 case(s) predicted" in shared.output and "× 2 processes" in shared.output
+    expected = [p.name for p in single.written] + [p.name.replace(".nii.gz", ".npz") for p in single.written]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(expected)
+    for path in single.written:
+        one, geometry_one = read_image(path)
+        two, geometry_two = read_image(tmp_path / "two" / path.name)
+        assert np.array_equal(one, two) and geometry_one == geometry_two
+        probs = path.name.replace(".nii.gz", ".npz")
+        with np.load(tmp_path / "one" / probs) as a, np.load(tmp_path / "two" / probs) as b:
+            assert all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+def test_predict_gpus_without_cuda_is_a_clear_error(work3d: Path, tmp_path: Path, cli) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = cli("predict", work3d, "-i", tmp_path, "-o", tmp_path / "out", "--gpus", "2")
+    assert result.exit_code == 2 and "--gpus 2: no CUDA device on this machine" in result.output

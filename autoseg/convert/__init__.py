@@ -9,7 +9,8 @@
 Every converter reads its input without modifying it, writes every file atomically, skips cases
 that an earlier run completed, and produces a dataset that passes ``autoseg check``. Shared
 conventions (the region bitmask encoding, dataset.json's ``autoseg_convert`` record) are in
-:mod:`autoseg.convert.common`. The submodules import pydicom and SimpleITK lazily.
+:mod:`autoseg.convert.common`. The submodules import pydicom lazily and read pixels through
+:mod:`autoseg.imageio` (the only SimpleITK user).
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ from autoseg.convert.common import (
     write_dataset_json,
 )
 from autoseg.errors import AutosegError, ConfigError, DatasetError
-from autoseg.imageio import Geometry, write_image
+from autoseg.imageio import Geometry, read_dicom_files, write_image
 
 if TYPE_CHECKING:
     import pydicom
@@ -362,7 +362,7 @@ def series_geometry(positions: Sequence[Sequence[float]], orientation: Sequence[
 
 
 # --------------------------------------------------------------------------------------------
-# DICOM reading (pydicom for headers and RTSTRUCT, SimpleITK for the CT pixels).
+# DICOM reading (pydicom for headers and RTSTRUCT, autoseg.imageio (SimpleITK) for the CT pixels).
 # --------------------------------------------------------------------------------------------
 
 _CT_TAGS = ("Modality", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID", "ImagePositionPatient",
@@ -562,27 +562,8 @@ def _select_ct(files: PatientFiles, structures: StructureSet) -> list[CtSlice]:
 
 
 def _read_ct_pixels(slices: Sequence[CtSlice]) -> np.ndarray:
-    """The CT voxels (HU, rescale applied) in the given slice order, through SimpleITK's series reader."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([os.fspath(s.path) for s in slices])
-    try:
-        image = reader.Execute()
-    except RuntimeError:
-        # The series reader does not say which file failed; find it (only on this error path).
-        for s in slices:
-            try:
-                sitk.ReadImage(os.fspath(s.path))
-            except RuntimeError as exc:
-                detail = [line.strip() for line in str(exc).splitlines() if line.strip()]
-                last = detail[-1] if detail else ""
-                reason = re.sub(r"^(sitk::ERROR|ITK ERROR)(: \w+\(0x[0-9a-fA-F]+\))?: ", "", last)
-                raise DatasetError(f"{s.path}: cannot read the CT slice's pixels ({reason or type(exc).__name__}); the "
-                                   "file is truncated or corrupt: re-copy it") from None
-        raise DatasetError(f"{slices[0].path.parent}: SimpleITK cannot read the CT series although every slice reads "
-                           "alone; re-export the series") from None
-    array = sitk.GetArrayFromImage(image)
+    """The CT voxels (HU, rescale applied) in the given slice order, through :mod:`autoseg.imageio`."""
+    array = read_dicom_files([s.path for s in slices], "CT")
     if array.dtype.kind in "iu" and array.size and array.min() >= -32768 and array.max() <= 32767:
         array = array.astype(np.int16)  # HU fit int16; the series reader may widen to int32
     return array

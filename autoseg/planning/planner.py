@@ -20,6 +20,7 @@ from autoseg.planning.presets import Preset
 from autoseg.planning.topology import estimate_feature_map_units, features_per_stage, pool_and_conv_props
 from autoseg.plans import Configuration, Normalization, Plans, Resampling, Topology
 from autoseg.preprocessing.normalization import scheme_for_channel
+from autoseg.regions import indistinguishable_values, is_region_based, output_names, output_regions
 
 #: nnU-Net uses the nonzero mask for z-score normalisation when cropping to nonzero kept less
 #: than this fraction of the median image.
@@ -264,6 +265,7 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
     if not configs:
         raise PlanError(f"preset {preset.name!r} plans no configuration for a {fp.dims}D dataset; "
                         "add '2d' to its configurations")
+    notes.extend(region_notes(fp.labels))
     recommended = _recommend(configs, gpu, preset, notes)
     plans = Plans(
         dataset_name=fp.dataset_name,
@@ -286,6 +288,17 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
 
 
 _ORDER = ["2d", "2.5d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+
+
+def region_notes(labels: dict[str, list[int]]) -> list[str]:
+    """What the plan table says about region-based labels (nothing for softmax classes)."""
+    if not is_region_based(labels):
+        return []
+    notes = [f"region-based labels: {len(output_names(labels))} sigmoid outputs ({', '.join(output_names(labels))}), "
+             "Dice + BCE loss"]
+    for group in indistinguishable_values(output_regions(labels)):
+        notes.append(f"label values {list(group)} lie in the same regions: predictions write {group[0]} for all")
+    return notes
 
 
 def _plan_lowres(

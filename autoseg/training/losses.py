@@ -1,11 +1,14 @@
-"""Losses: soft Dice + cross-entropy with deep supervision (nnU-Net's defaults)."""
+"""Losses: soft Dice + cross-entropy with deep supervision (nnU-Net's defaults); soft Dice + BCE
+for region-based labels (nnU-Net's DC_and_BCE_loss, :mod:`autoseg.regions`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+
+from autoseg.regions import regions_of
 
 #: Dice smoothing (nnU-Net v2's MemoryEfficientSoftDiceLoss uses 1e-5).
 DICE_SMOOTH = 1e-5
@@ -28,6 +31,11 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool 
     # scatter only foreground: class c (1..K-1) goes to channel c-1
     index = (target.long() - 1).clamp(min=0).unsqueeze(1)
     onehot.scatter_(1, index, foreground.unsqueeze(1).to(onehot.dtype))
+    return _negative_soft_dice(probs, onehot, batch_dice, smooth)
+
+
+def _negative_soft_dice(probs: torch.Tensor, onehot: torch.Tensor, batch_dice: bool, smooth: float) -> torch.Tensor:
+    """``-mean(dice)`` over the channels of ``(B, K, *spatial)`` probabilities and binary targets."""
     axes = tuple(range(2, probs.ndim))
     if batch_dice:
         axes = (0, *axes)
@@ -35,6 +43,72 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool 
     denominator = probs.sum(axes) + onehot.sum(axes)
     dice = (2 * intersect + smooth) / (denominator + smooth).clamp(min=1e-8)
     return -dice.mean()
+
+
+def region_targets(target: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Integer label maps ``(B, 1, *spatial)`` -> float region masks ``(B, R, *spatial)``.
+
+    Channel ``r`` is 1 where the label is one of ``regions[r]``. Deep-supervision targets are
+    nearest-subsampled label maps (:func:`autoseg.data.augment.downsample_seg`), so converting each
+    scale here equals nnU-Net's conversion before downsampling.
+    """
+    masks = [torch.isin(target, torch.as_tensor(values, dtype=target.dtype, device=target.device))
+             for values in regions]
+    return torch.cat(masks, dim=1).float()
+
+
+def soft_dice_regions_loss(logits: torch.Tensor, masks: torch.Tensor, batch_dice: bool = True,
+                           smooth: float = DICE_SMOOTH) -> torch.Tensor:
+    """Negative mean soft Dice of sigmoid outputs against region masks, every channel included."""
+    return _negative_soft_dice(torch.sigmoid(logits.float()), masks, batch_dice, smooth)
+
+
+class DiceBCELoss(nn.Module):
+    """Binary cross-entropy (with logits) + soft Dice on sigmoids, weight 1 each (nnU-Net's
+    DC_and_BCE_loss); targets are integer label maps, converted to the region masks here."""
+
+    def __init__(self, regions: Sequence[Sequence[int]], batch_dice: bool = True) -> None:
+        super().__init__()
+        self.regions = tuple(tuple(int(v) for v in values) for values in regions)
+        self.batch_dice = batch_dice
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels = target if target.ndim == logits.ndim else target.unsqueeze(1)
+        masks = region_targets(labels, self.regions)
+        return self.bce(logits.float(), masks) + soft_dice_regions_loss(logits, masks, self.batch_dice)
+
+
+def make_loss(labels: Mapping[str, Sequence[int]], batch_dice: bool = True) -> nn.Module:
+    """Dice + BCE over the region outputs for region-based labels, else Dice + CE over the classes."""
+    regions = regions_of(labels)
+    return DiceBCELoss(regions, batch_dice) if regions is not None else DiceCELoss(batch_dice=batch_dice)
+
+
+@torch.no_grad()
+def confusion_counts(logits: torch.Tensor, target: torch.Tensor,
+                     regions: Sequence[Sequence[int]] | None) -> tuple[list[float], list[float], list[float]]:
+    """True positives, false positives and false negatives per foreground output (pseudo-Dice).
+
+    Softmax classes: the argmax against each class ``1..K-1``. Regions: sigmoid > 0.5 (logit > 0)
+    against each region mask.
+
+    Args:
+        logits: ``(B, K, *spatial)``.
+        target: ``(B, 1, *spatial)`` integer labels.
+        regions: the output regions, or None for softmax classes.
+    """
+    if regions is not None:
+        predicted = logits > 0
+        truth = region_targets(target, regions) > 0
+        pairs = [(predicted[:, r], truth[:, r]) for r in range(len(regions))]
+    else:
+        prediction, labels = logits.argmax(1), target[:, 0]
+        pairs = [(prediction == c, labels == c) for c in range(1, logits.shape[1])]
+    tp = [float((p & t).sum()) for p, t in pairs]
+    fp = [float((p & ~t).sum()) for p, t in pairs]
+    fn = [float((~p & t).sum()) for p, t in pairs]
+    return tp, fp, fn
 
 
 class DiceCELoss(nn.Module):

@@ -12,6 +12,7 @@ from autoseg import plans as plans_io
 from autoseg.errors import ConfigError, DatasetError
 from autoseg.experiment import WorkPaths
 from autoseg.training.config import TrainConfig
+from autoseg.training.distributed import ChildContext, DistContext, Event, Launch
 from autoseg.training.trainer import Callbacks, FoldPaths, FoldSetup, TrainState, train_fold
 
 #: Configurations that train on another configuration's preprocessed data.
@@ -70,6 +71,7 @@ def run(
     validate: bool = True,
     validate_only: bool = False,
     on_validated: Callable[[int, dict], None] | None = None,
+    launch: Launch | None = None,
 ) -> list[FoldResult]:
     """Train ``folds`` of ``configuration`` in ``work``, then validate each fold in full.
 
@@ -77,6 +79,10 @@ def run(
     training, the fold's validation cases are predicted from the raw images with the predictor
     and scored into ``fold_<k>/metrics.json`` (``validate=False`` skips it; ``validate_only``
     redoes only that, from ``checkpoint_final.pt``).
+
+    ``launch`` (see :func:`autoseg.training.distributed.resolve_launch`) trains each fold with DDP
+    over several processes, or several folds at once, one per process. Started by ``torchrun``
+    (``WORLD_SIZE`` > 1 in the environment), this process is one rank of a DDP run.
 
     Raises:
         PlanError / DatasetError / ConfigError: missing plans, unknown configuration, bad splits.
@@ -91,14 +97,29 @@ def run(
     data_folder = work / "preprocessed" / data_config
     case_ids = case_ids_of(work)
     if not _preprocessed(data_folder, case_ids):
+        from autoseg.training.distributed import from_torchrun_env
+
+        if from_torchrun_env() is not None:
+            # Every rank would preprocess the same folder at once.
+            raise ConfigError(f"{data_folder}: not preprocessed; under torchrun run "
+                              f"'autoseg preprocess {work} -c {data_config}' once before starting the job")
         from autoseg.preprocessing import run as preprocessing
 
         if on_preprocess:
             on_preprocess(data_config)
         preprocessing.run(work, [data_config], cfg.workers, None)
     splits = crossval.load_or_create(work, case_ids, splits_file)
-    from autoseg.data import load_cases
+    from autoseg.training import distributed
 
+    torchrun = distributed.from_torchrun_env()
+    if torchrun is not None and not validate_only:
+        return _run_torchrun(work, plans, configuration, parse_folds(folds, len(splits)), splits, cfg, torchrun,
+                             resume=resume, callbacks_for=callbacks_for, validate=validate, on_validated=on_validated)
+    if launch is not None and launch.mode != "single" and not validate_only:
+        return _run_launched(work, configuration, parse_folds(folds, len(splits)), splits, cfg, launch,
+                             resume=resume, callbacks_for=callbacks_for, validate=validate, on_validated=on_validated)
+    if launch is not None:
+        cfg = distributed.replace_device(cfg, launch.devices[0])
     results = []
     if validate_only:
         from autoseg.validation import validate_fold
@@ -110,13 +131,7 @@ def run(
             results.append(FoldResult(fold, TrainState(), fold_folder(work, configuration, fold)))
         return results
     for fold in parse_folds(folds, len(splits)):
-        split = crossval.fold_cases(splits, fold)
-        setup = FoldSetup(
-            plans=plans, configuration=configuration, fold=fold,
-            train_cases=load_cases(data_folder, split["train"]),
-            val_cases=load_cases(data_folder, split["val"]),
-            paths=FoldPaths(fold_folder(work, configuration, fold)),
-        )
+        setup = fold_setup(work, plans, configuration, fold, splits)
         callbacks = callbacks_for(fold) if callbacks_for else None
         state = train_fold(setup, cfg, resume=resume, callbacks=callbacks)
         if validate:
@@ -126,6 +141,148 @@ def run(
             if on_validated:
                 on_validated(fold, metrics)
         results.append(FoldResult(fold, state, setup.paths.root))
+    return results
+
+
+def fold_setup(work: Path, plans: plans_io.Plans, configuration: str, fold: int, splits: list) -> FoldSetup:
+    """One fold's training and validation cases (memory-mapped) and its folder."""
+    from autoseg.data import load_cases
+
+    data_folder = Path(work) / "preprocessed" / DATA_OF.get(configuration, configuration)
+    split = crossval.fold_cases(splits, fold)
+    return FoldSetup(
+        plans=plans, configuration=configuration, fold=fold,
+        train_cases=load_cases(data_folder, split["train"]),
+        val_cases=load_cases(data_folder, split["val"]),
+        paths=FoldPaths(fold_folder(work, configuration, fold)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a child process needs to train folds (small and picklable; it reloads the plans)."""
+
+    work: Path
+    configuration: str
+    folds: tuple[int, ...]
+    splits: list
+    cfg: TrainConfig
+    resume: bool
+    validate: bool
+
+
+def _event_callbacks(child: ChildContext, fold: int) -> Callbacks:
+    """Callbacks that post progress events to the launching process."""
+    return Callbacks(
+        on_epoch_start=lambda epoch, iters: child.post(Event(fold, "epoch_start", (epoch, iters))),
+        on_iteration=lambda it, loss: child.post(Event(fold, "iteration", (it, loss))),
+        on_epoch_end=lambda record: child.post(Event(fold, "epoch_end", (record,))),
+    )
+
+
+def _dispatcher(callbacks_for: Callable[[int], Callbacks] | None,
+                on_validated: Callable[[int, dict], None] | None) -> Callable[[Event], None]:
+    """Route children's events to this process's per-fold callbacks."""
+    made: dict[int, Callbacks] = {}
+
+    def on_event(event: Event) -> None:
+        if event.name == "validated":
+            if on_validated:
+                on_validated(event.fold, event.args[0])
+            return
+        if callbacks_for is None:
+            return
+        if event.fold not in made:
+            made[event.fold] = callbacks_for(event.fold)
+        callbacks = made[event.fold]
+        {"epoch_start": callbacks.on_epoch_start, "iteration": callbacks.on_iteration,
+         "epoch_end": callbacks.on_epoch_end}[event.name](*event.args)
+
+    return on_event
+
+
+def _train_child(child: ChildContext, job: _Job) -> list[tuple[int, TrainState]]:
+    """Runs in a spawned process: this rank's share of a DDP fold, or whole folds (``--folds-parallel``)."""
+    from autoseg.training import distributed
+
+    plans = plans_io.load(WorkPaths(job.work).plans)
+    cfg = distributed.replace_device(job.cfg, child.device)
+    states = []
+    for fold in job.folds:
+        setup = fold_setup(job.work, plans, job.configuration, fold, job.splits)
+        state = train_fold(setup, cfg, resume=job.resume, callbacks=_event_callbacks(child, fold), dist=child.dist)
+        if job.validate and not child.dist.enabled:
+            from autoseg.validation import validate_fold
+
+            metrics = validate_fold(job.work, job.configuration, fold, "final", child.device)
+            child.post(Event(fold, "validated", (metrics,)))
+        states.append((fold, state))
+    return states
+
+
+def _run_launched(work: Path, configuration: str, folds: list[int], splits: list, cfg: TrainConfig,
+                  launch: Launch, *, resume: bool, callbacks_for: Callable[[int], Callbacks] | None,
+                  validate: bool, on_validated: Callable[[int, dict], None] | None) -> list[FoldResult]:
+    """Folds in parallel (one per process), or each fold with DDP over every process."""
+    from autoseg.training import distributed
+
+    on_event = _dispatcher(callbacks_for, on_validated)
+    results: list[FoldResult] = []
+    if launch.mode == "folds":
+        # Round robin: process p trains folds p, p + N, ...; never more processes than folds.
+        count = min(launch.processes, len(folds))
+        jobs = [_Job(work, configuration, tuple(folds[p::launch.processes]), splits, cfg, resume, validate)
+                for p in range(count)]
+        used = Launch(launch.mode, launch.devices[:count], launch.backend)
+        for states in distributed.launch(_train_child, jobs, used, on_event=on_event, join_group=False):
+            results += [FoldResult(fold, state, fold_folder(work, configuration, fold)) for fold, state in states]
+        return sorted(results, key=lambda r: r.fold)
+    for fold in folds:
+        job = _Job(work, configuration, (fold,), splits, cfg, resume, validate)
+        per_rank = distributed.launch(_train_child, [job] * launch.processes, launch, on_event=on_event)
+        _, state = per_rank[0][0]
+        if validate:
+            from autoseg.validation import validate_fold
+
+            metrics = validate_fold(work, configuration, fold, "final", launch.devices[0])
+            on_event(Event(fold, "validated", (metrics,)))
+        results.append(FoldResult(fold, state, fold_folder(work, configuration, fold)))
+    return results
+
+
+def _run_torchrun(work: Path, plans: plans_io.Plans, configuration: str, folds: list[int], splits: list,
+                  cfg: TrainConfig, ctx: DistContext, *, resume: bool,
+                  callbacks_for: Callable[[int], Callbacks] | None, validate: bool,
+                  on_validated: Callable[[int, dict], None] | None) -> list[FoldResult]:
+    """This process is one rank of a ``torchrun`` job: join its group, train; rank 0 then validates."""
+    import torch
+
+    from autoseg.training import distributed
+
+    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        cfg = distributed.replace_device(cfg, f"cuda:{ctx.local_rank}")
+    distributed.init_process_group(ctx, "nccl" if use_cuda else "gloo")
+    results = []
+    try:
+        for fold in folds:
+            setup = fold_setup(work, plans, configuration, fold, splits)
+            callbacks = callbacks_for(fold) if (callbacks_for and ctx.is_main) else None
+            state = train_fold(setup, cfg, resume=resume, callbacks=callbacks, dist=ctx)
+            results.append(FoldResult(fold, state, setup.paths.root))
+    finally:
+        distributed.destroy_process_group()
+    if validate and ctx.is_main:
+        from autoseg.validation import validate_fold
+
+        for result in results:
+            metrics = validate_fold(work, configuration, result.fold, "final", cfg.device)
+            if on_validated:
+                on_validated(result.fold, metrics)
     return results
 
 

@@ -32,8 +32,19 @@ from autoseg.data import BatchLoader, Case
 from autoseg.errors import ConfigError
 from autoseg.networks import build_network
 from autoseg.plans import Configuration, Plans
+from autoseg.regions import output_regions, regions_of
 from autoseg.training.config import TrainConfig
-from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss
+from autoseg.training.distributed import (
+    SINGLE,
+    DistContext,
+    all_gather_strings,
+    all_reduce_sum,
+    broadcast_float,
+    rank_batch,
+    rank_oversample,
+    weights_digest,
+)
+from autoseg.training.losses import DeepSupervisionLoss, confusion_counts, make_loss
 
 #: Smoothing of the validation pseudo-Dice that selects the best checkpoint (nnU-Net: 0.9).
 EMA_DECAY = 0.9
@@ -52,6 +63,8 @@ class TrainState:
     ema_dice: float | None = None
     best_ema_dice: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: Under DDP: every rank's weights digest at the end (all equal; checked every epoch).
+    replica_digests: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -108,9 +121,10 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(12, cpus - 2))
 
 
-def epoch_seed(seed: int, fold: int, epoch: int, stream: int) -> int:
-    """The seed of one epoch's loader (stream 0: training, 1: validation)."""
-    return int(np.random.SeedSequence([seed, fold, epoch, stream]).generate_state(1)[0])
+def epoch_seed(seed: int, fold: int, epoch: int, stream: int, rank: int = 0) -> int:
+    """The seed of one epoch's loader (stream 0: training, 1: validation; ``rank`` under DDP)."""
+    entropy = [seed, fold, epoch, stream] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def poly_lr(base_lr: float, progress: float, exponent: float) -> float:
@@ -159,7 +173,7 @@ def write_log(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def write_train_config(path: Path, cfg: TrainConfig, plans: Plans, configuration: str, fold: int,
-                       device: torch.device, workers: int, batch_size: int) -> None:
+                       device: torch.device, workers: int, batch_size: int, world_size: int = 1) -> None:
     """The resolved configuration of the run, with its hash and the environment."""
     import yaml
 
@@ -172,7 +186,7 @@ def write_train_config(path: Path, cfg: TrainConfig, plans: Plans, configuration
         "train": cfg.to_dict(),
         "train_digest": cfg.digest(),
         "resolved": {"device": str(device), "workers": workers, "batch_size": batch_size,
-                     "optimizer": cfg.resolved_optimizer, "lr": cfg.resolved_lr},
+                     "optimizer": cfg.resolved_optimizer, "lr": cfg.resolved_lr, "processes": world_size},
         "plans_fingerprint_sha256": plans.fingerprint_sha256,
         "environment": {"torch": str(torch.__version__), "python": platform.python_version(),
                         "cuda": torch.version.cuda, "threads": torch.get_num_threads()},
@@ -225,17 +239,25 @@ class FoldSetup:
 
 
 def train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool = False,
-               callbacks: Callbacks | None = None) -> TrainState:
+               callbacks: Callbacks | None = None, dist: DistContext = SINGLE) -> TrainState:
     """Train one fold; returns the final state (history included).
+
+    Under DDP (``dist.enabled``, process group already joined) every rank calls this with its own
+    ``cfg.device``: the global batch (``cfg.batch_size`` or the plan's) is split over the ranks,
+    each rank draws its own patches, gradients are averaged by DDP, and rank 0 alone reports
+    progress and writes logs, plots and checkpoints. Decisions that depend on the clock (time
+    budget, epoch sizing, the LR on elapsed time) use rank 0's clock, so the ranks never diverge.
 
     Raises:
         ConfigError: bad device, no checkpoint to resume from, or a checkpoint of another run.
     """
-    callbacks = callbacks or Callbacks()
+    callbacks = (callbacks or Callbacks()) if dist.is_main else Callbacks()
     config = setup.plans.configuration(setup.configuration)
     device = resolve_device(cfg.device)
     workers = default_workers(device) if cfg.workers is None else cfg.workers
-    batch_size = cfg.batch_size or config.batch_size
+    global_batch = cfg.batch_size or config.batch_size
+    batch_size = rank_batch(global_batch, dist)[1]
+    oversample = rank_oversample(global_batch, cfg.oversample, dist)
     paths = setup.paths
     paths.root.mkdir(parents=True, exist_ok=True)
 
@@ -247,7 +269,8 @@ def train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool = False,
     autocast_dtype = _autocast_dtype(device, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
     n_outputs = config.topology.num_stages - 1
-    loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=True), n_outputs)
+    # Dice + CE over softmax classes, or Dice + BCE over sigmoid region outputs (autoseg.regions).
+    loss_fn = DeepSupervisionLoss(make_loss(setup.plans.labels, batch_dice=True), n_outputs)
     state = TrainState(iters_per_epoch=cfg.iters_per_epoch if cfg.time_budget_s is None else cfg.iters_per_epoch,
                        val_iters=cfg.val_iters)
 
@@ -256,26 +279,76 @@ def train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool = False,
     elif paths.latest.exists() or paths.final.exists():
         raise ConfigError(f"{paths.root}: this fold already has checkpoints; use --resume to continue it "
                           "or delete the folder to start over")
-    write_train_config(paths.config, cfg, setup.plans, setup.configuration, setup.fold, device, workers, batch_size)
+    if dist.is_main:
+        write_train_config(paths.config, cfg, setup.plans, setup.configuration, setup.fold, device, workers,
+                           global_batch, dist.world_size)
     step = _make_step(net, optimizer, scaler, loss_fn, cfg, autocast_dtype, memory_format, device)
-    model = torch.compile(net) if cfg.compile and device.type == "cuda" else net
+    model = _wrap(net, cfg, device, dist)
+    # Validation runs a different number of batches per rank: never through DDP's forward.
+    eval_model = net if dist.enabled else model
+    sampling = _Sampling(batch_size, oversample, workers, dist)
 
     while state.epoch < cfg.epochs and not _budget_spent(state, cfg):
-        record = _run_epoch(model, net, step, loss_fn, optimizer, state, setup, cfg, config, device, workers,
-                            batch_size, memory_format, autocast_dtype, callbacks)
+        record = _run_epoch(model, eval_model, net, step, loss_fn, optimizer, state, setup, cfg, config, device,
+                            sampling, memory_format, autocast_dtype, callbacks)
         state.history.append(record)
         state.epoch += 1
-        write_log(paths.log, state.history)
-        plot_progress(paths.plot, state.history)
+        state.replica_digests = _check_replicas(net, dist, paths.root)
+        if dist.is_main:
+            write_log(paths.log, state.history)
+            plot_progress(paths.plot, state.history)
         if record["ema_fg_dice"] > state.best_ema_dice:
             state.best_ema_dice = record["ema_fg_dice"]
-            save_checkpoint(paths.best, _weights_payload(net, state, cfg, setup))
+            if dist.is_main:
+                save_checkpoint(paths.best, _weights_payload(net, state, cfg, setup))
         last = state.epoch >= cfg.epochs or _budget_spent(state, cfg)
-        if state.epoch % cfg.save_every == 0 or last:
+        if (state.epoch % cfg.save_every == 0 or last) and dist.is_main:
             save_checkpoint(paths.latest, _full_payload(net, optimizer, scaler, state, cfg, setup))
         callbacks.on_epoch_end(record)
-    save_checkpoint(paths.final, _weights_payload(net, state, cfg, setup))
+    if dist.is_main:
+        save_checkpoint(paths.final, _weights_payload(net, state, cfg, setup))
     return state
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """This process's share of the batch sampling."""
+
+    batch_size: int
+    oversample: float
+    workers: int
+    dist: DistContext
+
+
+def _wrap(net: nn.Module, cfg: TrainConfig, device: torch.device, dist: DistContext) -> nn.Module:
+    """DDP around the network under a process group; ``torch.compile`` on CUDA when asked."""
+    model: nn.Module = net
+    if dist.enabled:
+        import warnings
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Channels-last 1x1x1 kernels: the gradient's strides differ from the bucket's only in size-1
+        # dimensions (same memory order); DDP copies them and warns on every step.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+        # InstanceNorm keeps no running statistics: there are no buffers to broadcast.
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    if cfg.compile and device.type == "cuda":
+        model = torch.compile(model)
+    return model
+
+
+def _check_replicas(net: nn.Module, dist: DistContext, where: Path) -> list[str]:
+    """Under DDP, every rank's weights digest; all must be equal (a divergence is a bug, not noise)."""
+    if not dist.enabled:
+        return []
+    digests = all_gather_strings(dist, weights_digest(net))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"{where}: the DDP replicas' weights diverged (digests {digests}); "
+                           "please report this with train_config.yaml")
+    return digests
 
 
 def _budget_spent(state: TrainState, cfg: TrainConfig) -> bool:
@@ -302,26 +375,33 @@ def _make_step(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.a
     return step
 
 
-def _run_epoch(model: nn.Module, net: nn.Module, step: Callable, loss_fn: nn.Module,
+def _run_epoch(model: nn.Module, eval_model: nn.Module, net: nn.Module, step: Callable, loss_fn: nn.Module,
                optimizer: torch.optim.Optimizer, state: TrainState, setup: FoldSetup, cfg: TrainConfig,
-               config: Configuration, device: torch.device, workers: int, batch_size: int,
+               config: Configuration, device: torch.device, sampling: _Sampling,
                memory_format: torch.memory_format, autocast_dtype: torch.dtype | None,
                callbacks: Callbacks) -> dict[str, Any]:
+    dist = sampling.dist
+    batch_size = sampling.batch_size
     epoch_start = time.perf_counter()
     elapsed_at_start = state.elapsed_s
     net.train()
     losses: list[float] = []
     wait = 0.0
     lr = cfg.resolved_lr
-    loader = BatchLoader(setup.train_cases, config, augment=True, workers=workers, oversample=cfg.oversample,
-                         batch_size=batch_size, seed=epoch_seed(cfg.seed, setup.fold, state.epoch, 0))
+    loader = BatchLoader(setup.train_cases, config, augment=True, workers=sampling.workers,
+                         oversample=sampling.oversample, batch_size=batch_size,
+                         seed=epoch_seed(cfg.seed, setup.fold, state.epoch, 0, dist.rank))
     callbacks.on_epoch_start(state.epoch, state.iters_per_epoch)
+    clock_synced = cfg.time_budget_s is not None  # rank 0's clock decides for every rank
     try:
         it = 0
         while True:
             if state.iters_per_epoch is not None and it >= state.iters_per_epoch:
                 break
-            elapsed = elapsed_at_start + time.perf_counter() - epoch_start
+            in_epoch = time.perf_counter() - epoch_start
+            if clock_synced:
+                in_epoch = broadcast_float(dist, in_epoch)
+            elapsed = elapsed_at_start + in_epoch
             if cfg.time_budget_s is not None:
                 if elapsed >= cfg.time_budget_s:
                     break
@@ -337,17 +417,18 @@ def _run_epoch(model: nn.Module, net: nn.Module, step: Callable, loss_fn: nn.Mod
             it += 1
             if state.iters_per_epoch is None and it == 3:
                 # Time budget without --iters-per-epoch: size epochs from the measured step time.
-                per_it = (time.perf_counter() - epoch_start) / it
+                per_it = broadcast_float(dist, time.perf_counter() - epoch_start) / it
                 state.iters_per_epoch = int(min(250, max(10, cfg.time_budget_s / BUDGET_EPOCHS / per_it)))
                 state.val_iters = cfg.val_iters if cfg.val_iters is not None else max(5, state.iters_per_epoch // 5)
                 callbacks.on_epoch_start(state.epoch, state.iters_per_epoch)
     finally:
         loader.close()
     train_time = time.perf_counter() - epoch_start
+    loss_sum, loss_count = all_reduce_sum(dist, np.array([float(np.sum(losses)), float(len(losses))]))
     val_iters = state.val_iters if state.val_iters is not None else 50
-    val_loss, dice = _validate(model, net, loss_fn, setup, cfg, config, device, batch_size, memory_format,
-                               autocast_dtype, val_iters, state.epoch)
-    epoch_time = time.perf_counter() - epoch_start
+    val_loss, dice = _validate(eval_model, net, loss_fn, setup, cfg, config, device, sampling, memory_format,
+                               autocast_dtype, val_iters)
+    epoch_time = broadcast_float(dist, time.perf_counter() - epoch_start)
     state.elapsed_s = elapsed_at_start + epoch_time
     foreground = [d for d in dice if not math.isnan(d)]
     mean_dice = float(np.mean(foreground)) if foreground else 0.0
@@ -355,7 +436,7 @@ def _run_epoch(model: nn.Module, net: nn.Module, step: Callable, loss_fn: nn.Mod
     n_iters = max(len(losses), 1)
     return {
         "epoch": state.epoch,
-        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "train_loss": float(loss_sum / loss_count) if loss_count else float("nan"),
         "val_loss": val_loss,
         "pseudo_dice": [None if math.isnan(d) else round(d, 6) for d in dice],
         "mean_fg_dice": mean_dice,
@@ -364,7 +445,7 @@ def _run_epoch(model: nn.Module, net: nn.Module, step: Callable, loss_fn: nn.Mod
         "iters": len(losses),
         "epoch_time_s": round(epoch_time, 3),
         "s_per_it": round(train_time / n_iters, 4),
-        "samples_per_s": round(len(losses) * batch_size / max(train_time, 1e-9), 3),
+        "samples_per_s": round(len(losses) * batch_size * dist.world_size / max(train_time, 1e-9), 3),
         "data_wait_fraction": round(wait / max(train_time, 1e-9), 4),
         "elapsed_s": round(state.elapsed_s, 3),
     }
@@ -372,22 +453,27 @@ def _run_epoch(model: nn.Module, net: nn.Module, step: Callable, loss_fn: nn.Mod
 
 @torch.no_grad()
 def _validate(model: nn.Module, net: nn.Module, loss_fn: nn.Module, setup: FoldSetup, cfg: TrainConfig,
-              config: Configuration, device: torch.device, batch_size: int, memory_format: torch.memory_format,
-              autocast_dtype: torch.dtype | None, iters: int, epoch: int) -> tuple[float, list[float]]:
-    """Loss and pseudo-Dice per foreground class on validation patches (nnU-Net's online metric)."""
-    num_classes = setup.plans.num_classes
-    tp = np.zeros(num_classes - 1)
-    fp = np.zeros(num_classes - 1)
-    fn = np.zeros(num_classes - 1)
+              config: Configuration, device: torch.device, sampling: _Sampling, memory_format: torch.memory_format,
+              autocast_dtype: torch.dtype | None, iters: int) -> tuple[float, list[float]]:
+    """Loss and pseudo-Dice per foreground class (or region) on validation patches (nnU-Net's online metric).
+
+    Under DDP the ``iters`` batches are shared out over the ranks and the counts summed.
+    """
+    dist = sampling.dist
+    regions = regions_of(setup.plans.labels)
+    k = len(output_regions(setup.plans.labels))  # foreground classes, or regions
+    tp = np.zeros(k)
+    fp = np.zeros(k)
+    fn = np.zeros(k)
     if iters == 0 or not setup.val_cases:
-        return float("nan"), [float("nan")] * (num_classes - 1)
+        return float("nan"), [float("nan")] * k
     net.eval()
     losses = []
     # Validation patches are the same every epoch (fixed seed), so the curve compares like with like.
-    loader = BatchLoader(setup.val_cases, config, augment=False, workers=0, oversample=cfg.oversample,
-                         batch_size=batch_size, seed=epoch_seed(cfg.seed, setup.fold, 0, 1))
+    loader = BatchLoader(setup.val_cases, config, augment=False, workers=0, oversample=sampling.oversample,
+                         batch_size=sampling.batch_size, seed=epoch_seed(cfg.seed, setup.fold, 0, 1, dist.rank))
     try:
-        for _ in range(iters):
+        for _ in range(len(range(dist.rank, iters, dist.world_size))):
             batch = next(loader)
             image = batch.image.to(device).contiguous(memory_format=memory_format)
             targets = [t.to(device) for t in batch.target]
@@ -395,19 +481,19 @@ def _validate(model: nn.Module, net: nn.Module, loss_fn: nn.Module, setup: FoldS
                 outputs = model(image)
                 losses.append(float(loss_fn(outputs, targets)))
             logits = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-            prediction = logits.argmax(1)
-            truth = targets[0][:, 0]
-            for c in range(1, num_classes):
-                pred_c, true_c = prediction == c, truth == c
-                tp[c - 1] += float((pred_c & true_c).sum())
-                fp[c - 1] += float((pred_c & ~true_c).sum())
-                fn[c - 1] += float((~pred_c & true_c).sum())
+            # Softmax: argmax per class; regions: sigmoid > 0.5 per region (nnU-Net's pseudo-Dice).
+            batch_tp, batch_fp, batch_fn = confusion_counts(logits, targets[0], regions)
+            tp += batch_tp
+            fp += batch_fp
+            fn += batch_fn
     finally:
         loader.close()
         net.train()
+    counts = all_reduce_sum(dist, np.concatenate([tp, fp, fn, [float(np.sum(losses)), float(len(losses))]]))
+    tp, fp, fn = counts[:k], counts[k:2 * k], counts[2 * k:3 * k]
     denominator = 2 * tp + fp + fn
     dice = [float(2 * t / d) if d > 0 else float("nan") for t, d in zip(tp, denominator)]
-    return float(np.mean(losses)), dice
+    return float(counts[-2] / counts[-1]) if counts[-1] else float("nan"), dice
 
 
 def _weights_payload(net: nn.Module, state: TrainState, cfg: TrainConfig, setup: FoldSetup) -> dict[str, Any]:

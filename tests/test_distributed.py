@@ -1,0 +1,262 @@
+"""Several processes on the CPU (gloo): DDP training, folds in parallel, the launcher's error handling.
+
+This is the CUDA/NCCL code path with another backend: the same trainer, launcher and rank logic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import phantoms
+import pytest
+import torch
+
+from autoseg.checkpoint import load_checkpoint
+from autoseg.data.sampler import num_forced
+from autoseg.errors import ConfigError
+from autoseg.experiment import plan_dataset
+from autoseg.training import distributed
+from autoseg.training import run as training
+from autoseg.training.config import TrainConfig
+from autoseg.training.distributed import ChildFailed, DistContext, Launch, rank_batch, rank_oversample, resolve_launch
+from autoseg.training.trainer import Callbacks
+
+CPU2 = Launch("ddp", ("cpu", "cpu"), "gloo")
+EXPECTED_FILES = {"checkpoint_best.pt", "checkpoint_final.pt", "checkpoint_latest.pt", "log.jsonl",
+                  "progress.png", "train_config.yaml"}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    phantoms.write_nnunet_dataset(root / "raw", n_cases=6)
+    plan_dataset(root / "raw", root / "work", planner="tiny", workers=1)
+    return root / "work"
+
+
+def _cfg(epochs: int) -> TrainConfig:
+    # Batch 4 over 2 ranks: 2 patches each.
+    return TrainConfig(epochs=epochs, iters_per_epoch=4, val_iters=2, device="cpu", workers=0, seed=3,
+                       batch_size=4, optimizer="adamw", lr=3e-3)
+
+
+def _fold(work: Path, fold: int) -> Path:
+    return work / "models" / "3d_fullres" / f"fold_{fold}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Options and batch splitting (no processes)
+
+
+def test_resolve_launch_modes() -> None:
+    assert resolve_launch("auto", None, None, False) == Launch("single", ("auto",))
+    assert resolve_launch("cpu", None, 2, False) == Launch("ddp", ("cpu", "cpu"), "gloo")
+    assert resolve_launch("cpu", None, 3, True) == Launch("folds", ("cpu",) * 3, "gloo")
+    assert resolve_launch("auto", 2, None, False, cuda_count=lambda: 4) == Launch("ddp", ("cuda:0", "cuda:1"), "nccl")
+    assert resolve_launch("auto", 1, None, False, cuda_count=lambda: 1) == Launch("single", ("cuda:0",))
+    assert resolve_launch("cuda", 2, None, True, cuda_count=lambda: 2).mode == "folds"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(device="auto", gpus=1, procs=None, folds_parallel=False, cuda_count=lambda: 0), "no CUDA device"),
+    (dict(device="auto", gpus=4, procs=None, folds_parallel=False, cuda_count=lambda: 2), "only 2 CUDA device"),
+    (dict(device="cpu", gpus=2, procs=None, folds_parallel=False, cuda_count=lambda: 2), "drop --device"),
+    (dict(device="auto", gpus=2, procs=2, folds_parallel=False), "cannot be combined"),
+    (dict(device="auto", gpus=None, procs=2, folds_parallel=False), "needs --device cpu"),
+    (dict(device="auto", gpus=None, procs=None, folds_parallel=True), "--folds-parallel needs"),
+])
+def test_resolve_launch_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_launch(**kwargs)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch", [4, 5, 8, 9])
+def test_batch_split_keeps_size_and_forced_patches(world: int, batch: int) -> None:
+    ranks = [DistContext(rank, world, rank) for rank in range(world)]
+    shares = [rank_batch(batch, ctx) for ctx in ranks]
+    assert sum(size for _, size in shares) == batch
+    assert [start for start, _ in shares] == [sum(size for _, size in shares[:r]) for r in range(world)]
+    forced = sum(num_forced(size, rank_oversample(batch, 0.33, ctx)) for ctx, (_, size) in zip(ranks, shares))
+    assert forced == num_forced(batch, 0.33)
+
+
+def test_batch_smaller_than_world_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="smaller than the 4 processes"):
+        rank_batch(2, DistContext(0, 4, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP over gloo
+
+
+def test_ddp_two_processes_identical_weights_one_set_of_files(work: Path) -> None:
+    epochs: list[int] = []
+
+    def callbacks_for(fold: int) -> Callbacks:
+        return Callbacks(on_epoch_end=lambda record: epochs.append(record["epoch"]))
+
+    [result] = training.run(work, "3d_fullres", "0", _cfg(4), launch=CPU2, callbacks_for=callbacks_for,
+                            validate=False)
+    digests = result.state.replica_digests
+    assert len(digests) == 2 and digests[0] == digests[1]
+    # Rank 0's checkpoint holds exactly the replicas' weights.
+    final = load_checkpoint(_fold(work, 0) / "checkpoint_final.pt")
+    assert distributed.state_digest(final["model"]) == digests[0]
+    assert epochs == [0, 1, 2, 3], "progress events reach the launching process once per epoch"
+    records = [json.loads(line) for line in (_fold(work, 0) / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3], "one log, written by rank 0 alone"
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert records[0]["samples_per_s"] > 0
+    assert set(os.listdir(_fold(work, 0))) == EXPECTED_FILES
+    config = (_fold(work, 0) / "train_config.yaml").read_text()
+    assert "processes: 2" in config and "batch_size: 4" in config
+
+
+def test_ddp_resume_continues_exactly(work: Path) -> None:
+    """Interrupt a DDP run after epoch 1 (Ctrl-C in the launcher), resume: same weights as fold 0's
+    uninterrupted run of the previous test (same seed, same splits shape)."""
+    reference = load_checkpoint(_fold(work, 0) / "checkpoint_final.pt")["model"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_1(fold: int) -> Callbacks:
+        def end(record: dict) -> None:
+            if record["epoch"] == 1:
+                raise Stop
+
+        return Callbacks(on_epoch_end=end)
+
+    # Fold 0 again, in a copy of the experiment without its models.
+    copy = work.parent / "resume"
+    import shutil
+
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("models"))
+    started = time.monotonic()
+    with pytest.raises(Stop):
+        training.run(copy, "3d_fullres", "0", _cfg(4), launch=CPU2, callbacks_for=stop_after_epoch_1, validate=False)
+    assert time.monotonic() - started < 300
+    fold = _fold(copy, 0)
+    assert not (fold / "checkpoint_final.pt").exists()
+    assert len((fold / "log.jsonl").read_text().splitlines()) == 2
+
+    [result] = training.run(copy, "3d_fullres", "0", _cfg(4), launch=CPU2, resume=True, validate=False)
+    assert result.state.epoch == 4
+    resumed = load_checkpoint(fold / "checkpoint_final.pt")["model"]
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+    assert [json.loads(line)["epoch"] for line in (fold / "log.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_ddp_user_error_in_every_rank_is_one_clear_error(work: Path) -> None:
+    # Fold 0 is trained already: every rank refuses to overwrite it.
+    with pytest.raises(ConfigError, match="already has checkpoints; use --resume"):
+        training.run(work, "3d_fullres", "0", _cfg(1), launch=CPU2, validate=False)
+
+
+def test_folds_parallel_trains_each_fold_once(work: Path) -> None:
+    seen: dict[int, list[int]] = {}
+    validated: list[int] = []
+
+    def callbacks_for(fold: int) -> Callbacks:
+        return Callbacks(on_epoch_end=lambda record: seen.setdefault(fold, []).append(record["epoch"]))
+
+    results = training.run(work, "3d_fullres", "1,2", _cfg(2), launch=Launch("folds", ("cpu", "cpu")),
+                           callbacks_for=callbacks_for, on_validated=lambda fold, m: validated.append(fold))
+    assert [r.fold for r in results] == [1, 2]
+    assert seen == {1: [0, 1], 2: [0, 1]}
+    assert sorted(validated) == [1, 2]
+    for fold in (1, 2):
+        assert (_fold(work, fold) / "checkpoint_final.pt").is_file()
+        metrics = json.loads((_fold(work, fold) / "metrics.json").read_text())
+        assert metrics["per_case"], "the fold's validation cases were predicted and scored"
+        assert "processes: 1" in (_fold(work, fold) / "train_config.yaml").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# The launcher: a failing rank stops the others, the user sees the real error
+
+
+def _rank1_raises(child: distributed.ChildContext, payload: object) -> None:
+    import torch.distributed as dist
+
+    if child.rank == 1:
+        raise ValueError("rank one broke: the real error")
+    dist.all_reduce(torch.ones(1))  # rank 0 would wait here forever without the launcher
+    dist.barrier()
+
+
+def _rank1_dies(child: distributed.ChildContext, payload: object) -> None:
+    import signal
+
+    import torch.distributed as dist
+
+    if child.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+
+
+def _rank0_returns(child: distributed.ChildContext, payload: int) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    value = torch.tensor([float(payload)])
+    dist.all_reduce(value)
+    return child.rank, int(value.item())
+
+
+def test_launcher_returns_every_ranks_result() -> None:
+    assert distributed.launch(_rank0_returns, [1, 2], CPU2) == [(0, 3), (1, 3)]
+
+
+def test_launcher_reports_the_failing_ranks_traceback_without_hanging() -> None:
+    started = time.monotonic()
+    with pytest.raises(ChildFailed, match="(?s)process 1 failed.*ValueError: rank one broke: the real error"):
+        distributed.launch(_rank1_raises, [None, None], CPU2)
+    assert time.monotonic() - started < 120
+
+
+def test_launcher_reports_a_killed_rank() -> None:
+    with pytest.raises(ChildFailed, match="process 1 .* killed by signal 9"):
+        distributed.launch(_rank1_dies, [None, None], CPU2)
+
+
+def test_cli_gpus_without_cuda_is_a_clear_error(cli, work: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = cli("train", str(work), "-c", "3d_fullres", "-f", "3", "--gpus", "1")
+    assert result.exit_code == 2
+    assert "--gpus 1: no CUDA device on this machine" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_torchrun_runs_the_same_code_path(work: Path, tmp_path: Path) -> None:
+    """The README's torchrun command, on one node with two CPU processes."""
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("models", "preprocessed"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "autoseg", "train", str(copy), "-c", "3d_fullres", "-f", "0", "--device", "cpu", "-j", "0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # Under torchrun, preprocessing is a step of its own (the ranks would all do it at once).
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert refused.returncode != 0
+    assert "not preprocessed; under torchrun run 'autoseg preprocess" in refused.stderr
+    from autoseg.preprocessing import run as preprocessing
+
+    preprocessing.run(copy, ["3d_fullres"], 1, None)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(command + ["--epochs", "2", "--iters-per-epoch", "2", "--val-iters", "1", "--batch-size",
+                                     "4", "--no-validate"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("✓ fold 0") == 1, "rank 0 alone reports"
+    fold = _fold(copy, 0)
+    assert set(os.listdir(fold)) == EXPECTED_FILES
+    assert "processes: 2" in (fold / "train_config.yaml").read_text()

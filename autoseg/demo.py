@@ -265,7 +265,11 @@ def _read_record(paths: DemoPaths) -> dict[str, Any] | None:
         data = json.loads(paths.record.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    # Only a record the demo wrote marks OUT as a demo folder (--force deletes in it).
+    if not isinstance(data, dict) or data.get("schema_version") != RECORD_SCHEMA_VERSION \
+            or not isinstance(data.get("settings"), dict):
+        return None
+    return data
 
 
 def prepare(out: Path, settings: DemoSettings, force: bool = False) -> DemoPaths:
@@ -287,8 +291,10 @@ def prepare(out: Path, settings: DemoSettings, force: bool = False) -> DemoPaths
         if force:
             _remove_owned(paths)
         elif record.get("settings") != asdict(settings):
-            old = DemoSettings(**record["settings"]) if isinstance(record.get("settings"), dict) else None
-            was = f" with {old.describe()}" if old else ""
+            try:
+                was = f" with {DemoSettings(**record['settings']).describe()}"
+            except (TypeError, ConfigError):
+                was = ""
             raise ConfigError(f"--out {root}: an earlier demo ran there{was}; rerun with the same options to "
                               "reuse its finished stages, add --force to delete its outputs and start over, "
                               "or choose another --out")

@@ -1109,6 +1109,22 @@ def case_outputs(case: InputCase, output: Path, formats: Sequence[str] = ("auto"
     )
 
 
+def _check_output_outside_dicom_inputs(inputs: Sequence[Path], cases: Sequence[InputCase], output: Path) -> None:
+    """A folder of DICOM series is searched below its top level: outputs written inside it would be
+    read as inputs by the next run.
+
+    Raises:
+        ConfigError: ``-o`` is an ``-i`` folder holding DICOM series, or lies inside one.
+    """
+    if not any(is_dicom_case(case) for case in cases):
+        return
+    resolved = Path(output).resolve()
+    for folder in (Path(p) for p in inputs):
+        if folder.is_dir() and (resolved == folder.resolve() or folder.resolve() in resolved.parents):
+            raise ConfigError(f"-o {output}: inside the input folder {folder}, which holds DICOM series; choose an "
+                              "output folder outside it")
+
+
 def _check_outputs(cases: Sequence[InputCase], outputs: dict[str, CaseOutputs], output: Path,
                    formats: Sequence[str]) -> None:
     """Raise before any work when an output would overwrite an input or another output.
@@ -1244,6 +1260,7 @@ def run(
     outputs = {case.case_id: case_outputs(case, output, formats, save_probabilities=save_probabilities,
                                           save_uncertainty=save_uncertainty) for case in cases}
     _check_outputs(cases, outputs, output, formats)
+    _check_output_outside_dicom_inputs(inputs, cases, output)
 
     todo, skipped = [], []
     for case in cases:

@@ -209,6 +209,10 @@ def write_dicom_seg(
             instance_number=1, manufacturer="autoseg", manufacturer_model_name="autoseg", software_versions=version,
             device_serial_number="none", series_description="autoseg segmentation", omit_empty_frames=True,
         )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        # highdicom checks the source headers (plane position/orientation, spacing, frame of reference).
+        raise DatasetError(f"{series_folder}: its DICOM headers do not allow a DICOM SEG ({exc}); "
+                           "use --output-format nifti for this series") from None
     finally:
         quiet.setLevel(level)
     with atomic_path(Path(path)) as tmp:

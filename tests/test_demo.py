@@ -156,3 +156,15 @@ def test_default_demo_reaches_dice_075_on_unseen_cases(cli, tmp_path: Path) -> N
     record = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert len(record["test_cases"]) == 6
     assert record["mean_foreground_dice"] >= 0.75, result.output
+
+
+def test_force_never_deletes_in_a_folder_whose_demo_json_the_demo_did_not_write(tmp_path: Path) -> None:
+    from autoseg.demo import DemoSettings, prepare
+
+    out = tmp_path / "mine"
+    (out / "work").mkdir(parents=True)
+    (out / "work" / "precious.txt").write_text("keep")
+    (out / "demo.json").write_text('{"something": "else"}')
+    with pytest.raises(ConfigError, match="holds no demo.json from an earlier demo"):
+        prepare(out, DemoSettings(), force=True)
+    assert (out / "work" / "precious.txt").read_text() == "keep"

@@ -260,3 +260,76 @@ def test_torchrun_runs_the_same_code_path(work: Path, tmp_path: Path) -> None:
     fold = _fold(copy, 0)
     assert set(os.listdir(fold)) == EXPECTED_FILES
     assert "processes: 2" in (fold / "train_config.yaml").read_text()
+
+
+def _dice_share(child: distributed.ChildContext, payload: tuple) -> tuple[float, list[float]]:
+    """One rank's half of a batch through the synced Dice + CE: the loss, and the gradient on its
+    logits divided by the world size (DDP averages the parameters' gradients over the ranks)."""
+    from autoseg.training.losses import DiceCELoss
+
+    logits, target = payload
+    logits = logits.clone().requires_grad_(True)
+    loss = DiceCELoss(batch_dice=True, sync=True)(logits, target)
+    loss.backward()
+    return float(loss), (logits.grad / child.world_size).flatten().tolist()
+
+
+def test_ddp_batch_dice_equals_the_global_batch() -> None:
+    from autoseg.training.losses import DiceCELoss
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 6, 5, 4, generator=generator)
+    target = torch.randint(0, 3, (4, 1, 6, 5, 4), generator=generator)
+    full = logits.clone().requires_grad_(True)
+    reference = DiceCELoss(batch_dice=True)(full, target)
+    reference.backward()
+    halves = [(logits[:2], target[:2]), (logits[2:], target[2:])]
+    (loss0, grad0), (loss1, grad1) = distributed.launch(_dice_share, halves, CPU2)
+    # The Dice part is the global batch's on both ranks; the CE part is each half's own mean.
+    ce = [torch.nn.functional.cross_entropy(lg, tg[:, 0]).item() for lg, tg in halves]
+    dice = reference.item() - torch.nn.functional.cross_entropy(logits, target[:, 0]).item()
+    assert loss0 - ce[0] == pytest.approx(dice, abs=1e-5)
+    assert loss1 - ce[1] == pytest.approx(dice, abs=1e-5)
+    # What reaches the parameters from each half, after DDP's averaging, is the one-process
+    # gradient of the whole batch's loss with respect to that half.
+    for got, expected in zip((grad0, grad1), (full.grad[:2].flatten(), full.grad[2:].flatten())):
+        assert torch.allclose(torch.tensor(got), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_children_stop_when_the_launcher_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the launching process (a scheduler, a closed terminal) leaves no orphans running."""
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "sleeper.py").write_text(
+        "import os, time\n"
+        "def sleep(child, folder):\n"
+        "    open(os.path.join(folder, f'pid{child.rank}'), 'w').write(str(os.getpid()))\n"
+        "    time.sleep(600)\n")
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import sleeper\n"
+              "from autoseg.training import distributed\n"
+              "distributed.launch(sleeper.sleep, [sys.argv[1]] * 2, distributed.Launch('folds', ('cpu', 'cpu')),"
+              " join_group=False)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all((tmp_path / f"pid{r}").is_file() for r in (0, 1)):
+            time.sleep(0.1)
+        pids = [int((tmp_path / f"pid{r}").read_text()) for r in (0, 1)]
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie waiting for init to reap it is gone too
+            return stat.read().split(")")[-1].split()[0] != "Z"
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids)

@@ -320,3 +320,12 @@ def test_real_ct_series_to_nifti_and_seg(coarse_work: Path, total_ct: Path, tmp_
             for f in dicom_series_files(fixed)]
     _check_seg(tmp_path / "seg" / "example_ct_dicom.dcm", tmp_path / "seg" / "example_ct_dicom.nii.gz", uids,
                ["shell", "core"])
+
+
+def test_output_inside_a_dicom_input_root_is_refused(work: Path, tmp_path: Path, cli) -> None:
+    """A root of several series is searched below its top level: outputs inside it would become inputs."""
+    root = tmp_path / "dicom_root"
+    write_series(root / "s1", _volume((3, 8, 7)))
+    write_series(root / "s2", _volume((3, 8, 7), seed=5))
+    out = root / "predictions"
+    _assert_clean_failure(cli("predict", work, "-i", root, "-o", out), out, "which holds DICOM series", 2)

@@ -18,13 +18,14 @@ message, anything else with the failing rank's real traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue as queue_module
 import socket
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -130,10 +131,23 @@ def _cuda_count() -> int:
 def from_torchrun_env(environ: dict[str, str] | None = None) -> DistContext | None:
     """The rank of this process when started by ``torchrun`` (``WORLD_SIZE`` > 1), else ``None``."""
     env = os.environ if environ is None else environ
-    if int(env.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    return DistContext(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
-                       local_rank=int(env.get("LOCAL_RANK", env["RANK"])))
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return None
+        return DistContext(rank=int(env["RANK"]), world_size=world, local_rank=int(env.get("LOCAL_RANK", env["RANK"])))
+    except (KeyError, ValueError):
+        raise ConfigError("WORLD_SIZE is set but RANK is missing or not a number: start autoseg with torchrun "
+                          "(which sets RANK, WORLD_SIZE, LOCAL_RANK), or unset WORLD_SIZE") from None
+
+
+def local_processes(ctx: DistContext) -> int:
+    """Training processes on this machine: torchrun's ``LOCAL_WORLD_SIZE``, autoseg's launcher's
+    count (``AUTOSEG_LOCAL_PROCESSES``, set in its children), else the group's size."""
+    for name in ("LOCAL_WORLD_SIZE", "AUTOSEG_LOCAL_PROCESSES"):
+        if os.environ.get(name, "").isdigit():
+            return max(1, int(os.environ[name]))
+    return ctx.world_size
 
 
 def init_process_group(ctx: DistContext, backend: str, init_method: str | None = None) -> None:
@@ -284,6 +298,8 @@ class ChildContext:
     device: str
     init_method: str | None
     backend: str
+    #: Processes started by this launch on this machine (share the cores and loader workers).
+    processes: int = 1
     _events: Any = None
 
     def post(self, event: Event) -> None:
@@ -324,26 +340,20 @@ def launch(target: Callable[[ChildContext, Any], Any], payloads: Sequence[Any], 
     context = mp.get_context("spawn")
     channel = context.Queue()
     init_method = f"tcp://127.0.0.1:{free_port()}" if join_group else None
-    processes = []
-    for rank, (device, payload) in enumerate(zip(launch_.devices, payloads, strict=True)):
-        child = ChildContext(rank, launch_.processes if join_group else 1, device, init_method, launch_.backend)
-        process = context.Process(target=_child_main, args=(target, child, payload, channel, launch_.processes),
-                                  name=f"autoseg-rank{rank}", daemon=False)
-        process.start()
-        processes.append(process)
+    processes: list[Any] = []
     results: dict[int, Any] = {}
     failures: list[tuple[float, int, str, str, str]] = []
     died: dict[int, int] = {}  # rank -> exit code, for ranks that ended badly before we stopped any
     try:
-        while True:
-            _drain(channel, on_event, results, failures, poll_s)
-            codes = [p.exitcode for p in processes]
-            died = {rank: code for rank, code in enumerate(codes) if code not in (None, 0)}
-            if failures or died:
-                break
-            if all(code == 0 for code in codes):
-                _drain(channel, on_event, results, failures, 0.0)
-                break
+        with _sigterm_as_exit():
+            for rank, (device, payload) in enumerate(zip(launch_.devices, payloads, strict=True)):
+                child = ChildContext(rank, launch_.processes if join_group else 1, device, init_method,
+                                     launch_.backend, launch_.processes)
+                process = context.Process(target=_child_main, args=(target, child, payload, channel),
+                                          name=f"autoseg-rank{rank}", daemon=False)
+                process.start()
+                processes.append(process)
+            _watch(processes, channel, on_event, results, failures, died, poll_s)
     finally:
         alive = [p for p in processes if p.is_alive()]
         if failures or any(p.exitcode not in (None, 0) for p in processes) or alive:
@@ -367,15 +377,72 @@ def launch(target: Callable[[ChildContext, Any], Any], payloads: Sequence[Any], 
         # Killed without a word (out of memory, a signal): the root cause; its peers' errors follow from it.
         rank, code = min(silent.items())
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        raise ChildFailed(f"training process {rank} ({launch_.devices[rank]}) {how} without reporting an "
+        raise ChildFailed(f"process {rank} ({launch_.devices[rank]}) {how} without reporting an "
                           "error (out of memory?); the other processes were stopped")
     if failures:
         raise _error_from(failures)
     for rank, process in enumerate(processes):
         if process.exitcode != 0:
-            raise ChildFailed(f"training process {rank} ({launch_.devices[rank]}) ended with exit code "
+            raise ChildFailed(f"process {rank} ({launch_.devices[rank]}) ended with exit code "
                               f"{process.exitcode}; the other processes were stopped")
     return [results.get(rank) for rank in range(len(processes))]
+
+
+def _watch(processes: list[Any], channel: Any, on_event: Callable[[Event], None] | None, results: dict[int, Any],
+           failures: list, died: dict[int, int], poll_s: float) -> None:
+    """Relay events until every process has finished, or one has failed (``failures``/``died`` filled)."""
+    while True:
+        _drain(channel, on_event, results, failures, poll_s)
+        codes = [p.exitcode for p in processes]
+        died.update({rank: code for rank, code in enumerate(codes) if code not in (None, 0)})
+        if failures or died:
+            return
+        if all(code == 0 for code in codes):
+            _drain(channel, on_event, results, failures, 0.0)
+            return
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM to the launcher (a scheduler stopping the job) unwinds it, so its children are stopped too."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when the launcher dies, even by SIGKILL (no orphans)."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity and cgroup-pinned sets respected where known)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _drain(channel: Any, on_event: Callable[[Event], None] | None, results: dict[int, Any],
@@ -409,30 +476,32 @@ def _error_from(failures: list[tuple[float, int, str, str, str]]) -> AutosegErro
         error = cls.__new__(cls)
         Exception.__init__(error, message)
         return error
-    return ChildFailed(f"training process {rank} failed (the other processes were stopped):\n{text}")
+    return ChildFailed(f"process {rank} failed (the other processes were stopped):\n{text}")
 
 
-def _child_main(target: Callable[[ChildContext, Any], Any], child: ChildContext, payload: Any, channel: Any,
-                processes: int) -> None:
+def _child_main(target: Callable[[ChildContext, Any], Any], child: ChildContext, payload: Any, channel: Any) -> None:
     import torch
 
+    _die_with_parent()
+    os.environ["AUTOSEG_LOCAL_PROCESSES"] = str(child.processes)
     child._events = channel
     if child.device == "cpu":
         # Share the cores: N processes each with every core's worth of threads would thrash.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+        torch.set_num_threads(max(1, available_cpus() // child.processes))
     try:
         if child.init_method is not None and child.world_size > 1:
             init_process_group(child.dist, child.backend, child.init_method)
         result = target(child, payload)
-        channel.put(("result", child.rank, result))
     except BaseException as exc:  # noqa: BLE001 — every failure must reach the parent
         kind = type(exc).__name__ if isinstance(exc, AutosegError) else "ChildFailed"
         channel.put(("error", (time.time(), child.rank, kind, str(exc), traceback.format_exc())))
         channel.close()
         channel.join_thread()
+        # No destroy_process_group here: with NCCL it can wait forever for peers stuck in a
+        # collective; the launcher stops them.
         raise SystemExit(1) from None
-    finally:
-        destroy_process_group()
+    destroy_process_group()
+    channel.put(("result", child.rank, result))
     channel.close()
     channel.join_thread()
 

@@ -15,13 +15,15 @@ DICE_SMOOTH = 1e-5
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = True,
-                   smooth: float = DICE_SMOOTH) -> torch.Tensor:
+                   smooth: float = DICE_SMOOTH, sync: bool = False) -> torch.Tensor:
     """Negative mean soft Dice over the foreground classes.
 
     Args:
         logits: (B, K, *spatial) network output.
         target: (B, 1, *spatial) or (B, *spatial) integer labels in 0..K-1.
         batch_dice: pool the statistics over the batch (nnU-Net's default for its configurations).
+        sync: under DDP, pool the batch statistics over every rank's share of the global batch
+            (differentiably), so the loss is the global batch's Dice, as on one device.
     """
     if target.ndim == logits.ndim:
         target = target[:, 0]
@@ -31,16 +33,23 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool 
     # scatter only foreground: class c (1..K-1) goes to channel c-1
     index = (target.long() - 1).clamp(min=0).unsqueeze(1)
     onehot.scatter_(1, index, foreground.unsqueeze(1).to(onehot.dtype))
-    return _negative_soft_dice(probs, onehot, batch_dice, smooth)
+    return _negative_soft_dice(probs, onehot, batch_dice, smooth, sync)
 
 
-def _negative_soft_dice(probs: torch.Tensor, onehot: torch.Tensor, batch_dice: bool, smooth: float) -> torch.Tensor:
+def _negative_soft_dice(probs: torch.Tensor, onehot: torch.Tensor, batch_dice: bool, smooth: float,
+                        sync: bool = False) -> torch.Tensor:
     """``-mean(dice)`` over the channels of ``(B, K, *spatial)`` probabilities and binary targets."""
     axes = tuple(range(2, probs.ndim))
     if batch_dice:
         axes = (0, *axes)
     intersect = (probs * onehot).sum(axes)
     denominator = probs.sum(axes) + onehot.sum(axes)
+    if sync and batch_dice and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Summed over the ranks with autograd: each rank's backward sees the global Dice's gradient
+        # times the world size, which DDP's gradient averaging divides back out.
+        from torch.distributed.nn.functional import all_reduce
+
+        intersect, denominator = all_reduce(intersect), all_reduce(denominator)
     dice = (2 * intersect + smooth) / (denominator + smooth).clamp(min=1e-8)
     return -dice.mean()
 
@@ -58,31 +67,38 @@ def region_targets(target: torch.Tensor, regions: Sequence[Sequence[int]]) -> to
 
 
 def soft_dice_regions_loss(logits: torch.Tensor, masks: torch.Tensor, batch_dice: bool = True,
-                           smooth: float = DICE_SMOOTH) -> torch.Tensor:
+                           smooth: float = DICE_SMOOTH, sync: bool = False) -> torch.Tensor:
     """Negative mean soft Dice of sigmoid outputs against region masks, every channel included."""
-    return _negative_soft_dice(torch.sigmoid(logits.float()), masks, batch_dice, smooth)
+    return _negative_soft_dice(torch.sigmoid(logits.float()), masks, batch_dice, smooth, sync)
 
 
 class DiceBCELoss(nn.Module):
     """Binary cross-entropy (with logits) + soft Dice on sigmoids, weight 1 each (nnU-Net's
     DC_and_BCE_loss); targets are integer label maps, converted to the region masks here."""
 
-    def __init__(self, regions: Sequence[Sequence[int]], batch_dice: bool = True) -> None:
+    def __init__(self, regions: Sequence[Sequence[int]], batch_dice: bool = True, sync: bool = False) -> None:
         super().__init__()
         self.regions = tuple(tuple(int(v) for v in values) for values in regions)
         self.batch_dice = batch_dice
+        self.sync = sync
         self.bce = nn.BCEWithLogitsLoss()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         labels = target if target.ndim == logits.ndim else target.unsqueeze(1)
         masks = region_targets(labels, self.regions)
-        return self.bce(logits.float(), masks) + soft_dice_regions_loss(logits, masks, self.batch_dice)
+        return self.bce(logits.float(), masks) + soft_dice_regions_loss(logits, masks, self.batch_dice,
+                                                                        sync=self.sync)
 
 
-def make_loss(labels: Mapping[str, Sequence[int]], batch_dice: bool = True) -> nn.Module:
-    """Dice + BCE over the region outputs for region-based labels, else Dice + CE over the classes."""
+def make_loss(labels: Mapping[str, Sequence[int]], batch_dice: bool = True, sync: bool = False) -> nn.Module:
+    """Dice + BCE over the region outputs for region-based labels, else Dice + CE over the classes.
+
+    ``sync``: under DDP, the batch Dice pools every rank's share (see :func:`soft_dice_loss`).
+    """
     regions = regions_of(labels)
-    return DiceBCELoss(regions, batch_dice) if regions is not None else DiceCELoss(batch_dice=batch_dice)
+    if regions is not None:
+        return DiceBCELoss(regions, batch_dice, sync)
+    return DiceCELoss(batch_dice=batch_dice, sync=sync)
 
 
 @torch.no_grad()
@@ -114,14 +130,15 @@ def confusion_counts(logits: torch.Tensor, target: torch.Tensor,
 class DiceCELoss(nn.Module):
     """Cross-entropy + soft Dice, each with weight 1 (nnU-Net's DC_and_CE_loss)."""
 
-    def __init__(self, batch_dice: bool = True) -> None:
+    def __init__(self, batch_dice: bool = True, sync: bool = False) -> None:
         super().__init__()
         self.batch_dice = batch_dice
+        self.sync = sync
         self.ce = nn.CrossEntropyLoss()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         labels = target[:, 0] if target.ndim == logits.ndim else target
-        return self.ce(logits, labels.long()) + soft_dice_loss(logits, labels, self.batch_dice)
+        return self.ce(logits, labels.long()) + soft_dice_loss(logits, labels, self.batch_dice, sync=self.sync)
 
 
 def deep_supervision_weights(n_outputs: int) -> list[float]:

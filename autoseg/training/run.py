@@ -112,6 +112,8 @@ def run(
     from autoseg.training import distributed
 
     torchrun = distributed.from_torchrun_env()
+    if torchrun is not None and validate_only and not torchrun.is_main:
+        return []  # under torchrun, rank 0 alone redoes the validation
     if torchrun is not None and not validate_only:
         return _run_torchrun(work, plans, configuration, parse_folds(folds, len(splits)), splits, cfg, torchrun,
                              resume=resume, callbacks_for=callbacks_for, validate=validate, on_validated=on_validated)
@@ -268,14 +270,14 @@ def _run_torchrun(work: Path, plans: plans_io.Plans, configuration: str, folds: 
         cfg = distributed.replace_device(cfg, f"cuda:{ctx.local_rank}")
     distributed.init_process_group(ctx, "nccl" if use_cuda else "gloo")
     results = []
-    try:
-        for fold in folds:
-            setup = fold_setup(work, plans, configuration, fold, splits)
-            callbacks = callbacks_for(fold) if (callbacks_for and ctx.is_main) else None
-            state = train_fold(setup, cfg, resume=resume, callbacks=callbacks, dist=ctx)
-            results.append(FoldResult(fold, state, setup.paths.root))
-    finally:
-        distributed.destroy_process_group()
+    for fold in folds:
+        setup = fold_setup(work, plans, configuration, fold, splits)
+        callbacks = callbacks_for(fold) if (callbacks_for and ctx.is_main) else None
+        state = train_fold(setup, cfg, resume=resume, callbacks=callbacks, dist=ctx)
+        results.append(FoldResult(fold, state, setup.paths.root))
+    # Only after success: on an error, destroying an NCCL group can wait forever for peers stuck in
+    # a collective; the exception ends this process and torchrun stops the others.
+    distributed.destroy_process_group()
     if validate and ctx.is_main:
         from autoseg.validation import validate_fold
 

@@ -40,6 +40,7 @@ from autoseg.training.distributed import (
     all_gather_strings,
     all_reduce_sum,
     broadcast_float,
+    local_processes,
     rank_batch,
     rank_oversample,
     weights_digest,
@@ -111,11 +112,12 @@ class Callbacks:
 # Set-up
 
 
-def default_workers(device: torch.device) -> int:
-    """Background augmentation processes: none on small CPUs, where they steal the step's cores."""
+def default_workers(device: torch.device, processes: int = 1) -> int:
+    """Background augmentation processes of one training process: none on small CPUs, where they
+    steal the step's cores; with several training processes on a machine, its cores are shared out."""
     import os
 
-    cpus = os.cpu_count() or 1
+    cpus = (os.cpu_count() or 1) // max(processes, 1)
     if device.type == "cpu":
         return 0 if cpus <= 4 else max(1, cpus // 4)
     return max(1, min(12, cpus - 2))
@@ -254,7 +256,7 @@ def train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool = False,
     callbacks = (callbacks or Callbacks()) if dist.is_main else Callbacks()
     config = setup.plans.configuration(setup.configuration)
     device = resolve_device(cfg.device)
-    workers = default_workers(device) if cfg.workers is None else cfg.workers
+    workers = default_workers(device, local_processes(dist)) if cfg.workers is None else cfg.workers
     global_batch = cfg.batch_size or config.batch_size
     batch_size = rank_batch(global_batch, dist)[1]
     oversample = rank_oversample(global_batch, cfg.oversample, dist)
@@ -270,7 +272,7 @@ def train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool = False,
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
     n_outputs = config.topology.num_stages - 1
     # Dice + CE over softmax classes, or Dice + BCE over sigmoid region outputs (autoseg.regions).
-    loss_fn = DeepSupervisionLoss(make_loss(setup.plans.labels, batch_dice=True), n_outputs)
+    loss_fn = DeepSupervisionLoss(make_loss(setup.plans.labels, batch_dice=True, sync=dist.enabled), n_outputs)
     state = TrainState(iters_per_epoch=cfg.iters_per_epoch if cfg.time_budget_s is None else cfg.iters_per_epoch,
                        val_iters=cfg.val_iters)
 
@@ -457,7 +459,8 @@ def _validate(model: nn.Module, net: nn.Module, loss_fn: nn.Module, setup: FoldS
               autocast_dtype: torch.dtype | None, iters: int) -> tuple[float, list[float]]:
     """Loss and pseudo-Dice per foreground class (or region) on validation patches (nnU-Net's online metric).
 
-    Under DDP the ``iters`` batches are shared out over the ranks and the counts summed.
+    Under DDP every rank scores ``iters`` batches of its share of the global batch, and the counts
+    are summed: the same number of patches as one process scoring ``iters`` global batches.
     """
     dist = sampling.dist
     regions = regions_of(setup.plans.labels)
@@ -473,7 +476,7 @@ def _validate(model: nn.Module, net: nn.Module, loss_fn: nn.Module, setup: FoldS
     loader = BatchLoader(setup.val_cases, config, augment=False, workers=0, oversample=sampling.oversample,
                          batch_size=sampling.batch_size, seed=epoch_seed(cfg.seed, setup.fold, 0, 1, dist.rank))
     try:
-        for _ in range(len(range(dist.rank, iters, dist.world_size))):
+        for _ in range(iters):
             batch = next(loader)
             image = batch.image.to(device).contiguous(memory_format=memory_format)
             targets = [t.to(device) for t in batch.target]

@@ -121,23 +121,32 @@ def _geometry_from_sitk(spacing: tuple[float, ...], origin: tuple[float, ...],
     return Geometry(zyx, tuple(float(v) for v in origin), tuple(float(v) for v in direction), dim)
 
 
+def _header(path: Path) -> "SimpleITK.ImageFileReader":
+    """A reader that has read ``path``'s header (no pixels).
+
+    Raises:
+        DatasetError: SimpleITK cannot read the header.
+    """
+    reader = _sitk().ImageFileReader()
+    reader.SetFileName(os.fspath(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _cannot_read(path, exc) from None
+    return reader
+
+
 def read_info(path: Path) -> ImageInfo:
     """Read an image header only.
 
     Raises:
         DatasetError: the file is missing, empty, unreadable, or has an unsupported dimension.
     """
-    sitk = _sitk()
     path = Path(path)
     _check_file(path)
     if path.is_dir():
         return _dicom_series_info(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(os.fspath(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise _cannot_read(path, exc) from None
+    reader = _header(path)
     size, dim = reader.GetSize(), reader.GetDimension()
     if dim not in (2, 3, 4):
         raise DatasetError(f"{path}: {dim}D image; autoseg reads 2D, 3D and 4D (channels last) images")
@@ -150,7 +159,7 @@ def read_info(path: Path) -> ImageInfo:
     else:
         shape, channels = (1, int(size[1]), int(size[0])), components
     geometry = _geometry_from_sitk(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), dim)
-    pixel_type = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    pixel_type = _sitk().GetPixelIDValueAsString(reader.GetPixelID())
     return ImageInfo(shape, channels, geometry, pixel_type)
 
 
@@ -366,25 +375,15 @@ def _dicom_series_info(folder: Path) -> ImageInfo:
     slice count minus one, which is how ITK's series reader sets it (equal to its value on the
     real CT and MR series in ``../shared/data``).
     """
-    sitk = _sitk()
     files = dicom_series_files(folder)
-    readers = []
-    for file in (files[0], files[-1]):
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(os.fspath(file))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as exc:
-            raise _cannot_read(file, exc) from None
-        readers.append(reader)
-    first, last = readers
+    first, last = _header(files[0]), _header(files[-1])
     size = first.GetSize()
     spacing = list(first.GetSpacing())[:2]
     gap = float(np.linalg.norm(np.subtract(last.GetOrigin(), first.GetOrigin())))
     spacing.append(gap / (len(files) - 1) if len(files) > 1 else float(first.GetSpacing()[2]))
     geometry = _geometry_from_sitk(tuple(spacing), first.GetOrigin(), first.GetDirection(), 3)
     shape = (len(files), int(size[1]), int(size[0]))
-    pixel_type = sitk.GetPixelIDValueAsString(first.GetPixelID())
+    pixel_type = _sitk().GetPixelIDValueAsString(first.GetPixelID())
     return ImageInfo(shape, first.GetNumberOfComponents(), geometry, pixel_type)
 
 

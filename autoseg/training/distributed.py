@@ -488,6 +488,9 @@ def _child_main(target: Callable[[ChildContext, Any], Any], child: ChildContext,
     if child.device == "cpu":
         # Share the cores: N processes each with every core's worth of threads would thrash.
         torch.set_num_threads(max(1, available_cpus() // child.processes))
+    elif child.device.startswith("cuda:"):
+        # Else every process would also open a context (hundreds of MB) on GPU 0.
+        torch.cuda.set_device(torch.device(child.device))
     try:
         if child.init_method is not None and child.world_size > 1:
             init_process_group(child.dist, child.backend, child.init_method)

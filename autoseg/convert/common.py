@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.atomic import TMP_PREFIX, write_text
-from autoseg.errors import ConfigError
+from autoseg.errors import AutosegError, ConfigError
 
 #: ``progress(done, total)``, called after every case (the signature :mod:`autoseg.scan` uses).
 ProgressFn = Callable[[int, int], None]
@@ -172,6 +172,42 @@ def case_done(out: Path, case_id: str, ending: str, num_channels: int) -> bool:
     label = Path(out) / "labelsTr" / f"{case_id}{ending}"
     images = [Path(out) / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(num_channels)]
     return label.is_file() and all(p.is_file() for p in images)
+
+
+def convert_each(case_ids: Sequence[str], convert: Callable[[str], list[str]], out: Path, ending: str, *,
+                 skip_invalid: bool, left_out: Callable[[str], str],
+                 progress: Callable[[int, int], None] | None = None) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Convert every case not finished by an earlier run; returns (written, skipped, failed, warnings).
+
+    Args:
+        case_ids: the cases, in order.
+        convert: writes one case (atomically) and returns its warnings.
+        skip_invalid: a case whose conversion raises a user error is left out with a warning
+            (``left_out(case_id)`` says so) instead of stopping the run.
+        progress: ``progress(done, total)`` after each case.
+
+    Raises:
+        AutosegError: a case's error, unless ``skip_invalid``.
+    """
+    written: list[str] = []
+    skipped: list[str] = []
+    failed: list[str] = []
+    warnings: list[str] = []
+    for done, case_id in enumerate(case_ids, start=1):
+        if case_done(out, case_id, ending, 1):
+            skipped.append(case_id)
+        else:
+            try:
+                warnings.extend(convert(case_id))
+                written.append(case_id)
+            except AutosegError as exc:
+                if not skip_invalid:
+                    raise
+                failed.append(case_id)
+                warnings.append(f"{exc} ({left_out(case_id)})")
+        if progress is not None:
+            progress(done, len(case_ids))
+    return written, skipped, failed, warnings
 
 
 def count_cases(out: Path, ending: str) -> int:

@@ -50,7 +50,7 @@ from autoseg.convert.common import (
     ConvertSummary,
     ProgressFn,
     bitmask_labels,
-    case_done,
+    convert_each,
     encode_bitmask,
     prepare_output,
     region_extra,
@@ -58,7 +58,7 @@ from autoseg.convert.common import (
     short_list,
     write_dataset_json,
 )
-from autoseg.errors import AutosegError, ConfigError, DatasetError
+from autoseg.errors import ConfigError, DatasetError
 from autoseg.imageio import Geometry, read_dicom_files, write_image
 
 if TYPE_CHECKING:
@@ -812,21 +812,12 @@ def run(src: Path, out: Path, roi_map: Mapping[str, Sequence[str]] | None = None
 
     out.mkdir(parents=True, exist_ok=True)
     write_meta()
-    written, skipped, failed, warnings = [], [], [], []
-    for done, (patient, folder) in enumerate(patients, start=1):
-        if case_done(out, patient, ENDING, 1):
-            skipped.append(patient)
-        else:
-            try:
-                warnings.extend(convert_patient(folder, patient, out, roi_map, overlap, allow_frame_mismatch))
-                written.append(patient)
-            except AutosegError as exc:
-                if not skip_invalid:
-                    raise
-                failed.append(patient)
-                warnings.append(f"{exc} (patient skipped: --skip-invalid)")
-        if progress is not None:
-            progress(done, len(patients))
+    folders = dict(patients)
+    written, skipped, failed, warnings = convert_each(
+        [patient for patient, _ in patients],
+        lambda patient: convert_patient(folders[patient], patient, out, roi_map, overlap, allow_frame_mismatch),
+        out, ENDING, skip_invalid=skip_invalid, left_out=lambda patient: "patient skipped: --skip-invalid",
+        progress=progress)
     write_meta()
     if not written and not skipped:
         first = warnings[-1] if failed else ""

@@ -50,13 +50,13 @@ from autoseg.convert.common import (
     ConvertSummary,
     ProgressFn,
     bitmask_labels,
-    case_done,
+    convert_each,
     prepare_output,
     region_extra,
     short_list,
     write_dataset_json,
 )
-from autoseg.errors import AutosegError, ConfigError, DatasetError
+from autoseg.errors import ConfigError, DatasetError
 from autoseg.imageio import Geometry, read_image, write_image
 
 #: The competition's classes, in bit order (class i -> value 2**i).
@@ -387,22 +387,12 @@ def run(src: Path, out: Path, slice_spacing: float = DEFAULT_SLICE_SPACING, *, s
 
     out.mkdir(parents=True, exist_ok=True)
     write_meta()
-    written, skipped, failed = [], [], []
-    for done, case_day in enumerate(todo, start=1):
-        if case_done(out, case_day, ENDING, 1):
-            skipped.append(case_day)
-        else:
-            try:
-                warnings.extend(convert_case_day(case_day, scans[case_day], rows[case_day], out, csv_path,
-                                                 slice_spacing))
-                written.append(case_day)
-            except AutosegError as exc:
-                if not skip_invalid:
-                    raise
-                failed.append(case_day)
-                warnings.append(f"{exc} (case-day {case_day} left out: --skip-invalid)")
-        if progress is not None:
-            progress(done, len(todo))
+    written, skipped, failed, converted = convert_each(
+        todo, lambda case_day: convert_case_day(case_day, scans[case_day], rows[case_day], out, csv_path,
+                                                slice_spacing),
+        out, ENDING, skip_invalid=skip_invalid, left_out=lambda case_day: f"case-day {case_day} left out: --skip-invalid",
+        progress=progress)
+    warnings.extend(converted)
     write_meta()
     if not written and not skipped:
         raise DatasetError(f"{src}: no case-day could be converted; {len(failed)} failed, the last: {warnings[-1]}")

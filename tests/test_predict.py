@@ -249,6 +249,26 @@ def test_cpu_inference_network_gives_the_training_network_output(work3d: Path) -
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("channels", [8, 64])
+@pytest.mark.parametrize(("offset", "spread"), [(0.0, 1.0), (5.0, 3.0), (1e4, 1e-2), (-300.0, 1.0)])
+def test_inference_norm_matches_the_training_norm(channels: int, offset: float, spread: float) -> None:
+    """One read for the statistics in the common case; centred first where E[x²] - mean² would
+    cancel (large offsets): either way the training norm's output to float32 rounding."""
+    from autoseg.networks.norm import InstanceNorm3d
+    from autoseg.predict_cpu import InferenceInstanceNorm
+
+    torch.manual_seed(1)
+    norm = InstanceNorm3d(channels, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(2, channels, 6, 9, 7) * spread + offset).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        expected = norm(x.clone())
+        got = InferenceInstanceNorm(norm)(x.clone())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Model selection and inputs
 

@@ -50,3 +50,21 @@ def write_text(final: Path, text: str) -> None:
 def write_json(final: Path, data: Any) -> None:
     """Atomically write ``data`` as indented, key-sorted JSON (deterministic bytes)."""
     write_text(final, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def remove_stale_temp(folder: Path) -> int:
+    """Delete leftover temporary files (``.tmp-*``) of an interrupted run in ``folder``; returns how many.
+
+    Call it only where no other process is writing into ``folder`` at the same time.
+    """
+    import os
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for entry in os.scandir(folder):
+        if entry.name.startswith(TMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -200,3 +200,15 @@ def test_train_cli_end_to_end(tmp_path: Path) -> None:
     assert budget.exit_code == 0, budget.output
     bad = runner.invoke(app, ["train", str(work), "-c", "3d_fulres"])
     assert bad.exit_code != 0 and "did you mean '3d_fullres'" in bad.output
+
+
+def test_leftover_temporary_files_of_a_killed_run_are_removed(tmp_path: Path) -> None:
+    """kill -9 while a checkpoint or the plot was being written leaves ``.tmp-*``; the next run of
+    the fold (fresh or --resume) removes them (they never carry a final name, so nothing trusts them)."""
+    setup = _setup(tmp_path)
+    setup.paths.root.mkdir(parents=True)
+    stale = setup.paths.root / ".tmp-abc123-checkpoint_latest.pt"
+    stale.write_bytes(b"half a checkpoint")
+    train_fold(setup, replace(FAST, epochs=1))
+    assert not stale.exists()
+    assert setup.paths.final.is_file()

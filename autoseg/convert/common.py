@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.atomic import TMP_PREFIX, write_text
+from autoseg.atomic import remove_stale_temp, write_text
 from autoseg.errors import AutosegError, ConfigError
 
 #: ``progress(done, total)``, called after every case (the signature :mod:`autoseg.scan` uses).
@@ -160,11 +160,7 @@ def prepare_output(out: Path, sources: Sequence[Path], record: dict[str, Any], c
         raise ConfigError(f"{out}: the output folder is not empty and holds no dataset.json from {command}; "
                           "choose an empty or new output folder")
     for sub in ("imagesTr", "labelsTr"):
-        folder = out / sub
-        if folder.is_dir():
-            for name in os.listdir(folder):
-                if name.startswith(TMP_PREFIX):
-                    (folder / name).unlink(missing_ok=True)
+        remove_stale_temp(out / sub)
 
 
 def case_done(out: Path, case_id: str, ending: str, num_channels: int) -> bool:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from autoseg import plans as plans_io
-from autoseg.atomic import TMP_PREFIX, atomic_path, write_text
+from autoseg.atomic import atomic_path, remove_stale_temp, write_text
 from autoseg.dataset import Case
 from autoseg.errors import DatasetError, PlanError, did_you_mean
 from autoseg.imageio import Geometry, read_image
@@ -155,19 +155,6 @@ def link_case(source: Path, target: Path, case_id: str) -> None:
                 os.link(s, tmp)
             except OSError:
                 shutil.copyfile(s, tmp)
-
-
-def remove_stale_temp(folder: Path) -> int:
-    """Delete leftover temporary files (``.tmp-*``) of an interrupted run; returns how many."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    removed = 0
-    for entry in os.scandir(folder):
-        if entry.name.startswith(TMP_PREFIX) and entry.is_file(follow_symlinks=False):
-            Path(entry.path).unlink(missing_ok=True)
-            removed += 1
-    return removed
 
 
 # ----------------------------------------------------------------------------------------------

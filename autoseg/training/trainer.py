@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoseg.atomic import atomic_path, write_text
+from autoseg.atomic import atomic_path, remove_stale_temp, write_text
 from autoseg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from autoseg.device import resolve_device
 from autoseg.data import BatchLoader, Case
@@ -282,6 +282,7 @@ def train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool = False,
         raise ConfigError(f"{paths.root}: this fold already has checkpoints; use --resume to continue it "
                           "or delete the folder to start over")
     if dist.is_main:
+        remove_stale_temp(paths.root)  # a run killed while writing a checkpoint or plot left it
         write_train_config(paths.config, cfg, setup.plans, setup.configuration, setup.fold, device, workers,
                            global_batch, dist.world_size)
     step = _make_step(net, optimizer, scaler, loss_fn, cfg, autocast_dtype, memory_format, device)

@@ -8,7 +8,7 @@ holds some cases out of training, so that the Dice it reports is measured on uns
     OUT/raw/               training dataset (MSD layout): the bundled cases minus the held-out ones
     OUT/test/images/       held-out images ({case}_0000.nii.gz), never seen by planning or training
     OUT/test/labels/       their reference labels
-    OUT/work/              the experiment folder (plans, preprocessed data, models/3d_fullres/fold_0)
+    OUT/work               the experiment folder (plans, preprocessed data, models/3d_fullres/fold_0)
     OUT/predictions/       label maps of the held-out cases
     OUT/evaluation.json    Dice, IoU, HD95, NSD per held-out case and label (+ evaluation.csv)
     OUT/overlays/<case>.png  axial slices with the reference and predicted contours

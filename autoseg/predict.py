@@ -822,15 +822,6 @@ class Predictor:
 # Export
 
 
-def _to_crop(volume: np.ndarray, props: "Props") -> np.ndarray:
-    """One class's probabilities back to the crop box: linear, separate axis as in the forward pass
-    (:func:`autoseg.preprocessing.pipeline.revert_to_original`'s resampling, one class at a time)."""
-    from autoseg.preprocessing.resample import resample_image
-
-    return resample_image(volume[None], tuple(props["shape_after_crop"]), 1, props["separate_axis"],
-                          props["order_z"])[0]
-
-
 class _NpyStream:
     """Writes one ``.npy`` member of a ``.npz`` archive slice by slice along its first axis.
 
@@ -885,6 +876,8 @@ def export_prediction(
     Raises:
         ValueError: the predictions disagree on the crop box or the number of classes (a bug).
     """
+    from autoseg.preprocessing.pipeline import to_crop
+
     if not predictions:
         raise ValueError("no prediction to export")
     first = predictions[0].props
@@ -904,7 +897,7 @@ def export_prediction(
     def class_probability(k: int) -> np.ndarray:
         total = None
         for p in predictions:
-            part = _to_crop(p.probabilities[k], p.props)
+            part = to_crop(p.probabilities[k], p.props)
             if total is None:
                 # A copy when resampling was a no-op, so the running argmax never writes into the input.
                 total = np.array(part, dtype=np.float32, copy=np.shares_memory(part, p.probabilities))

@@ -133,14 +133,6 @@ def fold_disagreement(fold_labels: Sequence[np.ndarray]) -> np.ndarray:
     return count / np.float32(pairs) if pairs else count
 
 
-def _to_crop(volume: np.ndarray, props: "Props") -> np.ndarray:
-    """A network-grid volume back to the crop box, linear (the probabilities' inverse resampling)."""
-    from autoseg.preprocessing.resample import resample_image
-
-    return resample_image(volume[None], tuple(props["shape_after_crop"]), 1, props["separate_axis"],
-                          props["order_z"])[0]
-
-
 def uncertainty_maps(predictions: Sequence["ConfigPrediction"],
                      regions: bool = False) -> tuple[np.ndarray, np.ndarray, "Props"]:
     """The normalised entropy and the fold disagreement in the crop box of the original grid.
@@ -163,6 +155,8 @@ def uncertainty_maps(predictions: Sequence["ConfigPrediction"],
         ValueError: no prediction, a prediction without its disagreement map, or predictions that
             disagree on the crop box or the number of classes (a caller's bug).
     """
+    from autoseg.preprocessing.pipeline import to_crop
+
     if not predictions:
         raise ValueError("no prediction")
     first = predictions[0].props
@@ -176,7 +170,7 @@ def uncertainty_maps(predictions: Sequence["ConfigPrediction"],
     for k in range(num_classes):
         mean: np.ndarray | None = None
         for p in predictions:
-            part = np.asarray(_to_crop(p.probabilities[k], p.props), dtype=np.float32)
+            part = np.asarray(to_crop(p.probabilities[k], p.props), dtype=np.float32)
             if mean is None:
                 mean = part.copy()  # a copy: resampling may return a view of the probabilities
             else:
@@ -196,7 +190,7 @@ def uncertainty_maps(predictions: Sequence["ConfigPrediction"],
     disagreement = np.zeros(entropy.shape, dtype=np.float32)
     for p in predictions:
         assert p.disagreement is not None
-        disagreement += np.float32(p.folds / folds) * _to_crop(p.disagreement, p.props)
+        disagreement += np.float32(p.folds / folds) * to_crop(p.disagreement, p.props)
     return entropy, np.clip(disagreement, 0.0, 1.0), first
 
 

@@ -281,8 +281,9 @@ def _crop_slices(props: Props) -> tuple[slice, ...]:
     return tuple(slice(lo, hi) for lo, hi in props["bbox"])
 
 
-def _to_crop(volume: np.ndarray, props: Props) -> np.ndarray:
-    """One class's probabilities back to the cropped grid: linear, separate axis as the forward pass."""
+def to_crop(volume: np.ndarray, props: Props) -> np.ndarray:
+    """One class's probabilities (or any float map) on the network grid back to the crop box:
+    linear, separate axis as the forward pass (one class at a time keeps memory bounded)."""
     crop_shape = tuple(props["shape_after_crop"])
     return resample_image(volume[None], crop_shape, 1, props["separate_axis"], props["order_z"])[0]
 
@@ -317,7 +318,7 @@ def revert_to_original(array: np.ndarray, props: Props) -> np.ndarray:
     out[0] = 1.0
     # Class by class: one float32 volume of working memory beyond the output.
     for k in range(array.shape[0]):
-        _transposed_view(out[k], props)[box] = _to_crop(array[k], props)
+        _transposed_view(out[k], props)[box] = to_crop(array[k], props)
     return out
 
 
@@ -341,10 +342,10 @@ def export_segmentation(probabilities: np.ndarray, props: Props) -> np.ndarray:
         raise ValueError(f"expected probabilities (K, z, y, x), got shape {probabilities.shape}")
     _check_shape(probabilities, props, "probabilities")
     dtype = np.uint8 if probabilities.shape[0] <= 256 else np.uint16
-    best_value = _to_crop(probabilities[0], props)
+    best_value = to_crop(probabilities[0], props)
     best_label = np.zeros(best_value.shape, dtype=dtype)
     for k in range(1, probabilities.shape[0]):
-        score = _to_crop(probabilities[k], props)
+        score = to_crop(probabilities[k], props)
         better = score > best_value  # strict: ties go to the lower class, as argmax does
         best_value[better] = score[better]
         best_label[better] = k

@@ -249,14 +249,57 @@ def test_cpu_inference_network_gives_the_training_network_output(work3d: Path) -
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_cpu_inference_decoder_reads_the_concatenation_in_place(
+        work3d: Path, configuration: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every concatenation deferred (threshold 0), each decoder stage's first convolution
+    runs as two half convolutions summed by oneDNN, and the logits are the training network's;
+    the norms' sums are taken in many small pieces with a remainder."""
+    from autoseg import predict_cpu
+    from autoseg.networks import build_network
+
+    if not predict_cpu._fused_sum_available():
+        pytest.skip("this PyTorch has no oneDNN fused convolution")
+    monkeypatch.setattr(predict_cpu, "DEFER_CONCAT_MIN", 0)
+    monkeypatch.setattr(predict_cpu, "STATS_CHUNK", 1000)
+    calls = []
+    pair_forward = predict_cpu.MkldnnConvolution._pair_forward
+    monkeypatch.setattr(predict_cpu.MkldnnConvolution, "_pair_forward",
+                        lambda self, x: calls.append(x.first.shape[1]) or pair_forward(self, x))
+    config = plans_io.load(work3d / "plans.yaml").configurations[configuration]
+    torch.manual_seed(0)
+    trained = build_network(config.topology, config.input_channels, 3, deep_supervision=False).eval()
+    fast = build_network(config.topology, config.input_channels, 3, deep_supervision=False).eval()
+    fast.load_state_dict(trained.state_dict())
+    layout = torch.channels_last_3d if config.dims == 3 else torch.channels_last
+    fast = predict_cpu.prepare_for_cpu_inference(fast).to(memory_format=layout)
+    # The split weights are not in the state dict: its keys are the trained ones (wrapped: ".inner").
+    assert {k.replace(".inner", "") for k in fast.state_dict()} == set(trained.state_dict())
+    x = torch.randn(2, config.input_channels, *config.patch_size) * 3 + 5
+    with torch.inference_mode():
+        expected = trained(x)
+        got = fast(x.contiguous(memory_format=layout))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert calls == [f for f in reversed(config.topology.features_per_stage[:-1])]  # one per decoder stage
+    # With gradients on (training), the concatenation is a real one and nothing is split.
+    calls.clear()
+    torch.testing.assert_close(fast(x.contiguous(memory_format=layout)), expected, rtol=1e-4, atol=1e-4)
+    assert calls == []
+
+
+@pytest.mark.parametrize("chunk", [1000, 2**18])
 @pytest.mark.parametrize("channels", [8, 64])
 @pytest.mark.parametrize(("offset", "spread"), [(0.0, 1.0), (5.0, 3.0), (1e4, 1e-2), (-300.0, 1.0)])
-def test_inference_norm_matches_the_training_norm(channels: int, offset: float, spread: float) -> None:
-    """One read for the statistics in the common case; centred first where E[x²] - mean² would
-    cancel (large offsets): either way the training norm's output to float32 rounding."""
+def test_inference_norm_matches_the_training_norm(channels: int, offset: float, spread: float, chunk: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """One read for the statistics in the common case (in pieces: ``chunk`` values; 1000 gives
+    several pieces and a remainder); centred first where E[x²] - mean² would cancel (large
+    offsets): either way the training norm's output to float32 rounding."""
+    from autoseg import predict_cpu
     from autoseg.networks.norm import InstanceNorm3d
     from autoseg.predict_cpu import InferenceInstanceNorm
 
+    monkeypatch.setattr(predict_cpu, "STATS_CHUNK", chunk)
     torch.manual_seed(1)
     norm = InstanceNorm3d(channels, affine=True)
     with torch.no_grad():

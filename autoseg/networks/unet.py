@@ -72,6 +72,17 @@ class ConvBlock(nn.Module):
         return self.act(self.norm(self.conv(x)))
 
 
+class Concatenate(nn.Module):
+    """The decoder's join: the upsampled features, then the skip, along the channels.
+
+    A module of its own (without parameters) so that CPU inference can defer the copy and let
+    the next convolution read both parts (:mod:`autoseg.predict_cpu`).
+    """
+
+    def forward(self, upsampled: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return torch.cat((upsampled, skip), dim=1)
+
+
 def _stacked(dims: int, n: int, in_channels: int, out_channels: int, kernel_size: Sequence[int],
              first_stride: Sequence[int] | int = 1) -> nn.Sequential:
     """``n`` conv blocks; the first changes the channels and carries the stride."""
@@ -173,6 +184,7 @@ class Decoder(nn.Module):
         self.upsample = nn.ModuleList(upsample)
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList(heads)
+        self.join = Concatenate()
 
     def forward(self, skips: list[torch.Tensor], deep_supervision: bool) -> list[torch.Tensor]:
         """Logits per level, highest resolution first (only that one without deep supervision)."""
@@ -180,7 +192,7 @@ class Decoder(nn.Module):
         outputs = []
         last = len(self.stages) - 1
         for d, (up, stage, head) in enumerate(zip(self.upsample, self.stages, self.heads)):
-            x = stage(torch.cat((up(x), skips[-(d + 2)]), dim=1))
+            x = stage(self.join(up(x), skips[-(d + 2)]))
             if deep_supervision or d == last:
                 outputs.append(head(x))
         return outputs[::-1]

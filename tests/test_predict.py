@@ -222,6 +222,7 @@ def test_cpu_inference_network_gives_the_training_network_output(work3d: Path) -
     from autoseg.predict_cpu import (
         InferenceInstanceNorm,
         MkldnnConvolution,
+        MkldnnTransposedConvolution,
         keep_freed_memory,
         prepare_for_cpu_inference,
     )
@@ -236,6 +237,7 @@ def test_cpu_inference_network_gives_the_training_network_output(work3d: Path) -
     fast = prepare_for_cpu_inference(fast).to(memory_format=torch.channels_last_3d)
     assert any(isinstance(m, InferenceInstanceNorm) for m in fast.modules())
     assert any(isinstance(m, MkldnnConvolution) for m in fast.modules())
+    assert any(isinstance(m, MkldnnTransposedConvolution) for m in fast.modules())
     x = torch.randn(2, 1, 12, 16, 14) * 3 + 5
     with torch.inference_mode():
         expected = trained(x)

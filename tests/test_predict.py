@@ -289,6 +289,43 @@ def test_cpu_inference_decoder_reads_the_concatenation_in_place(
     assert calls == []
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_cpu_inference_packed_weights(work3d: Path, packing: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights packed for oneDNN per input shape (at most PACKED_SHAPES kept per weight) give the
+    plain weights' output; where packing is unavailable the plain weights are used."""
+    from autoseg import predict_cpu
+    from autoseg.networks import build_network
+
+    if not packing:
+        def unavailable(*args: object) -> None:
+            raise RuntimeError("no oneDNN here")
+
+        monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv3d_weight", unavailable)
+    config = plans_io.load(work3d / "plans.yaml").configurations["3d_fullres"]
+    torch.manual_seed(0)
+    trained = build_network(config.topology, 1, 3, deep_supervision=False).eval()
+    fast = build_network(config.topology, 1, 3, deep_supervision=False).eval()
+    fast.load_state_dict(trained.state_dict())
+    fast = predict_cpu.prepare_for_cpu_inference(fast).to(memory_format=torch.channels_last_3d)
+    convs = [m for m in fast.modules() if isinstance(m, predict_cpu.MkldnnConvolution)]
+    x = torch.randn(3, 1, *config.patch_size)
+    with torch.inference_mode():
+        expected = trained(x)
+        for batch in (2, 1, 3, 2):
+            got = fast(x[:batch].contiguous(memory_format=torch.channels_last_3d))
+            torch.testing.assert_close(got, expected[:batch], rtol=1e-4, atol=1e-4)
+    # Every convolution but the deep-supervision heads (not run at inference) ran.
+    ran = [conv for conv in convs if conv.packed != {}]
+    assert len(ran) == len(convs) - (len(fast.decoder.heads) - 1)
+    for conv in ran:
+        if packing:
+            assert conv.packed is not None and conv.packed["weight"]
+            assert all(0 < len(shapes) <= predict_cpu.PACKED_SHAPES for shapes in conv.packed.values())
+            assert all(w.is_mkldnn for shapes in conv.packed.values() for w in shapes.values())
+        else:
+            assert conv.packed is None
+
+
 @pytest.mark.parametrize("chunk", [1000, 2**18])
 @pytest.mark.parametrize("channels", [8, 64])
 @pytest.mark.parametrize(("offset", "spread"), [(0.0, 1.0), (5.0, 3.0), (1e4, 1e-2), (-300.0, 1.0)])

@@ -1,9 +1,10 @@
 """CPU inference speed-ups that leave the results unchanged (to float32 rounding).
 
-Measured on the project's 2-core AVX2 CPU with the default plan's Hippocampus network (features
-32-256, patch 40x56x40, channels-last 3D, torch 2.13), per sample: batch 2 0.123 s as built for
-training, 0.108 s with the changes below (its convolutions alone: 0.086 s, torch profiler);
-batch 1 0.144 s -> 0.127 s.
+Measured on the project's 2-vCPU development machine (an AVX-512 Xeon; figures in
+``benchmarks/README.md``) with the default plan's Hippocampus network (features 32-256, patch
+40x56x40, channels-last 3D, torch 2.13), 5 folds in one process, per sample at batch 2: 96-98 ms
+with every change below, of which the convolutions take ~88 %; the arithmetic floor (its
+convolution FLOPs at the throughput of a 32->32 3^3 convolution on the patch) is 83 ms.
 
 * **Freed memory is kept for reuse** (:func:`keep_freed_memory`). glibc serves large blocks with
   ``mmap`` and returns them to the OS when freed, so each new activation (23 MB at full
@@ -29,6 +30,9 @@ batch 1 0.144 s -> 0.127 s.
   for a batch of 1 PyTorch sends small 3D convolutions and transposed convolutions to slower
   native kernels (10 % of a batch-1 pass; prediction without TTA of an image that fits one window
   runs batches of 1).
+* **Weights packed once** (:meth:`MkldnnConvolution._weight`): oneDNN wants the weights in a
+  blocked layout and otherwise reorders them on every call; they are packed per input shape and
+  kept (2 % per sample at batch 1 and 2; memory: one more copy of the weights per kept shape).
 """
 
 from __future__ import annotations

@@ -30,9 +30,10 @@ convolution FLOPs at the throughput of a 32->32 3^3 convolution on the patch) is
   for a batch of 1 PyTorch sends small 3D convolutions and transposed convolutions to slower
   native kernels (10 % of a batch-1 pass; prediction without TTA of an image that fits one window
   runs batches of 1).
-* **Weights packed once** (:meth:`MkldnnConvolution._weight`): oneDNN wants the weights in a
-  blocked layout and otherwise reorders them on every call; they are packed per input shape and
-  kept (2 % per sample at batch 1 and 2; memory: one more copy of the weights per kept shape).
+* **Weights packed once** (:class:`MkldnnConvolution`): oneDNN wants the weights in a blocked
+  layout and otherwise reorders them on every call; they are packed per input shape and kept
+  (2 % per sample at batch 1 and 2; memory: one more copy of a convolution's weights per kept
+  input shape, up to two shapes — the decoder's split convolutions keep halves as well).
 """
 
 from __future__ import annotations
@@ -158,7 +159,8 @@ class ChannelPair(NamedTuple):
 
 def _fused_sum_available() -> bool:
     try:
-        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+        return (bool(torch.backends.mkldnn.is_available()) and bool(torch.backends.mkldnn.enabled)
+                and hasattr(torch.ops.mkldnn, "_convolution_pointwise_"))
     except (AttributeError, RuntimeError):
         return False
 
@@ -188,6 +190,13 @@ class MkldnnConvolution(nn.Module):
     convolution on 1x128x10x14x10: 35 against 15 ms), and its NCDHW output sends the next norm to
     the slow path too. Batches of 2 and more already use oneDNN.
 
+    The weights are packed in oneDNN's blocked layout for each input shape (at most
+    :data:`PACKED_SHAPES` shapes kept per weight; a new shape beyond that drops the others):
+    unpacked, oneDNN reorders them on every call (0.5 ms of a 3 ms 256->256 3^3 convolution on
+    2x256x5x7x5). These copies, and the halves of :meth:`accept_pairs`, are made on first use
+    and made again when the trained weight changes (its version or storage); they are not part of
+    the state dict and are dropped when the module is copied or pickled.
+
     Args:
         conv: the trained ``nn.Conv2d`` / ``nn.Conv3d`` (its parameters are used, not copied).
     """
@@ -197,76 +206,108 @@ class MkldnnConvolution(nn.Module):
         self.inner = conv
         self.layout = _CHANNELS_LAST[conv.weight.dim()]
         self.split: int | None = None
-        # oneDNN's blocked copies of the weights: {weights' name: {input shape: copy}}; None once
-        # packing failed.
-        self.packed: dict[str, dict[tuple[int, ...], torch.Tensor]] | None = {}
+        self.packing = True  # False once packing failed (a PyTorch without these oneDNN entry points)
+        self._derived: dict[tuple[str, tuple[int, ...] | None], torch.Tensor] = {}
+        self._weight_token: tuple[int, int] | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state["_derived"], state["_weight_token"] = {}, None  # oneDNN's opaque tensors cannot be copied
+        return state
+
+    def packed_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        """The input shapes each weight (``"weight"``, or the halves ``"first"`` and ``"second"``)
+        is currently packed for."""
+        shapes: dict[str, list[tuple[int, ...]]] = {}
+        for name, shape in self._derived:
+            if shape is not None:
+                shapes.setdefault(name, []).append(shape)
+        return shapes
 
     def accept_pairs(self, first_channels: int) -> None:
         """Let :meth:`forward` take a :class:`ChannelPair` whose first tensor has
-        ``first_channels`` channels: the weights are split along their input channels once
-        (non-persistent buffers: the state dict is unchanged)."""
-        weight = self.inner.weight.detach()
+        ``first_channels`` channels (the weights are split along their input channels)."""
         self.split = first_channels
-        self.register_buffer("weight_first", weight[:, :first_channels].contiguous(memory_format=self.layout),
-                             persistent=False)
-        self.register_buffer("weight_second", weight[:, first_channels:].contiguous(memory_format=self.layout),
-                             persistent=False)
 
     def forward(self, x: torch.Tensor | ChannelPair) -> torch.Tensor:
         conv = self.inner
         if isinstance(x, ChannelPair):
             if self.split is not None and x.first.shape[1] == self.split and not torch.is_grad_enabled():
-                return self._pair_forward(x)
+                try:
+                    return self._pair_forward(x)
+                except RuntimeError:  # oneDNN refused the fused sum: concatenate from now on
+                    self.split = None
             x = torch.cat(x, dim=1)
         if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled()
-                or conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
+                or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+                or not torch.backends.mkldnn.enabled):
             return conv(x)
+        return self._convolution(x, self._weight("weight", x), conv.bias)
+
+    def _convolution(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        conv = self.inner
         args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        weight = self._weight("weight", conv.weight, x)
         if weight.is_mkldnn:
-            out = torch.ops.mkldnn._convolution_pointwise(x, weight, conv.bias, *args, "none", [], "")
+            out = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "none", [], "")
         else:
-            out = torch.ops.aten.mkldnn_convolution(x, weight, conv.bias, *args)
+            out = torch.ops.aten.mkldnn_convolution(x, weight, bias, *args)
         return out.contiguous(memory_format=self.layout)  # a no-op when oneDNN returned channels-last
 
     def _pair_forward(self, x: ChannelPair) -> torch.Tensor:
         """``conv(cat(first, second))`` without the concatenation: the first half's convolution,
         then the second's, which oneDNN adds into that output in place."""
         conv = self.inner
-        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        first = self._weight("weight_first", self.weight_first, x.first)
-        if first.is_mkldnn:
-            out = torch.ops.mkldnn._convolution_pointwise(x.first, first, conv.bias, *args, "none", [], "")
-        else:
-            out = torch.ops.aten.mkldnn_convolution(x.first, first, conv.bias, *args)
-        out = out.contiguous(memory_format=self.layout)
-        second = self._weight("weight_second", self.weight_second, x.second)
-        return torch.ops.mkldnn._convolution_pointwise_(out, x.second, second, None, *args,
-                                                        "add", 1.0, None, [], None)
+        out = self._convolution(x.first, self._weight("first", x.first), conv.bias)
+        return torch.ops.mkldnn._convolution_pointwise_(
+            out, x.second, self._weight("second", x.second), None, list(conv.padding), list(conv.stride),
+            list(conv.dilation), conv.groups, "add", 1.0, None, [], None)
 
-    def _weight(self, name: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``weight`` in oneDNN's blocked layout for inputs shaped like ``x``, packed once and
-        kept (:data:`PACKED_SHAPES` input shapes per weight); the plain tensor where packing is
-        not available. Unpacked, oneDNN reorders the weights on every call: 0.5 ms of a 3 ms
-        256->256 3^3 convolution on 2x256x5x7x5."""
-        if self.packed is None:
-            return weight
-        shapes = self.packed.setdefault(name, {})
-        packed = shapes.get(tuple(x.shape))
+    def _weight(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The trained weight (``"weight"``) or its input-channel half (``"first"``, ``"second"``),
+        packed for inputs shaped like ``x`` where packing is available."""
+        weight = self.inner.weight
+        # (An inference tensor, e.g. a copy made under torch.inference_mode, has no version.)
+        token = (0 if weight.is_inference() else weight._version, weight.data_ptr())
+        if token != self._weight_token:  # new or changed weights: nothing derived from the old ones
+            self._derived.clear()
+            self._weight_token = token
+        plain = self._derived.get((name, None))
+        if plain is None:
+            plain = weight.detach()
+            if name != "weight":
+                assert self.split is not None
+                half = slice(None, self.split) if name == "first" else slice(self.split, None)
+                plain = plain[:, half].contiguous(memory_format=self.layout)
+            self._derived[(name, None)] = plain
+        if not self.packing:
+            return plain
+        key = (name, tuple(x.shape))
+        packed = self._derived.get(key)
         if packed is None:
-            reorder = {5: "mkldnn_reorder_conv3d_weight", 4: "mkldnn_reorder_conv2d_weight"}[weight.dim()]
-            conv = self.inner
-            try:
-                packed = getattr(torch._C._nn, reorder)(weight.detach().to_mkldnn(), list(conv.padding),
-                                                        list(conv.stride), list(conv.dilation), conv.groups,
-                                                        list(x.shape))
-            except (AttributeError, RuntimeError):  # a PyTorch without these oneDNN entry points
-                self.packed = None
-                return weight
-            if len(shapes) >= PACKED_SHAPES:
-                shapes.clear()
-            shapes[tuple(x.shape)] = packed
+            packed = self._pack(plain, x)
+            if packed is None:
+                self.packing = False
+                return plain
+            kept = [k for k in self._derived if k[0] == name and k[1] is not None]
+            if len(kept) >= PACKED_SHAPES:
+                for k in kept:
+                    del self._derived[k]
+            self._derived[key] = packed
         return packed
+
+    def _pack(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """``weight`` reordered by oneDNN for inputs shaped like ``x``; None where this PyTorch
+        cannot (the entry points are private: missing, or without the input shape before 2.2)."""
+        conv = self.inner
+        try:
+            reorder = getattr(torch._C._nn, f"mkldnn_reorder_conv{weight.dim() - 2}d_weight")
+            args = (weight.to_mkldnn(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+            try:
+                return reorder(*args, list(x.shape))  # type: ignore[no-any-return]
+            except TypeError:  # older signature: no input shape (a layout for any input)
+                return reorder(*args)  # type: ignore[no-any-return]
+        except (AttributeError, RuntimeError, TypeError):
+            return None
 
 
 class MkldnnTransposedConvolution(nn.Module):
@@ -289,7 +330,8 @@ class MkldnnTransposedConvolution(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.inner
         if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled()
-                or conv.padding_mode != "zeros" or not hasattr(torch.ops.mkldnn, "_convolution_transpose_pointwise")):
+                or conv.padding_mode != "zeros" or not torch.backends.mkldnn.enabled
+                or not hasattr(torch.ops.mkldnn, "_convolution_transpose_pointwise")):
             return conv(x)
         out = torch.ops.mkldnn._convolution_transpose_pointwise(
             x, conv.weight, conv.bias, list(conv.padding), list(conv.output_padding), list(conv.stride),
@@ -305,8 +347,9 @@ def prepare_for_cpu_inference(net: nn.Module) -> nn.Module:
     The decoder's concatenations become :class:`DeferredConcatenate`, read by the first
     convolution of each decoder stage. Only norms that directly follow their block's convolution
     are swapped, so the in-place update never touches a tensor used elsewhere. Call it after the
-    weights are loaded (the state dict's keys change; the split decoder weights are copies), and
-    run the network on channels-last input.
+    weights are loaded (the state dict's keys gain ``.inner``), and run the network on
+    channels-last input. The convolutions keep packed copies of their weights (see
+    :class:`MkldnnConvolution`).
 
     Args:
         net: a network from :func:`autoseg.networks.build_network`, in eval mode.

@@ -17,6 +17,7 @@ import torch
 
 import phantoms
 from autoseg import plans as plans_io
+from autoseg.plans import Configuration
 from autoseg.checkpoint import CHECKPOINT_FORMAT
 from autoseg.errors import ConfigError, DatasetError, UnknownNameError
 from autoseg.imageio import Geometry, read_image, write_image
@@ -289,41 +290,102 @@ def test_cpu_inference_decoder_reads_the_concatenation_in_place(
     assert calls == []
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_cpu_inference_packed_weights(work3d: Path, packing: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Weights packed for oneDNN per input shape (at most PACKED_SHAPES kept per weight) give the
-    plain weights' output; where packing is unavailable the plain weights are used."""
-    from autoseg import predict_cpu
+def _prepared_pair(config: Configuration, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A training network and its CPU-inference twin with the same weights."""
     from autoseg.networks import build_network
+    from autoseg.predict_cpu import prepare_for_cpu_inference
 
-    if not packing:
-        def unavailable(*args: object) -> None:
-            raise RuntimeError("no oneDNN here")
-
-        monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv3d_weight", unavailable)
-    config = plans_io.load(work3d / "plans.yaml").configurations["3d_fullres"]
-    torch.manual_seed(0)
-    trained = build_network(config.topology, 1, 3, deep_supervision=False).eval()
-    fast = build_network(config.topology, 1, 3, deep_supervision=False).eval()
+    torch.manual_seed(seed)
+    trained = build_network(config.topology, config.input_channels, 3, deep_supervision=False).eval()
+    fast = build_network(config.topology, config.input_channels, 3, deep_supervision=False).eval()
     fast.load_state_dict(trained.state_dict())
-    fast = predict_cpu.prepare_for_cpu_inference(fast).to(memory_format=torch.channels_last_3d)
-    convs = [m for m in fast.modules() if isinstance(m, predict_cpu.MkldnnConvolution)]
+    layout = torch.channels_last_3d if config.dims == 3 else torch.channels_last
+    return trained, prepare_for_cpu_inference(fast).to(memory_format=layout)
+
+
+@pytest.mark.parametrize("packing", ["packed", "old-signature", "unavailable", "mkldnn-disabled"])
+def test_cpu_inference_packed_weights(work3d: Path, packing: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights packed for oneDNN per input shape (at most PACKED_SHAPES kept per weight), also
+    through an older PyTorch's reorder without the input shape, give the training network's
+    output, split decoder convolutions included; where packing is unavailable the plain weights
+    are used, and with oneDNN switched off PyTorch's own kernels."""
+    from autoseg import predict_cpu
+
+    monkeypatch.setattr(predict_cpu, "DEFER_CONCAT_MIN", 0)
+    reorder = torch._C._nn.mkldnn_reorder_conv3d_weight
+    if packing == "old-signature":
+        monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv3d_weight",
+                            lambda w, padding, stride, dilation, groups: reorder(w, padding, stride, dilation, groups))
+    elif packing == "unavailable":
+        monkeypatch.delattr(torch._C._nn, "mkldnn_reorder_conv3d_weight")
+    elif packing == "mkldnn-disabled":
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    config = plans_io.load(work3d / "plans.yaml").configurations["3d_fullres"]
+    trained, fast = _prepared_pair(config)
     x = torch.randn(3, 1, *config.patch_size)
     with torch.inference_mode():
         expected = trained(x)
         for batch in (2, 1, 3, 2):
             got = fast(x[:batch].contiguous(memory_format=torch.channels_last_3d))
             torch.testing.assert_close(got, expected[:batch], rtol=1e-4, atol=1e-4)
+    convs = [m for m in fast.modules() if isinstance(m, predict_cpu.MkldnnConvolution)]
     # Every convolution but the deep-supervision heads (not run at inference) ran.
-    ran = [conv for conv in convs if conv.packed != {}]
+    ran = [conv for conv in convs if conv.packed_shapes() or not conv.packing]
+    if packing == "mkldnn-disabled":
+        assert ran == []
+        return
     assert len(ran) == len(convs) - (len(fast.decoder.heads) - 1)
     for conv in ran:
-        if packing:
-            assert conv.packed is not None and conv.packed["weight"]
-            assert all(0 < len(shapes) <= predict_cpu.PACKED_SHAPES for shapes in conv.packed.values())
-            assert all(w.is_mkldnn for shapes in conv.packed.values() for w in shapes.values())
-        else:
-            assert conv.packed is None
+        shapes = conv.packed_shapes()
+        if packing == "unavailable":
+            assert not conv.packing and shapes == {}
+            continue
+        assert set(shapes) == ({"first", "second"} if conv.split else {"weight"})
+        assert all(0 < len(kept) <= predict_cpu.PACKED_SHAPES for kept in shapes.values())
+        assert (3, 2) in {(shape[0], len(kept)) for kept in shapes.values() for shape in kept}  # the last two
+
+
+def test_cpu_inference_follows_weight_changes_and_copies(work3d: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights loaded into a prepared network after it ran replace the packed and split copies;
+    a prepared network that ran can be deep-copied (the opaque oneDNN copies are left behind)."""
+    import copy
+
+    from autoseg import predict_cpu
+
+    monkeypatch.setattr(predict_cpu, "DEFER_CONCAT_MIN", 0)
+    config = plans_io.load(work3d / "plans.yaml").configurations["3d_fullres"]
+    _, fast = _prepared_pair(config, seed=0)
+    other_trained, other_fast = _prepared_pair(config, seed=1)
+    x = torch.randn(2, 1, *config.patch_size)
+    with torch.inference_mode():
+        fast(x.contiguous(memory_format=torch.channels_last_3d))
+    with torch.no_grad():
+        fast.load_state_dict(other_fast.state_dict())  # copies in place: the weights' versions change
+    with torch.inference_mode():
+        expected = other_trained(x)
+        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last_3d)), expected,
+                                   rtol=1e-4, atol=1e-4)
+        clone = copy.deepcopy(fast)
+        assert not any(m.packed_shapes() for m in clone.modules() if isinstance(m, predict_cpu.MkldnnConvolution))
+        torch.testing.assert_close(clone(x.contiguous(memory_format=torch.channels_last_3d)), expected,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_inference_concatenates_without_the_fused_sum(work3d: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PyTorch without oneDNN's fused sum: the decoder concatenates as in training."""
+    from autoseg import predict_cpu
+
+    monkeypatch.setattr(predict_cpu, "DEFER_CONCAT_MIN", 0)
+    monkeypatch.setattr(predict_cpu, "_fused_sum_available", lambda: False)
+    calls = []
+    monkeypatch.setattr(predict_cpu.MkldnnConvolution, "_pair_forward", lambda self, x: calls.append(x))
+    config = plans_io.load(work3d / "plans.yaml").configurations["3d_fullres"]
+    trained, fast = _prepared_pair(config)
+    x = torch.randn(2, 1, *config.patch_size)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last_3d)), trained(x),
+                                   rtol=1e-4, atol=1e-4)
+    assert calls == []
 
 
 @pytest.mark.parametrize("chunk", [1000, 2**18])

@@ -198,7 +198,8 @@ class MkldnnConvolution(nn.Module):
     the state dict and are dropped when the module is copied or pickled.
 
     Args:
-        conv: the trained ``nn.Conv2d`` / ``nn.Conv3d`` (its parameters are used, not copied).
+        conv: the trained ``nn.Conv2d`` / ``nn.Conv3d`` (its parameters are used, with the
+            derived copies above).
     """
 
     def __init__(self, conv: nn.Module) -> None:
@@ -297,7 +298,8 @@ class MkldnnConvolution(nn.Module):
 
     def _pack(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """``weight`` reordered by oneDNN for inputs shaped like ``x``; None where this PyTorch
-        cannot (the entry points are private: missing, or without the input shape before 2.2)."""
+        cannot (the entry points are private: missing in some builds; older versions take no input
+        shape)."""
         conv = self.inner
         try:
             reorder = getattr(torch._C._nn, f"mkldnn_reorder_conv{weight.dim() - 2}d_weight")

@@ -17,10 +17,10 @@ import torch
 
 import phantoms
 from autoseg import plans as plans_io
-from autoseg.plans import Configuration
 from autoseg.checkpoint import CHECKPOINT_FORMAT
 from autoseg.errors import ConfigError, DatasetError, UnknownNameError
 from autoseg.imageio import Geometry, read_image, write_image
+from autoseg.plans import Configuration
 from autoseg.predict import (
     ConfigPrediction,
     Predictor,
@@ -259,7 +259,6 @@ def test_cpu_inference_decoder_reads_the_concatenation_in_place(
     runs as two half convolutions summed by oneDNN, and the logits are the training network's;
     the norms' sums are taken in many small pieces with a remainder."""
     from autoseg import predict_cpu
-    from autoseg.networks import build_network
 
     if not predict_cpu._fused_sum_available():
         pytest.skip("this PyTorch has no oneDNN fused convolution")
@@ -270,13 +269,9 @@ def test_cpu_inference_decoder_reads_the_concatenation_in_place(
     monkeypatch.setattr(predict_cpu.MkldnnConvolution, "_pair_forward",
                         lambda self, x: calls.append(x.first.shape[1]) or pair_forward(self, x))
     config = plans_io.load(work3d / "plans.yaml").configurations[configuration]
-    torch.manual_seed(0)
-    trained = build_network(config.topology, config.input_channels, 3, deep_supervision=False).eval()
-    fast = build_network(config.topology, config.input_channels, 3, deep_supervision=False).eval()
-    fast.load_state_dict(trained.state_dict())
     layout = torch.channels_last_3d if config.dims == 3 else torch.channels_last
-    fast = predict_cpu.prepare_for_cpu_inference(fast).to(memory_format=layout)
-    # The split weights are not in the state dict: its keys are the trained ones (wrapped: ".inner").
+    trained, fast = _prepared_pair(config)
+    # No weight copy is in the state dict: its keys are the trained ones (wrapped: ".inner").
     assert {k.replace(".inner", "") for k in fast.state_dict()} == set(trained.state_dict())
     x = torch.randn(2, config.input_channels, *config.patch_size) * 3 + 5
     with torch.inference_mode():

@@ -52,10 +52,46 @@ def write_json(final: Path, data: Any) -> None:
     write_text(final, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path, command: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` while the block runs (the folder is created).
+
+    For the writers that start by removing an interrupted run's temporary files
+    (:func:`remove_stale_temp`): a second autoseg process writing into the same folder would
+    delete the first one's files in flight, so it stops instead with a one-line error. The lock
+    is the operating system's ``flock`` on the folder itself (no lock file is written): it goes
+    with the process however that ends, so a killed run never leaves a stale lock behind. Where
+    ``fcntl`` does not exist (Windows) nothing is locked.
+
+    Raises:
+        ConfigError: another process holds the lock.
+    """
+    from autoseg.errors import ConfigError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"{folder}: another 'autoseg {command}' is writing into this folder; wait for it to "
+                              "finish (or stop it), then run this again") from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def remove_stale_temp(folder: Path) -> int:
     """Delete leftover temporary files (``.tmp-*``) of an interrupted run in ``folder``; returns how many.
 
-    Call it only where no other process is writing into ``folder`` at the same time.
+    Call it only where no other process is writing into ``folder`` at the same time (hold
+    :func:`folder_lock`).
     """
     import os
 

@@ -83,3 +83,48 @@ def test_kill_during_preprocessing_then_rerun(tmp_path: Path) -> None:
         data = np.load(folder / f"{props_path.stem}.npy", mmap_mode="r")
         seg = np.load(folder / f"{props_path.stem}_seg.npy", mmap_mode="r")
         assert tuple(data.shape[1:]) == tuple(seg.shape) == tuple(props["shape_after_resample"])
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """A process that holds ``folder``'s autoseg lock until it is killed."""
+    code = ("import sys, time; from autoseg.atomic import folder_lock\n"
+            "with folder_lock(sys.argv[1], 'test'):\n    print('locked', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_run_on_the_same_folder_stops_and_a_killed_holder_frees_it(tmp_path: Path) -> None:
+    """Two runs writing into one folder would delete each other's temporary files: the second
+    stops with one line (exit 2) and nothing of the first's is touched; a holder killed with -9
+    leaves no stale lock."""
+    from autoseg.preprocessing.run import preprocessed_dir
+
+    raw, work = tmp_path / "raw", tmp_path / "work"
+    phantoms.write_nnunet_dataset(raw, n_cases=5)
+    plan_dataset(raw, work, planner="tiny", workers=1)
+    target = preprocessed_dir(work, "3d_fullres")
+    fold = work / "models" / "3d_fullres" / "fold_0"
+    commands = {
+        target: ["preprocess", str(work), "-c", "3d_fullres", "-j", "1"],
+        fold: ["train", str(work), "-c", "3d_fullres", "-f", "0", "--epochs", "1", "--iters-per-epoch", "1",
+               "--val-iters", "1", "-j", "0", "--device", "cpu", "--no-validate"],
+    }
+    for folder, args in commands.items():
+        holder = _hold_lock(folder)
+        in_flight = folder / ".tmp-in-flight"
+        in_flight.write_bytes(b"the other run's file")
+        try:
+            blocked = subprocess.run([sys.executable, "-m", "autoseg", *args], capture_output=True, text=True,
+                                     timeout=300)
+        finally:
+            holder.kill()
+            holder.wait()
+        message = (blocked.stdout + blocked.stderr).strip()
+        assert blocked.returncode == 2, message
+        assert f"another 'autoseg {args[0]}' is writing into this folder" in message
+        assert str(folder) in message and "Traceback" not in message and len(message.splitlines()) == 1
+        assert in_flight.read_bytes() == b"the other run's file"
+        done = subprocess.run([sys.executable, "-m", "autoseg", *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert not in_flight.exists()  # the run that holds the folder removes a dead run's leftovers

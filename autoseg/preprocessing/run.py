@@ -20,6 +20,7 @@ Each case is read once for all requested configurations, by a bounded pool of wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from autoseg import plans as plans_io
-from autoseg.atomic import atomic_path, remove_stale_temp, write_text
+from autoseg.atomic import atomic_path, folder_lock, remove_stale_temp, write_text
 from autoseg.dataset import Case
 from autoseg.errors import DatasetError, PlanError, did_you_mean
 from autoseg.imageio import Geometry, read_image
@@ -381,6 +382,7 @@ def run(work: Path, configs: Sequence[str] | None = None, workers: int | None = 
     Raises:
         PlanError: plans.yaml is missing or invalid, or a configuration is unknown.
         DatasetError: dataset.json is missing, the source dataset moved, or a case cannot be read.
+        ConfigError: another ``autoseg preprocess`` is writing one of these configurations.
     """
     started = time.perf_counter()
     work = Path(work)
@@ -397,37 +399,40 @@ def run(work: Path, configs: Sequence[str] | None = None, workers: int | None = 
     for name in names:
         primary.setdefault(digests[name], name)
 
-    stale = {name: remove_stale_temp(preprocessed_dir(work, name)) for name in names}
-    pending: dict[str, list[str]] = {}
-    reused: dict[str, int] = {name: 0 for name in names}
-    for case in cases:
-        with_seg = case.label is not None
+    with contextlib.ExitStack() as locks:  # one run per configuration folder at a time
         for name in names:
-            if is_finished(preprocessed_dir(work, name), case.case_id, digests[name], with_seg):
-                reused[name] += 1
-            elif primary[digests[name]] == name:
-                pending.setdefault(case.case_id, []).append(name)
+            locks.enter_context(folder_lock(preprocessed_dir(work, name), "preprocess"))
+        stale = {name: remove_stale_temp(preprocessed_dir(work, name)) for name in names}
+        pending: dict[str, list[str]] = {}
+        reused: dict[str, int] = {name: 0 for name in names}
+        for case in cases:
+            with_seg = case.label is not None
+            for name in names:
+                if is_finished(preprocessed_dir(work, name), case.case_id, digests[name], with_seg):
+                    reused[name] += 1
+                elif primary[digests[name]] == name:
+                    pending.setdefault(case.case_id, []).append(name)
 
-    by_id = {case.case_id: case for case in cases}
-    # Largest cases first, so that no worker is left with a big one at the end.
-    tasks = sorted((_Task(by_id[cid], tuple(cfgs)) for cid, cfgs in pending.items()),
-                   key=lambda t: -estimate_case_bytes(t.case))
-    n_workers = choose_preprocess_workers(workers, [t.case for t in tasks] or cases, plans, names)
-    for name in names:
-        preprocessed_dir(work, name).mkdir(parents=True, exist_ok=True)
-    _run_tasks(tasks, plans, work, n_workers, progress)
+        by_id = {case.case_id: case for case in cases}
+        # Largest cases first, so that no worker is left with a big one at the end.
+        tasks = sorted((_Task(by_id[cid], tuple(cfgs)) for cid, cfgs in pending.items()),
+                       key=lambda t: -estimate_case_bytes(t.case))
+        n_workers = choose_preprocess_workers(workers, [t.case for t in tasks] or cases, plans, names)
+        for name in names:
+            preprocessed_dir(work, name).mkdir(parents=True, exist_ok=True)
+        _run_tasks(tasks, plans, work, n_workers, progress)
 
-    summaries: dict[str, ConfigSummary] = {}
-    for name in names:
-        source = primary[digests[name]]
-        processed = 0
-        if source != name:
-            for case in cases:
-                if not is_finished(preprocessed_dir(work, name), case.case_id, digests[name], case.label is not None):
-                    link_case(preprocessed_dir(work, source), preprocessed_dir(work, name), case.case_id)
-                    processed += 1
-        else:
-            processed = sum(1 for cfgs in pending.values() if name in cfgs)
-        summaries[name] = ConfigSummary(name, preprocessed_dir(work, name), len(cases), processed, reused[name],
-                                        source if source != name else None, stale[name])
-    return PreprocessSummary(summaries, n_workers, time.perf_counter() - started)
+        summaries: dict[str, ConfigSummary] = {}
+        for name in names:
+            source = primary[digests[name]]
+            processed = 0
+            if source != name:
+                for case in cases:
+                    if not is_finished(preprocessed_dir(work, name), case.case_id, digests[name], case.label is not None):
+                        link_case(preprocessed_dir(work, source), preprocessed_dir(work, name), case.case_id)
+                        processed += 1
+            else:
+                processed = sum(1 for cfgs in pending.values() if name in cfgs)
+            summaries[name] = ConfigSummary(name, preprocessed_dir(work, name), len(cases), processed, reused[name],
+                                            source if source != name else None, stale[name])
+        return PreprocessSummary(summaries, n_workers, time.perf_counter() - started)

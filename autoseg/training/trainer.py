@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoseg.atomic import atomic_path, remove_stale_temp, write_text
+from autoseg.atomic import atomic_path, folder_lock, remove_stale_temp, write_text
 from autoseg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from autoseg.device import resolve_device
 from autoseg.data import BatchLoader, Case
@@ -242,6 +242,19 @@ class FoldSetup:
 
 def train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool = False,
                callbacks: Callbacks | None = None, dist: DistContext = SINGLE) -> TrainState:
+    """Train one fold; returns the final state (history included). See :func:`_train_fold`.
+
+    Rank 0 holds the fold folder's lock (:func:`autoseg.atomic.folder_lock`) throughout: a second
+    run of the same fold stops with a one-line error instead of deleting this one's files.
+    """
+    if not dist.is_main:
+        return _train_fold(setup, cfg, resume, callbacks, dist)
+    with folder_lock(setup.paths.root, "train"):
+        return _train_fold(setup, cfg, resume, callbacks, dist)
+
+
+def _train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool, callbacks: Callbacks | None,
+                dist: DistContext) -> TrainState:
     """Train one fold; returns the final state (history included).
 
     Under DDP (``dist.enabled``, process group already joined) every rank calls this with its own
@@ -251,7 +264,8 @@ def train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool = False,
     budget, epoch sizing, the LR on elapsed time) use rank 0's clock, so the ranks never diverge.
 
     Raises:
-        ConfigError: bad device, no checkpoint to resume from, or a checkpoint of another run.
+        ConfigError: bad device, no checkpoint to resume from, a checkpoint of another run, or
+            another run training this fold.
     """
     callbacks = (callbacks or Callbacks()) if dist.is_main else Callbacks()
     config = setup.plans.configuration(setup.configuration)

@@ -399,7 +399,7 @@ def run(work: Path, configs: Sequence[str] | None = None, workers: int | None = 
     for name in names:
         primary.setdefault(digests[name], name)
 
-    with contextlib.ExitStack() as locks:  # one run per configuration folder at a time
+    with contextlib.ExitStack() as locks:  # one run per configuration folder at a time (creates the folders)
         for name in names:
             locks.enter_context(folder_lock(preprocessed_dir(work, name), "preprocess"))
         stale = {name: remove_stale_temp(preprocessed_dir(work, name)) for name in names}
@@ -418,8 +418,6 @@ def run(work: Path, configs: Sequence[str] | None = None, workers: int | None = 
         tasks = sorted((_Task(by_id[cid], tuple(cfgs)) for cid, cfgs in pending.items()),
                        key=lambda t: -estimate_case_bytes(t.case))
         n_workers = choose_preprocess_workers(workers, [t.case for t in tasks] or cases, plans, names)
-        for name in names:
-            preprocessed_dir(work, name).mkdir(parents=True, exist_ok=True)
         _run_tasks(tasks, plans, work, n_workers, progress)
 
         summaries: dict[str, ConfigSummary] = {}

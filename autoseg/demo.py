@@ -36,8 +36,8 @@ from autoseg.atomic import atomic_path, write_json
 from autoseg.errors import ConfigError, PlanError
 
 if TYPE_CHECKING:
-    from autoseg.evaluate import EvaluationReport
-    from autoseg.predict import PredictCallbacks
+    from autoseg.evaluation.evaluate import EvaluationReport
+    from autoseg.inference.run import PredictCallbacks
     from autoseg.training.config import TrainConfig
     from autoseg.training.trainer import Callbacks
 
@@ -139,7 +139,7 @@ class DemoHooks:
         note: one line of plain text after each stage.
         progress: ``progress(description)`` -> context yielding a ``progress(done, total)`` callback.
         training: context yielding ``callbacks_for(fold)`` for :func:`autoseg.training.run.run`.
-        predicting: context yielding :class:`autoseg.predict.PredictCallbacks`.
+        predicting: context yielding :class:`autoseg.inference.run.PredictCallbacks`.
     """
 
     note: Callable[[str], None] = lambda text: None
@@ -327,7 +327,7 @@ def plan(paths: DemoPaths, progress: ProgressFn | None) -> tuple[str, bool]:
     Raises:
         DatasetError: the dataset has errors; PlanError: no 3d_fullres configuration was planned.
     """
-    from autoseg import experiment
+    from autoseg.planning import run as experiment
 
     report, _, plans, reused = experiment.plan_dataset(paths.raw, paths.work, PLANNER, None, None, progress)
     if CONFIGURATION not in plans.configurations:
@@ -391,7 +391,7 @@ def train(paths: DemoPaths, cfg: TrainConfig, train_ids: list[str], val_ids: lis
 
 def predict(paths: DemoPaths, device: str, callbacks: PredictCallbacks | None) -> str:
     """Predict the held-out images (mirroring TTA); label maps already written are kept."""
-    from autoseg import predict as predictor
+    from autoseg.inference import run as predictor
 
     summary = predictor.run(paths.work, [paths.test_images], paths.predictions, [CONFIGURATION], [FOLD], "final",
                             device=device, resume=True, callbacks=callbacks)
@@ -402,7 +402,7 @@ def predict(paths: DemoPaths, device: str, callbacks: PredictCallbacks | None) -
 
 def evaluate(paths: DemoPaths, progress: ProgressFn | None) -> EvaluationReport:
     """Score the predictions against the held-out references -> ``OUT/evaluation.json`` and ``.csv``."""
-    from autoseg import evaluate as evaluation
+    from autoseg.evaluation import evaluate as evaluation
 
     return evaluation.run(paths.predictions, paths.test_labels, paths.raw / "dataset.json", paths.report,
                           progress=progress)

@@ -16,7 +16,7 @@ import yaml
 
 from autoseg.atomic import write_text
 from autoseg.errors import PlanError, did_you_mean
-from autoseg.preprocessing.normalization import SCHEMES
+from autoseg.channels import SCHEMES
 from autoseg.regions import is_region_based, num_outputs
 
 SCHEMA_VERSION = 1
@@ -27,7 +27,7 @@ class Normalization:
     """How one input channel is normalised.
 
     Attributes:
-        scheme: one of :data:`autoseg.preprocessing.normalization.SCHEMES`.
+        scheme: one of :data:`autoseg.channels.SCHEMES`.
         use_mask: z-score statistics (and output) restricted to the nonzero region.
         clip: ``[low, high]`` intensity window (``ct`` only): foreground 0.5/99.5 percentiles.
         mean, std: global foreground statistics (``ct`` only).
@@ -135,6 +135,8 @@ class Plans:
     original_median_spacing: tuple[float, float, float]
     original_median_shape: tuple[float, float, float]
     anisotropic: bool = False
+    #: What the networks learn (:data:`autoseg.tasks.TASKS`): the loss, head, export and metrics.
+    task: str = "segmentation"
     notes: tuple[str, ...] = ()
     schema_version: int = SCHEMA_VERSION
     fingerprint_sha256: str = ""

@@ -3,7 +3,7 @@
 A dataset is *region-based* when one of its labels declares several values
 (``{"background": 0, "whole": [1, 2], "core": 2}``). Then, as in nnU-Net v2, the network has one
 sigmoid output per label except background, in the order of the plans' ``labels`` (background
-first, then single labels by value, then regions by values: :func:`autoseg.dataset.parse_labels`
+first, then single labels by value, then regions by values: :func:`autoseg.dataset.layout.parse_labels`
 sorts them, so the order does not depend on how dataset.json lists them). Output ``r`` is trained
 on the mask "voxel value is one of ``values_r``": ``voxels == 2`` for ``core``, ``voxels in {1, 2}``
 for ``whole``. Label maps on disk stay integer maps; the masks are made on the fly.

@@ -12,7 +12,7 @@ not change the speed; a random checkpoint avoids 5 training runs). Measured, all
   checkpoint loading, reading, prediction, writing): one case, and ``--cases`` cases in one call,
   with and without TTA; wall time and peak RSS (``wait4``). ``per_additional_case_s`` =
   (wall of N cases - wall of 1 case) / (N - 1), from the fastest repeat of each.
-* ``in_process``: one :class:`~autoseg.predict.Predictor` (loaded once), each case read,
+* ``in_process``: one :class:`~autoseg.inference.predictor.Predictor` (loaded once), each case read,
   predicted and exported; the time inside the network calls only (``forward_s``: the same windows,
   the same batches) and the overhead ratio = case wall / forward time.
 * ``floor``: FLOPs of every window x mirror x fold (:func:`autoseg.networks.conv_flops`, inference:
@@ -167,7 +167,9 @@ def cli_runs(work: Path, config: str, folds: list[int], one: Path, many: Path, r
 def in_process(work: Path, config: str, folds: list[int], cases: list[Path], retries: int) -> dict:
     import torch
 
-    from autoseg.predict import InputCase, Predictor, read_input, select_models
+    from autoseg.inference.inputs import InputCase, read_input
+    from autoseg.inference.predictor import Predictor
+    from autoseg.inference.models import select_models
 
     results: dict = {"threads": torch.get_num_threads()}
     for tta in (True, False):
@@ -240,7 +242,7 @@ def conv_gflops(cin: int, cout: int, size: tuple[int, ...], batch: int, seconds:
 def floor(work: Path, config: str, folds: list[int], in_proc: dict) -> dict:
     from autoseg import plans as plans_io
     from autoseg.networks import conv_flops
-    from autoseg.predict_window import default_forward_batch
+    from autoseg.inference.window import default_forward_batch
 
     plans = plans_io.load(work / "plans.yaml")
     cfg = plans.configuration(config)
@@ -300,8 +302,8 @@ def main() -> None:
         result: dict = {"work": str(args.work), "configuration": args.config, "folds": args.folds,
                         "cases": [p.name for p in images], "cpus": os.cpu_count(), "nnunet_v2": NNUNET}
         if not args.skip_cli:
-            imports = "import torch, scipy.ndimage, SimpleITK, autoseg.cli, autoseg.predict, autoseg.predict_window, " \
-                      "autoseg.predict_cpu, autoseg.preprocessing.pipeline, autoseg.networks.unet"
+            imports = "import torch, scipy.ndimage, SimpleITK, autoseg.cli, autoseg.inference.run, autoseg.inference.window, " \
+                      "autoseg.inference.cpu, autoseg.preprocessing.pipeline, autoseg.networks.unet"
             result["import_s"] = min(clean_run([sys.executable, "-c", imports], args.retries)["wall_s"]
                                      for _ in range(args.repeats))
             result["cli"] = cli_runs(args.work, args.config, args.folds, many / images[0].name, many, args.repeats,

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"skipped": f"no dataset at {args.dataset}"}))
         return 0
 
-    from autoseg.experiment import plan_dataset
+    from autoseg.planning.run import plan_dataset
 
     with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
         work = Path(tmp) / "work"

@@ -186,7 +186,7 @@ def test_duplicate_case_ids(cli, msd: Path) -> None:
 
 def test_path_escaping_the_dataset_is_refused_and_never_read(cli, tmp_path: Path, monkeypatch) -> None:
     import autoseg.imageio
-    import autoseg.scan
+    import autoseg.dataset.scan
 
     root = tmp_path / "raw"
     phantoms.write_msd_dataset(root, n_cases=3)
@@ -205,7 +205,7 @@ def test_path_escaping_the_dataset_is_refused_and_never_read(cli, tmp_path: Path
         reads.append(Path(path).resolve())
         return real_read(path, *args, **kwargs)
 
-    monkeypatch.setattr(autoseg.scan, "read_image", recording_read)
+    monkeypatch.setattr(autoseg.dataset.scan, "read_image", recording_read)
     monkeypatch.setattr(autoseg.imageio, "read_image", recording_read)
 
     result = run_check(cli, root)

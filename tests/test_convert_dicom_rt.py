@@ -177,7 +177,7 @@ def tree_digest(folder: Path) -> str:
 
 
 def check_errors(root: Path) -> list[object]:
-    from autoseg import experiment
+    from autoseg.planning import run as experiment
 
     return experiment.check(root, workers=1).errors
 

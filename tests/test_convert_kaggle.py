@@ -166,7 +166,7 @@ def test_convert_synthetic_competition(competition: Competition, tmp_path: Path)
     label = read_image(tmp_path / "raw" / "labelsTr" / "case1_day0.nii.gz")[0][0]
     assert (label == 3).sum() == 2 * 6  # large & small bowel overlap: 2 x 3 pixels on 2 slices
 
-    from autoseg import experiment
+    from autoseg.planning import run as experiment
 
     assert experiment.check(tmp_path / "raw", workers=1).errors == []
 

@@ -23,7 +23,7 @@ from autoseg.imageio import read_image
 
 
 def check_errors(root: Path) -> list[object]:
-    from autoseg import experiment
+    from autoseg.planning import run as experiment
 
     return experiment.check(root, workers=1).errors
 

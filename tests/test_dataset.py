@@ -11,10 +11,10 @@ import numpy as np
 import phantoms
 import pytest
 
-from autoseg.dataset import LabelDef, discover_images, load_dataset, load_dataset_strict
+from autoseg.dataset.layout import LabelDef, discover_images, load_dataset, load_dataset_strict
 from autoseg.errors import DatasetError
 from autoseg.imageio import SPACING_2D_AXIS, read_image
-from autoseg.scan import scan_case
+from autoseg.dataset.scan import scan_case
 
 
 def _errors(issues):

@@ -17,11 +17,11 @@ import torch
 from autoseg.checkpoint import load_checkpoint
 from autoseg.data.sampler import num_forced
 from autoseg.errors import ConfigError
-from autoseg.experiment import plan_dataset
-from autoseg.training import distributed
+from autoseg.planning.run import plan_dataset
+from autoseg import distributed
 from autoseg.training import run as training
 from autoseg.training.config import TrainConfig
-from autoseg.training.distributed import ChildFailed, DistContext, Launch, rank_batch, rank_oversample, resolve_launch
+from autoseg.distributed import ChildFailed, DistContext, Launch, rank_batch, rank_oversample, resolve_launch
 from autoseg.training.trainer import Callbacks
 
 CPU2 = Launch("ddp", ("cpu", "cpu"), "gloo")
@@ -265,7 +265,7 @@ def test_torchrun_runs_the_same_code_path(work: Path, tmp_path: Path) -> None:
 def _dice_share(child: distributed.ChildContext, payload: tuple) -> tuple[float, list[float]]:
     """One rank's half of a batch through the synced Dice + CE: the loss, and the gradient on its
     logits divided by the world size (DDP averages the parameters' gradients over the ranks)."""
-    from autoseg.training.losses import DiceCELoss
+    from autoseg.tasks.segmentation_loss import DiceCELoss
 
     logits, target = payload
     logits = logits.clone().requires_grad_(True)
@@ -275,7 +275,7 @@ def _dice_share(child: distributed.ChildContext, payload: tuple) -> tuple[float,
 
 
 def test_ddp_batch_dice_equals_the_global_batch() -> None:
-    from autoseg.training.losses import DiceCELoss
+    from autoseg.tasks.segmentation_loss import DiceCELoss
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 3, 6, 5, 4, generator=generator)
@@ -308,7 +308,7 @@ def test_children_stop_when_the_launcher_is_killed(tmp_path: Path) -> None:
         "    open(os.path.join(folder, f'pid{child.rank}'), 'w').write(str(os.getpid()))\n"
         "    time.sleep(600)\n")
     script = ("import sys; sys.path.insert(0, sys.argv[1]); import sleeper\n"
-              "from autoseg.training import distributed\n"
+              "from autoseg import distributed\n"
               "distributed.launch(sleeper.sleep, [sys.argv[1]] * 2, distributed.Launch('folds', ('cpu', 'cpu')),"
               " join_group=False)\n")
     parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)])

@@ -11,7 +11,7 @@ import numpy as np
 import phantoms
 import pytest
 
-from autoseg import evaluate
+from autoseg.evaluation import evaluate
 from autoseg.errors import DatasetError
 from autoseg.imageio import read_image
 

@@ -9,8 +9,8 @@ import phantoms
 import pytest
 import yaml
 
-from autoseg import find_best
-from autoseg.ensemble import PROBABILITIES_KEY, write_probabilities
+from autoseg.evaluation import find_best
+from autoseg.evaluation.ensemble import PROBABILITIES_KEY, write_probabilities
 from autoseg.imageio import read_image
 
 NUM_CLASSES = 3  # background, shell, core (phantoms.LABELS)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoseg import experiment
-from autoseg.fingerprint import (
+from autoseg.planning import run as experiment
+from autoseg.dataset.fingerprint import (
     bbox_of,
     case_fingerprint,
     nonzero_mask,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import phantoms
 
-from autoseg.experiment import plan_dataset
+from autoseg.planning.run import plan_dataset
 
 
 def _autoseg(*args: str) -> subprocess.Popen:

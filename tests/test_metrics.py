@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from autoseg.metrics import case_metrics, mask_metrics, mean_foreground_dice, summarize, surface_distances
-from autoseg.postprocess import (
+from autoseg.evaluation.postprocess import (
     PostprocessingDecision,
     apply_postprocessing,
     decide_postprocessing,

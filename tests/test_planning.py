@@ -14,7 +14,7 @@ import pytest
 
 from autoseg import plans as plans_io
 from autoseg.errors import ConfigError, PlanError, UnknownNameError
-from autoseg.fingerprint import CaseRecord, Fingerprint, IntensityStats
+from autoseg.dataset.fingerprint import CaseRecord, Fingerprint, IntensityStats
 from autoseg.planning import GpuMemory, builtin_presets, load_preset, plan, preset_for_gpu
 from autoseg.planning.planner import context_slices, target_spacing, transpose_for
 from autoseg.planning.topology import pool_and_conv_props

@@ -21,15 +21,13 @@ from autoseg.checkpoint import CHECKPOINT_FORMAT
 from autoseg.errors import ConfigError, DatasetError, UnknownNameError
 from autoseg.imageio import Geometry, read_image, write_image
 from autoseg.plans import Configuration
-from autoseg.predict import (
-    ConfigPrediction,
-    Predictor,
-    export_prediction,
-    find_input_cases,
-    run,
-    select_models,
-)
-from autoseg.predict_window import (
+from autoseg.tasks.base import ConfigPrediction
+from autoseg.inference.predictor import Predictor
+from autoseg.tasks.segmentation_export import export_prediction
+from autoseg.inference.inputs import find_input_cases
+from autoseg.inference.run import run
+from autoseg.inference.models import select_models
+from autoseg.inference.window import (
     count_windows,
     gaussian_importance,
     mirror_combinations,
@@ -72,7 +70,8 @@ def _save_fold(work: Path, plans: plans_io.Plans, name: str, fold: int, seed: in
 
 
 def _experiment(root: Path, writer, folds: dict[str, tuple[int, ...]], **kwargs) -> Path:
-    from autoseg import crossval, experiment
+    from autoseg import crossval
+    from autoseg.planning import run as experiment
 
     raw, work = root / "raw", root / "work"
     ids = writer(raw, n_cases=5, **kwargs)
@@ -220,7 +219,7 @@ def test_count_windows() -> None:
 
 def test_cpu_inference_network_gives_the_training_network_output(work3d: Path) -> None:
     from autoseg.networks import build_network
-    from autoseg.predict_cpu import (
+    from autoseg.inference.cpu import (
         InferenceInstanceNorm,
         MkldnnConvolution,
         MkldnnTransposedConvolution,
@@ -258,7 +257,7 @@ def test_cpu_inference_decoder_reads_the_concatenation_in_place(
     """With every concatenation deferred (threshold 0), each decoder stage's first convolution
     runs as two half convolutions summed by oneDNN, and the logits are the training network's;
     the norms' sums are taken in many small pieces with a remainder."""
-    from autoseg import predict_cpu
+    from autoseg.inference import cpu as predict_cpu
 
     if not predict_cpu._fused_sum_available():
         pytest.skip("this PyTorch has no oneDNN fused convolution")
@@ -288,7 +287,7 @@ def test_cpu_inference_decoder_reads_the_concatenation_in_place(
 def _prepared_pair(config: Configuration, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A training network and its CPU-inference twin with the same weights."""
     from autoseg.networks import build_network
-    from autoseg.predict_cpu import prepare_for_cpu_inference
+    from autoseg.inference.cpu import prepare_for_cpu_inference
 
     torch.manual_seed(seed)
     trained = build_network(config.topology, config.input_channels, 3, deep_supervision=False).eval()
@@ -304,7 +303,7 @@ def test_cpu_inference_packed_weights(work3d: Path, packing: str, monkeypatch: p
     through an older PyTorch's reorder without the input shape, give the training network's
     output, split decoder convolutions included; where packing is unavailable the plain weights
     are used, and with oneDNN switched off PyTorch's own kernels."""
-    from autoseg import predict_cpu
+    from autoseg.inference import cpu as predict_cpu
 
     monkeypatch.setattr(predict_cpu, "DEFER_CONCAT_MIN", 0)
     reorder = torch._C._nn.mkldnn_reorder_conv3d_weight
@@ -345,7 +344,7 @@ def test_cpu_inference_follows_weight_changes_and_copies(work3d: Path, monkeypat
     a prepared network that ran can be deep-copied (the opaque oneDNN copies are left behind)."""
     import copy
 
-    from autoseg import predict_cpu
+    from autoseg.inference import cpu as predict_cpu
 
     monkeypatch.setattr(predict_cpu, "DEFER_CONCAT_MIN", 0)
     config = plans_io.load(work3d / "plans.yaml").configurations["3d_fullres"]
@@ -368,7 +367,7 @@ def test_cpu_inference_follows_weight_changes_and_copies(work3d: Path, monkeypat
 
 def test_cpu_inference_concatenates_without_the_fused_sum(work3d: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A PyTorch without oneDNN's fused sum: the decoder concatenates as in training."""
-    from autoseg import predict_cpu
+    from autoseg.inference import cpu as predict_cpu
 
     monkeypatch.setattr(predict_cpu, "DEFER_CONCAT_MIN", 0)
     monkeypatch.setattr(predict_cpu, "_fused_sum_available", lambda: False)
@@ -391,9 +390,9 @@ def test_inference_norm_matches_the_training_norm(channels: int, offset: float, 
     """One read for the statistics in the common case (in pieces: ``chunk`` values; 1000 gives
     several pieces and a remainder); centred first where E[x²] - mean² would cancel (large
     offsets): either way the training norm's output to float32 rounding."""
-    from autoseg import predict_cpu
+    from autoseg.inference import cpu as predict_cpu
     from autoseg.networks.norm import InstanceNorm3d
-    from autoseg.predict_cpu import InferenceInstanceNorm
+    from autoseg.inference.cpu import InferenceInstanceNorm
 
     monkeypatch.setattr(predict_cpu, "STATS_CHUNK", chunk)
     torch.manual_seed(1)
@@ -622,7 +621,7 @@ def test_png_model_predicts_pngs(work_png: Path, tmp_path: Path) -> None:
 
 
 def test_work_without_trained_folds(tmp_path: Path, cli) -> None:
-    from autoseg import experiment
+    from autoseg.planning import run as experiment
 
     phantoms.write_nnunet_dataset(tmp_path / "raw", n_cases=3)
     experiment.plan_dataset(tmp_path / "raw", tmp_path / "work", "tiny", None, 1, None)
@@ -674,7 +673,7 @@ def test_truncated_image_leaves_no_output(work3d: Path, tmp_path: Path, cli) -> 
 
 
 def test_validate_fold_writes_predictions_and_metrics(work3d: Path) -> None:
-    from autoseg.validation import validate_fold
+    from autoseg.training.validation import validate_fold
 
     record = validate_fold(work3d, "3d_fullres", 1, device="cpu")
     fold_dir = work3d / "models" / "3d_fullres" / "fold_1"
@@ -693,7 +692,7 @@ def test_validate_fold_writes_predictions_and_metrics(work3d: Path) -> None:
 
 
 def test_validate_fold_of_an_untrained_fold(work3d: Path) -> None:
-    from autoseg.validation import validate_fold
+    from autoseg.training.validation import validate_fold
 
     with pytest.raises(ConfigError, match="not trained"):
         validate_fold(work3d, "2d", 4, device="cpu")
@@ -706,7 +705,7 @@ def test_validate_fold_of_an_untrained_fold(work3d: Path) -> None:
 @pytest.mark.slow
 def test_real_unlabelled_case(hippocampus: Path, tmp_path: Path) -> None:
     """Hippocampus case 118 (no label) through a freshly planned tiny model: single file and folder."""
-    from autoseg import experiment
+    from autoseg.planning import run as experiment
 
     work = tmp_path / "work"
     _, _, plans, _ = experiment.plan_dataset(hippocampus, work, "tiny", None, 2, None)

@@ -20,7 +20,8 @@ import pytest
 import phantoms
 from autoseg.errors import ConfigError, DatasetError
 from autoseg.imageio import Geometry, dicom_series_files, read_image, read_info
-from autoseg.predict import find_input_cases, run
+from autoseg.inference.inputs import find_input_cases
+from autoseg.inference.run import run
 from test_predict import _assert_clean_failure, _experiment, _image
 
 pydicom = pytest.importorskip("pydicom")

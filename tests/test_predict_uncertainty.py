@@ -16,8 +16,11 @@ import torch
 
 import phantoms
 from autoseg.imageio import read_image
-from autoseg.predict import ConfigPrediction, Predictor, run, select_models
-from autoseg.uncertainty import (
+from autoseg.tasks.base import ConfigPrediction
+from autoseg.inference.predictor import Predictor
+from autoseg.inference.run import run
+from autoseg.inference.models import select_models
+from autoseg.inference.uncertainty import (
     export_uncertainty,
     fold_disagreement,
     normalized_entropy,

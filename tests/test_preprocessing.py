@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from autoseg import plans as plans_io
 from autoseg.cli import app
 from autoseg.errors import DatasetError, PlanError
-from autoseg.experiment import plan_dataset
+from autoseg.planning.run import plan_dataset
 from autoseg.imageio import Geometry, read_image, write_image
 from autoseg.plans import Normalization, Plans
 from autoseg.preprocessing import run as stage

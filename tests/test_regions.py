@@ -27,16 +27,16 @@ from autoseg.regions import (
     regions_of,
     regions_to_labels,
 )
-from autoseg.training.losses import (
-    DeepSupervisionLoss,
+from autoseg.tasks.segmentation_loss import (
     DiceBCELoss,
     DiceCELoss,
     confusion_counts,
     make_loss,
     region_targets,
 )
+from autoseg.training.losses import DeepSupervisionLoss
 
-#: As :func:`autoseg.dataset.parse_labels` orders them: background, single labels, regions.
+#: As :func:`autoseg.dataset.layout.parse_labels` orders them: background, single labels, regions.
 LABELS = {"background": [0], "core": [2], "whole": [1, 2]}
 #: BraTS in nnU-Net v2: nested regions, "enhancing" is a single value.
 BRATS = {"background": [0], "enhancing": [3], "tumor core": [2, 3], "whole tumor": [1, 2, 3]}
@@ -62,7 +62,7 @@ def test_values_in_the_same_regions_are_reported() -> None:
 
 
 def test_dataset_refuses_background_in_a_region(tmp_path: Path) -> None:
-    from autoseg.dataset import load_dataset
+    from autoseg.dataset.layout import load_dataset
 
     phantoms.write_nnunet_dataset(tmp_path, n_cases=1, labels={"background": 0, "all": [0, 1, 2], "core": 2})
     _, issues = load_dataset(tmp_path)
@@ -159,12 +159,14 @@ def test_export_thresholds_consistent_predictions_and_resolves_the_rest() -> Non
 
 
 def test_checkpoint_without_region_outputs_is_refused() -> None:
-    from autoseg.predict import _region_membership
+    from autoseg.tasks import get_task
 
-    assert _region_membership(LABELS, 2, "3d_fullres").tolist() == membership(((2,), (1, 2))).tolist()
-    assert _region_membership({"background": [0], "organ": [1]}, 2, "2d") is None
-    with pytest.raises(ConfigError, match="re-train"):
-        _region_membership(LABELS, 3, "3d_fullres")
+    task = get_task("segmentation", LABELS)
+    task.check_outputs(2, "3d_fullres")
+    assert task.membership.tolist() == membership(((2,), (1, 2))).tolist()
+    assert get_task(None, {"background": [0], "organ": [1]}).membership is None
+    with pytest.raises(ConfigError, match="3d_fullres: .*re-train"):
+        task.check_outputs(3, "3d_fullres")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def test_checkpoint_without_region_outputs_is_refused() -> None:
 
 
 def test_plans_mark_region_outputs(tmp_path: Path) -> None:
-    from autoseg import experiment
+    from autoseg.planning import run as experiment
 
     phantoms.write_nnunet_dataset(tmp_path / "raw", n_cases=3, labels={"background": 0, "whole": [1, 2], "core": 2})
     _, fp, plans, _ = experiment.plan_dataset(tmp_path / "raw", tmp_path / "work", "tiny", None, 1, None)
@@ -196,7 +198,7 @@ def test_plans_mark_region_outputs(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def region_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from autoseg import experiment
+    from autoseg.planning import run as experiment
     from autoseg.training import run as train_run
     from autoseg.training.config import TrainConfig
 
@@ -224,7 +226,7 @@ def test_training_logs_a_pseudo_dice_per_region(region_work: Path) -> None:
 
 
 def test_fold_validation_scores_each_region(region_work: Path) -> None:
-    from autoseg.ensemble import load_probabilities, load_regions
+    from autoseg.evaluation.ensemble import load_probabilities, load_regions
     from autoseg.imageio import read_image
     from autoseg.metrics import case_metrics
 
@@ -252,7 +254,7 @@ def test_fold_validation_scores_each_region(region_work: Path) -> None:
 
 
 def test_find_best_compares_region_ensembles(region_work: Path) -> None:
-    from autoseg import find_best
+    from autoseg.evaluation import find_best
 
     result = find_best.run(region_work, workers=1)
     assert set(result.candidates) == {"2d", "3d_fullres", "2d+3d_fullres"}
@@ -263,7 +265,9 @@ def test_find_best_compares_region_ensembles(region_work: Path) -> None:
 
 
 def test_predict_ensemble_and_evaluate_per_region(region_work: Path, tmp_path: Path) -> None:
-    from autoseg import ensemble, evaluate, predict
+    from autoseg.evaluation import ensemble
+    from autoseg.evaluation import evaluate
+    from autoseg.inference import run as predict
     from autoseg.imageio import read_image
     from autoseg.metrics import case_metrics
 

@@ -13,10 +13,11 @@ import torch
 from autoseg import crossval
 from autoseg.data import Case
 from autoseg.errors import ConfigError
-from autoseg.fingerprint import CaseRecord, Fingerprint, IntensityStats
+from autoseg.dataset.fingerprint import CaseRecord, Fingerprint, IntensityStats
 from autoseg.planning import load_preset, plan
 from autoseg.training.config import TrainConfig, parse_duration
-from autoseg.training.losses import DiceCELoss, deep_supervision_weights, soft_dice_loss
+from autoseg.tasks.segmentation_loss import DiceCELoss, soft_dice_loss
+from autoseg.training.losses import deep_supervision_weights
 from autoseg.training.trainer import FoldPaths, FoldSetup, load_checkpoint, poly_lr, train_fold
 
 SHAPE = (12, 20, 18)

@@ -31,7 +31,7 @@ import numpy as np
 from autoseg.atomic import remove_stale_temp, write_text
 from autoseg.errors import AutosegError, ConfigError
 
-#: ``progress(done, total)``, called after every case (the signature :mod:`autoseg.scan` uses).
+#: ``progress(done, total)``, called after every case (the signature :mod:`autoseg.dataset.scan` uses).
 ProgressFn = Callable[[int, int], None]
 
 #: Key of the conversion record in dataset.json.

@@ -76,7 +76,7 @@ class Concatenate(nn.Module):
     """The decoder's join: the upsampled features, then the skip, along the channels.
 
     A module of its own (without parameters) so that CPU inference can defer the copy and let
-    the next convolution read both parts (:mod:`autoseg.predict_cpu`).
+    the next convolution read both parts (:mod:`autoseg.inference.cpu`).
     """
 
     def forward(self, upsampled: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from autoseg.errors import PlanError
-from autoseg.fingerprint import Fingerprint
+from autoseg.dataset.fingerprint import Fingerprint
 from autoseg.planning.presets import Preset
 from autoseg.planning.topology import estimate_feature_map_units, features_per_stage, pool_and_conv_props
 from autoseg.plans import Configuration, Normalization, Plans, Resampling, Topology
-from autoseg.preprocessing.normalization import scheme_for_channel
+from autoseg.channels import scheme_for_channel
 from autoseg.regions import indistinguishable_values, is_region_based, output_names, output_regions
 
 #: nnU-Net uses the nonzero mask for z-score normalisation when cropping to nonzero kept less

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.fingerprint import bbox_of, nonzero_mask
+from autoseg.dataset.fingerprint import bbox_of, nonzero_mask
 from autoseg.imageio import Geometry
 from autoseg.plans import Configuration, Plans
 from autoseg.preprocessing.normalization import normalize_channel
@@ -116,7 +116,7 @@ def resampling_axis(config: Configuration, spacing: tuple[float, ...], new_spaci
 
 
 def crop_mask(image: np.ndarray) -> np.ndarray:
-    """The nonzero mask of ``image`` (C, Z, Y, X), as :func:`autoseg.fingerprint.nonzero_mask`.
+    """The nonzero mask of ``image`` (C, Z, Y, X), as :func:`autoseg.dataset.fingerprint.nonzero_mask`.
 
     Fast path: when every voxel of some channel is nonzero the mask is all true, and the hole
     filling (the slow part on large volumes) is skipped; the result is the same.

@@ -35,12 +35,12 @@ import numpy as np
 
 from autoseg import plans as plans_io
 from autoseg.atomic import atomic_path, folder_lock, remove_stale_temp, write_text
-from autoseg.dataset import Case
+from autoseg.dataset.layout import Case
 from autoseg.errors import DatasetError, PlanError, did_you_mean
 from autoseg.imageio import Geometry, read_image
 from autoseg.plans import Plans
 from autoseg.preprocessing.pipeline import Props, plan_digest, preprocess_case
-from autoseg.scan import ProgressFn, available_memory_bytes, choose_workers, estimate_case_bytes
+from autoseg.dataset.scan import ProgressFn, available_memory_bytes, choose_workers, estimate_case_bytes
 
 #: Fraction of the available memory the workers may plan to use (the same margin as the scan).
 _MEMORY_FRACTION = 0.7
@@ -272,7 +272,7 @@ def _growth(plans: Plans, configs: Sequence[str]) -> float:
 
 def choose_preprocess_workers(requested: int | None, cases: Sequence[Case], plans: Plans,
                               configs: Sequence[str]) -> int:
-    """Workers for preprocessing: :func:`autoseg.scan.choose_workers`, also bounded by upsampling.
+    """Workers for preprocessing: :func:`autoseg.dataset.scan.choose_workers`, also bounded by upsampling.
 
     A case resampled to a finer spacing grows by the ratio of the volumes; the per-case memory
     estimate of the scan is scaled by that factor before dividing the free memory.

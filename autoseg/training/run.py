@@ -10,9 +10,9 @@ from pathlib import Path
 from autoseg import crossval
 from autoseg import plans as plans_io
 from autoseg.errors import ConfigError, DatasetError
-from autoseg.experiment import WorkPaths
+from autoseg.planning.run import WorkPaths
 from autoseg.training.config import TrainConfig
-from autoseg.training.distributed import ChildContext, DistContext, Event, Launch
+from autoseg.distributed import ChildContext, DistContext, Event, Launch
 from autoseg.training.trainer import Callbacks, FoldPaths, FoldSetup, TrainState, train_fold
 
 #: Configurations that train on another configuration's preprocessed data.
@@ -80,7 +80,7 @@ def run(
     and scored into ``fold_<k>/metrics.json`` (``validate=False`` skips it; ``validate_only``
     redoes only that, from ``checkpoint_final.pt``).
 
-    ``launch`` (see :func:`autoseg.training.distributed.resolve_launch`) trains each fold with DDP
+    ``launch`` (see :func:`autoseg.distributed.resolve_launch`) trains each fold with DDP
     over several processes, or several folds at once, one per process. Started by ``torchrun``
     (``WORLD_SIZE`` > 1 in the environment), this process is one rank of a DDP run.
 
@@ -97,7 +97,7 @@ def run(
     data_folder = work / "preprocessed" / data_config
     case_ids = case_ids_of(work)
     if not _preprocessed(data_folder, case_ids):
-        from autoseg.training.distributed import from_torchrun_env
+        from autoseg.distributed import from_torchrun_env
 
         if from_torchrun_env() is not None:
             # Every rank would preprocess the same folder at once.
@@ -109,7 +109,7 @@ def run(
             on_preprocess(data_config)
         preprocessing.run(work, [data_config], cfg.workers, None)
     splits = crossval.load_or_create(work, case_ids, splits_file)
-    from autoseg.training import distributed
+    from autoseg import distributed
 
     torchrun = distributed.from_torchrun_env()
     if torchrun is not None and validate_only and not torchrun.is_main:
@@ -124,7 +124,7 @@ def run(
         cfg = distributed.replace_device(cfg, launch.devices[0])
     results = []
     if validate_only:
-        from autoseg.validation import validate_fold
+        from autoseg.training.validation import validate_fold
 
         for fold in parse_folds(folds, len(splits)):
             metrics = validate_fold(work, configuration, fold, "final", cfg.device)
@@ -137,7 +137,7 @@ def run(
         callbacks = callbacks_for(fold) if callbacks_for else None
         state = train_fold(setup, cfg, resume=resume, callbacks=callbacks)
         if validate:
-            from autoseg.validation import validate_fold
+            from autoseg.training.validation import validate_fold
 
             metrics = validate_fold(work, configuration, fold, "final", cfg.device)
             if on_validated:
@@ -209,7 +209,7 @@ def _dispatcher(callbacks_for: Callable[[int], Callbacks] | None,
 
 def _train_child(child: ChildContext, job: _Job) -> list[tuple[int, TrainState]]:
     """Runs in a spawned process: this rank's share of a DDP fold, or whole folds (``--folds-parallel``)."""
-    from autoseg.training import distributed
+    from autoseg import distributed
 
     plans = plans_io.load(WorkPaths(job.work).plans)
     cfg = distributed.replace_device(job.cfg, child.device)
@@ -218,7 +218,7 @@ def _train_child(child: ChildContext, job: _Job) -> list[tuple[int, TrainState]]
         setup = fold_setup(job.work, plans, job.configuration, fold, job.splits)
         state = train_fold(setup, cfg, resume=job.resume, callbacks=_event_callbacks(child, fold), dist=child.dist)
         if job.validate and not child.dist.enabled:
-            from autoseg.validation import validate_fold
+            from autoseg.training.validation import validate_fold
 
             metrics = validate_fold(job.work, job.configuration, fold, "final", child.device)
             child.post(Event(fold, "validated", (metrics,)))
@@ -230,7 +230,7 @@ def _run_launched(work: Path, configuration: str, folds: list[int], splits: list
                   launch: Launch, *, resume: bool, callbacks_for: Callable[[int], Callbacks] | None,
                   validate: bool, on_validated: Callable[[int, dict], None] | None) -> list[FoldResult]:
     """Folds in parallel (one per process), or each fold with DDP over every process."""
-    from autoseg.training import distributed
+    from autoseg import distributed
 
     on_event = _dispatcher(callbacks_for, on_validated)
     results: list[FoldResult] = []
@@ -248,7 +248,7 @@ def _run_launched(work: Path, configuration: str, folds: list[int], splits: list
         per_rank = distributed.launch(_train_child, [job] * launch.processes, launch, on_event=on_event)
         _, state = per_rank[0][0]
         if validate:
-            from autoseg.validation import validate_fold
+            from autoseg.training.validation import validate_fold
 
             metrics = validate_fold(work, configuration, fold, "final", launch.devices[0])
             on_event(Event(fold, "validated", (metrics,)))
@@ -263,7 +263,7 @@ def _run_torchrun(work: Path, plans: plans_io.Plans, configuration: str, folds: 
     """This process is one rank of a ``torchrun`` job: join its group, train; rank 0 then validates."""
     import torch
 
-    from autoseg.training import distributed
+    from autoseg import distributed
 
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     if use_cuda:
@@ -279,7 +279,7 @@ def _run_torchrun(work: Path, plans: plans_io.Plans, configuration: str, folds: 
     # a collective; the exception ends this process and torchrun stops the others.
     distributed.destroy_process_group()
     if validate and ctx.is_main:
-        from autoseg.validation import validate_fold
+        from autoseg.training.validation import validate_fold
 
         for result in results:
             metrics = validate_fold(work, configuration, result.fold, "final", cfg.device)

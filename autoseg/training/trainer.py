@@ -32,9 +32,8 @@ from autoseg.data import BatchLoader, Case
 from autoseg.errors import ConfigError
 from autoseg.networks import build_network
 from autoseg.plans import Configuration, Plans
-from autoseg.regions import output_regions, regions_of
 from autoseg.training.config import TrainConfig
-from autoseg.training.distributed import (
+from autoseg.distributed import (
     SINGLE,
     DistContext,
     all_gather_strings,
@@ -45,7 +44,8 @@ from autoseg.training.distributed import (
     rank_oversample,
     weights_digest,
 )
-from autoseg.training.losses import DeepSupervisionLoss, confusion_counts, make_loss
+from autoseg.tasks import Task, get_task
+from autoseg.training.losses import DeepSupervisionLoss
 
 #: Smoothing of the validation pseudo-Dice that selects the best checkpoint (nnU-Net: 0.9).
 EMA_DECAY = 0.9
@@ -166,6 +166,7 @@ def plans_meta(plans: Plans) -> dict[str, Any]:
         "channel_names": list(plans.channel_names),
         "transpose": list(plans.transpose),
         "num_classes": plans.num_classes,
+        "task": plans.task,
     }
 
 
@@ -239,6 +240,11 @@ class FoldSetup:
     val_cases: list[Case]
     paths: FoldPaths
 
+    @property
+    def task(self) -> Task:
+        """The plans' task: the network head, the loss and the online metric."""
+        return get_task(self.plans.task, self.plans.labels, "plans.yaml")
+
 
 def train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool = False,
                callbacks: Callbacks | None = None, dist: DistContext = SINGLE) -> TrainState:
@@ -278,15 +284,17 @@ def _train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool, callbacks: Cal
     paths.root.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed + setup.fold)
-    net = build_network(config.topology, config.input_channels, setup.plans.num_classes, deep_supervision=True)
+    task = setup.task
+    net = build_network(config.topology, config.input_channels, task.num_outputs, deep_supervision=True)
     memory_format = _memory_format(device, config, cfg)
     net = net.to(device=device, memory_format=memory_format)
     optimizer = make_optimizer(net, cfg)
     autocast_dtype = _autocast_dtype(device, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
     n_outputs = config.topology.num_stages - 1
-    # Dice + CE over softmax classes, or Dice + BCE over sigmoid region outputs (autoseg.regions).
-    loss_fn = DeepSupervisionLoss(make_loss(setup.plans.labels, batch_dice=True, sync=dist.enabled), n_outputs)
+    # The task's loss (segmentation: Dice + CE, or Dice + BCE over sigmoid region outputs) at every
+    # deep-supervision output.
+    loss_fn = DeepSupervisionLoss(task.make_loss(batch_dice=True, sync=dist.enabled), n_outputs)
     state = TrainState(iters_per_epoch=cfg.iters_per_epoch if cfg.time_budget_s is None else cfg.iters_per_epoch,
                        val_iters=cfg.val_iters)
 
@@ -472,17 +480,16 @@ def _run_epoch(model: nn.Module, eval_model: nn.Module, net: nn.Module, step: Ca
 def _validate(model: nn.Module, net: nn.Module, loss_fn: nn.Module, setup: FoldSetup, cfg: TrainConfig,
               config: Configuration, device: torch.device, sampling: _Sampling, memory_format: torch.memory_format,
               autocast_dtype: torch.dtype | None, iters: int) -> tuple[float, list[float]]:
-    """Loss and pseudo-Dice per foreground class (or region) on validation patches (nnU-Net's online metric).
+    """Loss and the task's online metric per output on validation patches (segmentation:
+    pseudo-Dice per foreground class or region, nnU-Net's online metric).
 
-    Under DDP every rank scores ``iters`` batches of its share of the global batch, and the counts
-    are summed: the same number of patches as one process scoring ``iters`` global batches.
+    Under DDP every rank scores ``iters`` batches of its share of the global batch, and the task's
+    counts are summed: the same number of patches as one process scoring ``iters`` global batches.
     """
     dist = sampling.dist
-    regions = regions_of(setup.plans.labels)
-    k = len(output_regions(setup.plans.labels))  # foreground classes, or regions
-    tp = np.zeros(k)
-    fp = np.zeros(k)
-    fn = np.zeros(k)
+    task = setup.task
+    k = task.validation_size
+    counts = None
     if iters == 0 or not setup.val_cases:
         return float("nan"), [float("nan")] * k
     net.eval()
@@ -499,19 +506,15 @@ def _validate(model: nn.Module, net: nn.Module, loss_fn: nn.Module, setup: FoldS
                 outputs = model(image)
                 losses.append(float(loss_fn(outputs, targets)))
             logits = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-            # Softmax: argmax per class; regions: sigmoid > 0.5 per region (nnU-Net's pseudo-Dice).
-            batch_tp, batch_fp, batch_fn = confusion_counts(logits, targets[0], regions)
-            tp += batch_tp
-            fp += batch_fp
-            fn += batch_fn
+            batch_counts = task.validation_counts(logits, targets[0])
+            counts = batch_counts if counts is None else counts + batch_counts
     finally:
         loader.close()
         net.train()
-    counts = all_reduce_sum(dist, np.concatenate([tp, fp, fn, [float(np.sum(losses)), float(len(losses))]]))
-    tp, fp, fn = counts[:k], counts[k:2 * k], counts[2 * k:3 * k]
-    denominator = 2 * tp + fp + fn
-    dice = [float(2 * t / d) if d > 0 else float("nan") for t, d in zip(tp, denominator)]
-    return float(counts[-2] / counts[-1]) if counts[-1] else float("nan"), dice
+    assert counts is not None  # iters > 0
+    summed = all_reduce_sum(dist, np.concatenate([counts, [float(np.sum(losses)), float(len(losses))]]))
+    scores = task.validation_scores(summed[:-2])
+    return float(summed[-2] / summed[-1]) if summed[-1] else float("nan"), scores
 
 
 def _weights_payload(net: nn.Module, state: TrainState, cfg: TrainConfig, setup: FoldSetup) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg import check, fingerprint
-from autoseg.dataset import Case, DatasetSpec, Issue, rel
+from autoseg.dataset import check
+from autoseg.dataset import fingerprint
+from autoseg.dataset.layout import Case, DatasetSpec, Issue, rel
 from autoseg.errors import DatasetError
 from autoseg.imageio import Geometry, read_image
 

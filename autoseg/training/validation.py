@@ -2,7 +2,7 @@
 
 For fold ``k`` of a configuration, every validation case of ``WORK/splits.json`` is read from the
 RAW dataset (``WORK/dataset.json``: ``source`` + each case's ``images`` and ``label``) and
-predicted exactly as ``autoseg predict`` would (same :class:`~autoseg.predict.Predictor`: sliding
+predicted exactly as ``autoseg predict`` would (same :class:`~autoseg.inference.predictor.Predictor`: sliding
 window, mirroring TTA on), then written and scored::
 
     WORK/models/<config>/fold_<k>/validation/<case>.nii.gz   label map, the image's geometry
@@ -74,8 +74,10 @@ def validate_fold(
         PlanError: plans.yaml is missing or invalid.
     """
     from autoseg.imageio import read_image
-    from autoseg.metrics import case_metrics, summarize
-    from autoseg.predict import InputCase, Predictor, read_input, select_models
+    from autoseg.metrics import summarize
+    from autoseg.inference.inputs import InputCase, read_input
+    from autoseg.inference.predictor import Predictor
+    from autoseg.inference.models import select_models
     from autoseg.preprocessing.run import load_work_cases
 
     started = time.perf_counter()
@@ -98,8 +100,8 @@ def validate_fold(
                                f"{image.shape[1:]}; run 'autoseg check' on the dataset")
         predictions = predictor.predict(image, geometry)
         labels = predictor.export(predictions, geometry, folder / f"{case_id}.nii.gz", folder / f"{case_id}.npz")
-        per_case[case_id] = case_metrics(labels, reference, geometry.spacing, predictor.labels,
-                                         nsd_tolerance_mm=nsd_tolerance_mm)
+        per_case[case_id] = predictor.task.score_case(labels, reference, geometry.spacing,
+                                                      nsd_tolerance_mm=nsd_tolerance_mm)
         if progress is not None:
             progress(index + 1, len(val_ids))
     record = {

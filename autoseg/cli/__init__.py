@@ -18,7 +18,7 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from autoseg.dataset import Issue
+    from autoseg.dataset.layout import Issue
     from autoseg.demo import DemoResult
     from autoseg.plans import Plans
 
@@ -125,7 +125,7 @@ def check_cmd(
 ) -> None:
     """Validate a dataset and list every problem at once. Reads every file; writes nothing to RAW."""
     with _user_errors():
-        from autoseg import experiment
+        from autoseg.planning import run as experiment
 
         console = _console()
         with _progress("checking cases") as progress:
@@ -154,7 +154,7 @@ def fingerprint_cmd(
 ) -> None:
     """Check and fingerprint a dataset: spacing, shapes, intensities, classes -> WORK/fingerprint.json."""
     with _user_errors():
-        from autoseg import experiment
+        from autoseg.planning import run as experiment
 
         with _progress("fingerprinting") as progress:
             report, fp, reused = experiment.fingerprint(raw, out, workers=workers, progress=progress, reuse=not force)
@@ -205,7 +205,7 @@ def plan_cmd(
 ) -> None:
     """Check, fingerprint and plan a dataset: writes WORK/dataset.json, fingerprint.json, plans.yaml."""
     with _user_errors():
-        from autoseg import experiment
+        from autoseg.planning import run as experiment
 
         with _progress("checking and fingerprinting") as progress:
             report, fp, plans, reused = experiment.plan_dataset(raw, out, planner, gpu_memory, workers, progress)
@@ -291,7 +291,7 @@ def train_cmd(
     with _user_errors():
         from autoseg.training import run as training
         from autoseg.training.config import TrainConfig, parse_duration
-        from autoseg.training.distributed import resolve_launch
+        from autoseg.distributed import resolve_launch
 
         launch = resolve_launch(device, gpus, procs, folds_parallel)
 
@@ -410,7 +410,7 @@ def evaluate_cmd(
 ) -> None:
     """Score predictions against references: Dice, IoU, HD95, NSD per case and label -> JSON, CSV, table."""
     with _user_errors():
-        from autoseg import evaluate
+        from autoseg.evaluation import evaluate
 
         with _progress("evaluating") as progress:
             report = evaluate.run(pred, ref, labels, output, tolerance, workers, progress)
@@ -435,7 +435,7 @@ def find_best_cmd(
     with _user_errors():
         from rich.table import Table
 
-        from autoseg import find_best
+        from autoseg.evaluation import find_best
 
         with _progress("scoring cross-validation") as progress:
             result = find_best.run(work, tolerance, workers, progress)
@@ -481,7 +481,7 @@ def ensemble_cmd(
 ) -> None:
     """Average saved probabilities of the same cases across folders, argmax -> label maps."""
     with _user_errors():
-        from autoseg import ensemble
+        from autoseg.evaluation import ensemble
 
         with _progress("ensembling") as progress:
             result = ensemble.run(folders, out, save_probabilities, workers, progress)
@@ -536,9 +536,9 @@ def predict_cmd(
     with _user_errors():
         from rich.markup import escape
 
-        from autoseg import predict
+        from autoseg.inference import run as predict
         from autoseg.errors import ConfigError
-        from autoseg.training.distributed import resolve_launch
+        from autoseg.distributed import resolve_launch
 
         several = gpus is not None or procs is not None
         devices = list(resolve_launch(device, gpus, procs, folds_parallel=several).devices) if several else None
@@ -575,11 +575,11 @@ def predict_cmd(
 
 @contextlib.contextmanager
 def _predict_progress() -> Iterator[object]:
-    """A bar per case over its sliding windows, with ETA; yields ``predict.PredictCallbacks``."""
+    """A bar per case over its sliding windows, with ETA; yields ``autoseg.inference.run.PredictCallbacks``."""
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from autoseg.predict import PredictCallbacks
+    from autoseg.inference.run import PredictCallbacks
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),

@@ -5,7 +5,7 @@ Layers (STYLE §2): :func:`evaluate_arrays` (arrays -> metrics, pure) → :func:
 (folders in, report files out).
 
 Matching: a case id is a file name without its ending (``case_001.nii.gz`` -> ``case_001``). REF is
-a folder of label maps or a raw dataset root (its ``labelsTr`` via :func:`autoseg.dataset.load_dataset`).
+a folder of label maps or a raw dataset root (its ``labelsTr`` via :func:`autoseg.dataset.layout.load_dataset`).
 A prediction without a reference is an error (it would be silently unscored); a reference without
 a prediction is listed in the report's ``missing_predictions`` and printed as a warning, and only
 the predicted cases are scored, so a partial prediction run can be evaluated.
@@ -34,7 +34,8 @@ import numpy as np
 from autoseg.atomic import write_json, write_text
 from autoseg.errors import DatasetError
 from autoseg.imageio import Geometry, read_image, read_info, strip_ending
-from autoseg.metrics import METRIC_NAMES, both_empty_metrics, case_metrics, summarize
+from autoseg.metrics import METRIC_NAMES, both_empty_metrics, summarize
+from autoseg.tasks import get_task
 
 ProgressFn = Callable[[int, int], None]
 T = TypeVar("T")
@@ -126,7 +127,7 @@ def label_files(folder: Path) -> dict[str, Path]:
 
 def _labels_from_mapping(raw: object, where: str) -> dict[str, list[int]]:
     """Labels of a dataset.json ``labels`` entry (nnU-Net v2 or MSD style) as name -> values."""
-    from autoseg.dataset import parse_labels
+    from autoseg.dataset.layout import parse_labels
 
     issues: list = []
     labels = parse_labels({"labels": raw}, issues)
@@ -164,7 +165,7 @@ def reference_files(ref: Path) -> tuple[dict[str, Path], dict[str, list[int]] | 
     Raises:
         DatasetError: the folder is missing, or REF's dataset.json cannot be read.
     """
-    from autoseg.dataset import load_dataset
+    from autoseg.dataset.layout import load_dataset
 
     ref = Path(ref)
     if not (ref / "dataset.json").is_file():
@@ -214,7 +215,7 @@ def geometry_problems(pred: Geometry, pred_shape: tuple[int, ...], ref: Geometry
     Returns:
         ``(errors, warnings)``, one line each.
     """
-    from autoseg.check import compare_geometry
+    from autoseg.dataset.check import compare_geometry
 
     issues = compare_geometry(pred, pred_shape, ref, ref_shape, what="prediction vs reference", case="", file="")
     return ([i.problem for i in issues if i.severity == "error"],
@@ -246,7 +247,8 @@ def evaluate_arrays(
     """
     found = tuple(sorted(set(present_values(pred)) | set(present_values(ref))))
     chosen = labels if labels is not None else {str(v): [v] for v in found}
-    return case_metrics(pred, ref, spacing, chosen, tolerance_mm), found
+    # Files carry no task name; label maps are segmentation's (the only task whose outputs are files of labels).
+    return get_task(None, chosen).score_case(pred, ref, spacing, nsd_tolerance_mm=tolerance_mm), found
 
 
 def evaluate_case(case_id: str, pred_path: Path, ref_path: Path, labels: dict[str, list[int]] | None,
@@ -274,12 +276,12 @@ def evaluate_case(case_id: str, pred_path: Path, ref_path: Path, labels: dict[st
 
 
 # ----------------------------------------------------------------------------------------------
-# Many cases: a bounded process pool (the pattern of autoseg.scan)
+# Many cases: a bounded process pool (the pattern of autoseg.dataset.scan)
 
 
 def choose_workers(requested: int | None, n_tasks: int, bytes_per_task: int) -> int:
     """Worker processes: the request (default: CPU count), capped by the tasks and by free memory."""
-    from autoseg.scan import available_memory_bytes
+    from autoseg.dataset.scan import available_memory_bytes
 
     workers = requested if requested and requested > 0 else (os.cpu_count() or 1)
     workers = min(workers, max(n_tasks, 1))

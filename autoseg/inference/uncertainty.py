@@ -28,7 +28,7 @@ volumes, so the memory stays that of a normal prediction plus one logits volume.
 already carries the spread of the probabilities.
 
 Both maps are computed at network resolution (the disagreement per configuration, in
-:meth:`autoseg.predict.Predictor.predict`) or class by class in the crop box (the entropy) and
+:meth:`autoseg.inference.predictor.Predictor.predict`) or class by class in the crop box (the entropy) and
 resampled back with the inverse of the preprocessing used for the probabilities (linear, separate
 axis for anisotropic spacing): no ``(K, Z, Y, X)`` float array at the original resolution. Outside
 the crop box (background by construction) both are 0. With several configurations the
@@ -48,7 +48,7 @@ import numpy as np
 from autoseg.imageio import Geometry, write_image
 
 if TYPE_CHECKING:
-    from autoseg.predict import ConfigPrediction
+    from autoseg.tasks.base import ConfigPrediction
     from autoseg.preprocessing.pipeline import Props
 
 #: The two maps, in the order written; ``<case>_<name><ending>``.
@@ -138,7 +138,7 @@ def uncertainty_maps(predictions: Sequence["ConfigPrediction"],
     """The normalised entropy and the fold disagreement in the crop box of the original grid.
 
     The entropy is accumulated class by class: each class's probability is resampled to the crop
-    box and averaged over configurations as :func:`autoseg.predict.export_prediction` does, so the
+    box and averaged over configurations as :func:`autoseg.tasks.segmentation_export.export_prediction` does, so the
     working memory is a few float32 crop volumes whatever the number of classes.
 
     Args:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from autoseg.errors import DatasetError, UnknownNameError
 from autoseg.imageio import ENDINGS_2D, SUPPORTED_ENDINGS, strip_ending
-from autoseg.preprocessing.normalization import scheme_for_channel
+from autoseg.channels import scheme_for_channel
 
 Severity = Literal["error", "warning"]
 Layout = Literal["nnunet", "msd", "images"]

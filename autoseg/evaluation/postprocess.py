@@ -11,7 +11,7 @@ Components use full connectivity (26 neighbours in 3D, as ``skimage.measure.labe
 nnU-Net v2 uses): a component touching another only by an edge or corner is the same object.
 Removed voxels become background (0).
 
-Everything here is pure (arrays in, arrays and plain data out); :mod:`autoseg.find_best` feeds it
+Everything here is pure (arrays in, arrays and plain data out); :mod:`autoseg.evaluation.find_best` feeds it
 the cross-validation predictions case by case.
 """
 

@@ -1,7 +1,7 @@
 """Per-case dataset checks on pixels and geometry, and the dataset-wide checks that follow them.
 
-The structural checks (dataset.json, file layout) live in :mod:`autoseg.dataset`; the reading loop
-that runs these functions once per case (shared with the fingerprint) lives in :mod:`autoseg.scan`.
+The structural checks (dataset.json, file layout) live in :mod:`autoseg.dataset.layout`; the reading loop
+that runs these functions once per case (shared with the fingerprint) lives in :mod:`autoseg.dataset.scan`.
 Every function here is pure: arrays and geometries in, :class:`Issue` objects out.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from autoseg.dataset import Issue
+from autoseg.dataset.layout import Issue
 from autoseg.imageio import Geometry
 
 #: Relative spacing difference tolerated between a case's files (ITK's own default is 1e-6;

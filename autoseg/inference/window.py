@@ -2,7 +2,7 @@
 
 The pure core of prediction (nnU-Net v2's ``predict_sliding_window_return_logits``): a network
 function, a preprocessed ``(C, z, y, x)`` tensor and a patch size in, logits ``(K, z, y, x)`` out.
-No files, no plans; :mod:`autoseg.predict` builds the network function from checkpoints.
+No files, no plans; :mod:`autoseg.inference.predictor` builds the network function from checkpoints.
 
 * Windows overlap by ``1 - step`` of the patch (0.5: nnU-Net's default). Their starts are spread
   evenly so that the first window touches the first voxel and the last the last one
@@ -35,7 +35,7 @@ import torch
 #: Gaussian σ as a fraction of the patch size per axis (nnU-Net v2: 1/8).
 SIGMA_SCALE = 1.0 / 8.0
 #: Samples per network call on the CPU, as voxels: 2 patches of the default 3D plan (40×56×40).
-#: On a 2-core AVX2 CPU (channels-last, autoseg.predict_cpu's tuning) a batch of 1 costs 0.130 s
+#: On a 2-core AVX2 CPU (channels-last, autoseg.inference.cpu's tuning) a batch of 1 costs 0.130 s
 #: per sample, 2, 4 and 8 cost 0.107-0.108 s (a whole TTA case: 4.31 s at 2, 4.40 s at 4 or 8), so
 #: the smallest efficient batch is taken; 2D slices are batched to the same volume.
 CPU_FORWARD_VOXELS = 2 * 40 * 56 * 40

@@ -11,7 +11,7 @@ A configuration is *trained* when every fold of the splits (``WORK/splits.json``
 configuration is scored on all cross-validation cases pooled, and so is every pair of trained
 configurations that saved probabilities (mean of the probabilities, argmax). The candidate with the
 highest mean foreground Dice wins (ties: the single configuration, then the first name); then
-postprocessing is decided on its predictions (:mod:`autoseg.postprocess`). The result is
+postprocessing is decided on its predictions (:mod:`autoseg.evaluation.postprocess`). The result is
 ``WORK/best.yaml``::
 
     schema_version: 1
@@ -42,9 +42,9 @@ import yaml
 
 from autoseg.atomic import write_text
 from autoseg.crossval import make_splits, validate_splits
-from autoseg.ensemble import average_probabilities, load_probabilities, probabilities_to_labels, probability_files
+from autoseg.evaluation.ensemble import average_probabilities, load_probabilities, probabilities_to_labels, probability_files
 from autoseg.errors import ConfigError, DatasetError
-from autoseg.evaluate import (
+from autoseg.evaluation.evaluate import (
     ProgressFn,
     choose_workers,
     geometry_problems,
@@ -55,7 +55,7 @@ from autoseg.evaluate import (
 )
 from autoseg.imageio import Geometry, read_info
 from autoseg.metrics import DEFAULT_NSD_TOLERANCE_MM, case_metrics, summarize
-from autoseg.postprocess import PostprocessingDecision, candidate_dice, decide_from_dice
+from autoseg.evaluation.postprocess import PostprocessingDecision, candidate_dice, decide_from_dice
 from autoseg.regions import membership, regions_of
 
 BEST_SCHEMA_VERSION = 1
@@ -205,7 +205,7 @@ def load_crossval(work: Path) -> CrossValidation:
         DatasetError: WORK/dataset.json is missing or unreadable, or the raw dataset has moved.
         ConfigError: WORK/splits.json is invalid.
     """
-    from autoseg.evaluate import _labels_from_mapping
+    from autoseg.evaluation.evaluate import _labels_from_mapping
 
     work = Path(work)
     record_path = work / "dataset.json"

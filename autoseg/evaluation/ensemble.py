@@ -27,7 +27,7 @@ import numpy as np
 
 from autoseg.atomic import atomic_path
 from autoseg.errors import ConfigError, DatasetError
-from autoseg.evaluate import ProgressFn, choose_workers, label_files, map_pool, process_pool
+from autoseg.evaluation.evaluate import ProgressFn, choose_workers, label_files, map_pool, process_pool
 from autoseg.imageio import read_info, write_image
 
 #: Key of the probabilities in a ``.npz`` file (the predictor's convention).

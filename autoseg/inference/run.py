@@ -1,0 +1,266 @@
+"""The ``predict`` stage run: files in, files out, checked before any work, optionally over several processes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoseg import plans as plans_io
+from autoseg.errors import ConfigError
+from autoseg.imageio import (
+    write_image,
+)
+from autoseg.inference.inputs import (
+    InputCase,
+    check_inputs,
+    find_input_cases,
+    read_input,
+)
+from autoseg.inference.models import ModelSelection, select_models
+from autoseg.inference.outputs import CaseOutputs, case_outputs, check_output_outside_dicom_inputs, check_outputs, output_formats
+from autoseg.inference.predictor import Predictor, PredictorStats
+
+
+log = logging.getLogger(__name__)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class PredictCallbacks:
+    """Progress hooks (the CLI draws rich bars with them).
+
+    Attributes:
+        on_case: ``on_case(index, total, case_id)`` before each case is predicted.
+        on_windows: ``on_windows(done, total)`` as the windows of the current case finish.
+    """
+
+    on_case: Callable[[int, int, str], None] = lambda index, total, case_id: None
+    on_windows: Callable[[int, int], None] = lambda done, total: None
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    """What ``autoseg predict`` did.
+
+    Attributes:
+        output: the output folder.
+        selections: the configurations and folds used.
+        written: label maps written in this run.
+        skipped: label maps that existed already (``--continue``).
+        seconds: wall time of the stage.
+        device: where the networks ran ("" when nothing was predicted).
+        postprocessing: whether best.yaml's postprocessing was applied.
+    """
+
+    output: Path
+    selections: tuple[ModelSelection, ...]
+    written: tuple[Path, ...]
+    skipped: tuple[Path, ...]
+    seconds: float
+    device: str
+    postprocessing: bool = False
+    stats: PredictorStats = field(default_factory=PredictorStats)
+
+
+def _postprocessor(best: dict[str, Any] | None) -> Callable[[np.ndarray], np.ndarray] | None:
+    """best.yaml's postprocessing as a function of the label map; None when there is none to do.
+
+    Raises:
+        ConfigError: best.yaml's postprocessing record is invalid.
+    """
+    spec = best.get("postprocessing") if best else None
+    if not spec:
+        return None
+    from autoseg.evaluation.postprocess import (
+        PostprocessingDecision,
+        apply_postprocessing,
+    )
+
+    decision = PostprocessingDecision.from_dict(spec, "best.yaml: postprocessing")
+    if decision.is_noop:
+        return None
+    return lambda labels: apply_postprocessing(labels, decision)
+
+
+def run(
+    work: Path,
+    inputs: Sequence[Path],
+    output: Path,
+    configurations: Sequence[str] | None = None,
+    folds: Sequence[int] | None = None,
+    checkpoint: str = "final",
+    *,
+    tta: bool = True,
+    save_probabilities: bool = False,
+    device: str = "auto",
+    resume: bool = False,
+    step: float = 0.5,
+    callbacks: PredictCallbacks | None = None,
+    save_uncertainty: bool = False,
+    output_format: str | Sequence[str] = "auto",
+    devices: Sequence[str] | None = None,
+) -> PredictSummary:
+    """Predict every input case with the trained models of ``work``; write label maps to ``output``.
+
+    Everything that can be checked without pixels is checked before the first prediction (and
+    before torch is imported): the models, every input's header (channels, 2D/3D), the output
+    folder. Each output is written atomically; a failure leaves no partial file.
+
+    Args:
+        work: the experiment folder.
+        inputs: folders and/or image files (see :func:`find_input_cases`).
+        output: the output folder (created).
+        configurations: configuration names (default: see :func:`select_models`).
+        folds: fold indices (default: every trained fold).
+        checkpoint: ``final``, ``best`` or ``latest``.
+        tta: mirroring test-time augmentation.
+        save_probabilities: also write ``<case>.npz`` with float16 probabilities ``(K, Z, Y, X)``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        resume: skip cases whose outputs exist (``--continue``).
+        step: window stride as a fraction of the patch.
+        callbacks: progress hooks.
+        save_uncertainty: also write ``<case>_entropy`` and ``<case>_disagreement`` maps
+            (:mod:`autoseg.inference.uncertainty`) in the input's geometry.
+        output_format: ``auto`` (the input's format; NIfTI for a DICOM series), ``nifti``,
+            ``dicom-seg`` (needs highdicom and DICOM series inputs), or several of them.
+        devices: several devices (``--gpus N``: ``cuda:0``…; ``--procs N``: ``cpu`` N times): the
+            cases are shared out over one process per device, each predicting whole cases exactly
+            as a single device would (the outputs are identical). Overrides ``device``.
+
+    Returns:
+        What was written and skipped.
+
+    Raises:
+        AutosegError: bad WORK, configuration, fold, input, device or option (one-line message).
+    """
+    started = time.perf_counter()
+    callbacks = callbacks or PredictCallbacks()
+    if not 0 < step <= 1:
+        raise ConfigError(f"--step {step}: must be in (0, 1] (a fraction of the patch; 0.5 = half overlap)")
+    if not inputs:
+        raise ConfigError("no input: pass images or folders with -i")
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"-o {output}: exists and is not a folder; give a folder for the label maps")
+    formats = output_formats(output_format)
+    selections, best = select_models(work, configurations, folds, checkpoint)
+    plans = plans_io.load(Path(work) / "plans.yaml")
+    cases = find_input_cases(inputs, len(plans.channel_names))
+    check_inputs(cases, plans, [s.configuration for s in selections])
+    outputs = {case.case_id: case_outputs(case, output, formats, save_probabilities=save_probabilities,
+                                          save_uncertainty=save_uncertainty) for case in cases}
+    check_outputs(cases, outputs, output, formats)
+    check_output_outside_dicom_inputs(inputs, cases, output)
+
+    todo, skipped = [], []
+    for case in cases:
+        targets = outputs[case.case_id]
+        if resume and all(p.is_file() for p in targets.files):
+            skipped.append(targets.primary)
+        else:
+            todo.append(case)
+    if not todo:
+        return PredictSummary(output, tuple(selections), (), tuple(skipped), time.perf_counter() - started, "")
+
+    job = _CasesJob(Path(work), tuple(selections), tuple(todo), {c.case_id: outputs[c.case_id] for c in todo},
+                    best, checkpoint, tta, step, save_uncertainty)
+    if devices is not None and len(devices) > 1:
+        written, used_device, stats = _predict_sharded(job, devices, callbacks)
+    else:
+        written, used_device, stats = _predict_cases(job, devices[0] if devices else device, callbacks)
+    return PredictSummary(output, tuple(selections), tuple(written), tuple(skipped), time.perf_counter() - started,
+                          used_device, best is not None and _postprocessor(best) is not None, stats)
+
+
+@dataclass(frozen=True)
+class _CasesJob:
+    """Cases to predict and how (picklable: a process per device gets its share)."""
+
+    work: Path
+    selections: tuple[ModelSelection, ...]
+    cases: tuple[InputCase, ...]
+    outputs: dict[str, CaseOutputs]
+    best: dict[str, Any] | None
+    checkpoint: str
+    tta: bool
+    step: float
+    save_uncertainty: bool
+
+
+def _predict_cases(job: _CasesJob, device: str,
+                   callbacks: PredictCallbacks) -> tuple[list[Path], str, PredictorStats]:
+    """Predict ``job.cases`` one after the other on ``device``; returns what was written."""
+    postprocess = _postprocessor(job.best)
+    predictor = Predictor(job.work, job.selections, device=device, tta=job.tta, step=job.step)
+    written = []
+    for index, case in enumerate(job.cases):
+        callbacks.on_case(index, len(job.cases), case.case_id)
+        image, geometry = read_input(case)
+        predictions = predictor.predict(image, geometry, progress=callbacks.on_windows,
+                                        uncertainty=job.save_uncertainty)
+        targets = job.outputs[case.case_id]
+        labels = predictor.export(predictions, geometry, targets.labels[0] if targets.labels else None,
+                                  targets.probabilities, postprocess)
+        for extra in targets.labels[1:]:
+            write_image(extra, labels, geometry)
+        if targets.uncertainty is not None:
+            from autoseg.inference.uncertainty import export_uncertainty
+
+            export_uncertainty(predictions, geometry, targets.uncertainty, regions=predictor.task.membership is not None)
+        if targets.seg is not None:
+            from autoseg import __version__
+            from autoseg.inference.dicom import write_dicom_seg
+
+            used = "; ".join(f"{s.configuration} folds {' '.join(str(f) for f in s.folds)}" for s in job.selections)
+            write_dicom_seg(targets.seg, labels, case.images[0], predictor.task.segment_names(),
+                            version=__version__, parameters={"models": used, "checkpoint": job.checkpoint,
+                                                             "tta": "on" if job.tta else "off"})
+        del predictions
+        written.append(targets.primary)
+    return written, str(predictor.device), predictor.stats
+
+
+def _predict_sharded(job: _CasesJob, devices: Sequence[str],
+                     callbacks: PredictCallbacks) -> tuple[list[Path], str, PredictorStats]:
+    """Share the cases out round robin over one process per device."""
+    import dataclasses
+
+    from autoseg import distributed
+
+    count = min(len(devices), len(job.cases))
+    shares = [dataclasses.replace(job, cases=job.cases[p::len(devices)]) for p in range(count)]
+    launch = distributed.Launch("folds", tuple(devices[:count]))
+    done = [0]
+
+    def on_event(event: distributed.Event) -> None:
+        # One bar over all cases: a case counts when any process starts it.
+        if event.name == "case":
+            callbacks.on_case(done[0], len(job.cases), event.args[0])
+            done[0] += 1
+
+    results = distributed.launch(_predict_child, shares, launch, on_event=on_event, join_group=False)
+    written = sorted((path for paths, _, _ in results for path in paths), key=str)
+    stats = PredictorStats()
+    for _, _, part in results:
+        for name in ("forward_s", "forward_calls", "samples", "windows", "predict_s", "preprocess_s", "export_s"):
+            setattr(stats, name, getattr(stats, name) + getattr(part, name))
+    used = ", ".join(sorted({device for _, device, _ in results}))
+    return written, f"{used} × {count} processes" if len(set(devices)) == 1 else used, stats
+
+
+def _predict_child(child: Any, job: _CasesJob) -> tuple[list[Path], str, PredictorStats]:
+    """Runs in a spawned process: this device's share of the cases."""
+    from autoseg.distributed import Event
+
+    callbacks = PredictCallbacks(on_case=lambda index, total, case_id: child.post(Event(index, "case", (case_id,))))
+    return _predict_cases(job, child.device, callbacks)

@@ -1,0 +1,174 @@
+"""The segmentation task's export: probabilities on the network grid -> a label map (and, on
+request, probabilities) in the input's exact geometry.
+
+Used through :meth:`autoseg.tasks.segmentation.Segmentation.export`; the predictor
+(:mod:`autoseg.inference.predictor`) and ``autoseg ensemble`` call it that way.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.atomic import atomic_path
+from autoseg.imageio import Geometry, write_image
+from autoseg.tasks.base import ConfigPrediction
+
+
+class _NpyStream:
+    """Writes one ``.npy`` member of a ``.npz`` archive slice by slice along its first axis.
+
+    ``np.savez`` needs the whole array in memory; this holds one class volume at a time, so saving
+    ``(K, Z, Y, X)`` probabilities costs one float16 volume, however many classes there are.
+    """
+
+    def __init__(self, archive: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.handle = archive.open(name + ".npy", "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self.handle, header)
+
+    def write(self, part: np.ndarray) -> None:
+        self.handle.write(np.ascontiguousarray(part, dtype=self.dtype).data)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def export_prediction(
+    predictions: Sequence[ConfigPrediction],
+    geometry: Geometry,
+    path: Path | None = None,
+    probabilities_path: Path | None = None,
+    postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    regions: np.ndarray | None = None,
+) -> np.ndarray:
+    """Average the configurations' probabilities in the original geometry and take the argmax.
+
+    Class by class: each class is resampled back to the crop box (linear, separate axis as in the
+    forward pass), averaged over configurations and folded into a running argmax, so the working
+    memory is a few float32 volumes of the crop box whatever the number of classes — never a
+    ``(K, Z, Y, X)`` float array. Outside the crop box the probability is 1 for class 0, as in
+    :func:`autoseg.preprocessing.pipeline.revert_to_original`; for one configuration the label map
+    equals :func:`autoseg.preprocessing.pipeline.export_segmentation`'s.
+
+    Args:
+        predictions: one per configuration, all of the same image (same crop box).
+        geometry: the geometry read from the input: written as it is (no float round trip).
+        path: where to write the label map (atomically; format from the ending), or None.
+        probabilities_path: where to write float16 probabilities ``(K, Z, Y, X)`` in the original
+            geometry as ``.npz`` (key ``probabilities``), or None.
+        postprocess: applied to the label map before it is written (best.yaml's postprocessing).
+        regions: for sigmoid region probabilities, the ``(R, V)`` membership of
+            :func:`autoseg.regions.membership`: the label map follows
+            :func:`autoseg.regions.regions_to_labels` (see :func:`_export_regions`).
+
+    Returns:
+        The ``(Z, Y, X)`` label map, uint8 (uint16 for more than 256 classes).
+
+    Raises:
+        ValueError: the predictions disagree on the crop box or the number of classes (a bug).
+    """
+    from autoseg.preprocessing.pipeline import to_crop
+
+    if not predictions:
+        raise ValueError("no prediction to export")
+    first = predictions[0].props
+    num_classes = predictions[0].probabilities.shape[0]
+    for p in predictions[1:]:
+        if p.props["bbox"] != first["bbox"] or p.probabilities.shape[0] != num_classes:
+            raise ValueError("predictions of one image disagree on the crop box or the number of classes")
+    shape = tuple(int(s) for s in first["shape_original"])
+    transpose = tuple(int(a) for a in first["transpose"])
+    box = tuple(slice(lo, hi) for lo, hi in first["bbox"])
+    dtype = np.uint8 if num_classes <= 256 else np.uint16
+    if regions is not None:
+        if regions.shape[0] != num_classes:
+            raise ValueError(f"{num_classes} probability channels for {regions.shape[0]} regions")
+        dtype = np.uint8 if regions.shape[1] <= 256 else np.uint16
+
+    def class_probability(k: int) -> np.ndarray:
+        total = None
+        for p in predictions:
+            part = to_crop(p.probabilities[k], p.props)
+            if total is None:
+                # A copy when resampling was a no-op, so the running argmax never writes into the input.
+                total = np.array(part, dtype=np.float32, copy=np.shares_memory(part, p.probabilities))
+            else:
+                total += part
+        assert total is not None
+        if len(predictions) > 1:
+            total /= len(predictions)
+        return total
+
+    def argmax(stream: _NpyStream | None) -> np.ndarray:
+        best_value = best_label = None
+        full = np.empty(shape, dtype=np.float16) if stream is not None else None
+        for k in range(num_classes):
+            score = class_probability(k)
+            if best_value is None:
+                best_value, best_label = score, np.zeros(score.shape, dtype=dtype)
+            else:
+                better = score > best_value  # strict: ties go to the lower class, as argmax does
+                best_value[better] = score[better]
+                best_label[better] = k
+            if stream is not None and full is not None:
+                full.fill(1.0 if k == 0 else 0.0)
+                # Written before the next class updates best_value (class 0's score is that array).
+                full.transpose(transpose)[box] = score
+                stream.write(full)
+        labels = np.zeros(shape, dtype=dtype)
+        labels.transpose(transpose)[box] = best_label
+        return labels
+
+    if regions is not None:
+        labels = _export_regions([class_probability(r) for r in range(num_classes)], regions, shape, transpose,
+                                 box, probabilities_path)
+    elif probabilities_path is not None:
+        with atomic_path(Path(probabilities_path)) as tmp:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+                stream = _NpyStream(archive, "probabilities", (num_classes, *shape), np.dtype(np.float16))
+                try:
+                    labels = argmax(stream)
+                finally:
+                    stream.close()
+    else:
+        labels = argmax(None)
+    if postprocess is not None:
+        labels = np.asarray(postprocess(labels), dtype=dtype)
+    if path is not None:
+        write_image(Path(path), labels, geometry)
+    return labels
+
+
+def _export_regions(crop: list[np.ndarray], member: np.ndarray, shape: tuple[int, ...], transpose: tuple[int, ...],
+                    box: tuple[slice, ...], probabilities_path: Path | None) -> np.ndarray:
+    """The region branch of :func:`export_prediction`.
+
+    The export rule needs every region at once, so the ``R`` region volumes of the crop box are
+    held together (R is small: BraTS has 3). Outside the crop box every region's probability is 0
+    (background). The ``.npz`` also holds ``regions``, the ``(R, V)`` membership as uint8, so that
+    ``autoseg ensemble`` exports averaged region probabilities by the same rule.
+    """
+    from autoseg.regions import regions_to_labels
+
+    if probabilities_path is not None:
+        with atomic_path(Path(probabilities_path)) as tmp:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+                stream = _NpyStream(archive, "probabilities", (len(crop), *shape), np.dtype(np.float16))
+                try:
+                    full = np.empty(shape, dtype=np.float16)
+                    for volume in crop:
+                        full.fill(0.0)
+                        full.transpose(transpose)[box] = volume
+                        stream.write(full)
+                finally:
+                    stream.close()
+                with archive.open("regions.npy", "w") as handle:
+                    np.lib.format.write_array(handle, member.astype(np.uint8))
+    labels = np.zeros(shape, dtype=np.uint8 if member.shape[1] <= 256 else np.uint16)
+    labels.transpose(transpose)[box] = regions_to_labels(crop, member)
+    return labels

@@ -1,0 +1,158 @@
+"""Pieces every verb module shares: the console, the error and progress wrappers, value formatting.
+
+Everything here imports rich (and the stage modules it renders for) inside the function, so that
+importing the CLI for ``autoseg --help`` stays free of numpy, SimpleITK and torch. Helpers used by a
+single verb live in that verb's module instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+Workers = Annotated[
+    Optional[int],
+    typer.Option("-j", "--workers", help="Worker processes (default: CPU count, bounded by free memory).",
+                 envvar="AUTOSEG_WORKERS", show_envvar=True, min=1),
+]
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console on stdout, or on stderr for errors and progress bars (so stdout stays clean)."""
+    from rich.console import Console
+
+    # stderr carries one-line errors: never wrap them (soft wrap), so they stay greppable.
+    return Console(stderr=stderr, highlight=False, soft_wrap=stderr)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn domain errors into one line on stderr and an exit code."""
+    from autoseg.errors import AutosegError
+
+    try:
+        yield
+    except AutosegError as exc:
+        from rich.markup import escape
+
+        # Escaped: a message may hold brackets that are not markup ("pip install 'autoseg[dicom]'").
+        make_console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
+        raise typer.Exit(code=exc.exit_code) from None
+    except KeyboardInterrupt:
+        make_console(stderr=True).print("interrupted; finished outputs were kept, partial ones discarded")
+        raise typer.Exit(code=130) from None
+
+
+@contextlib.contextmanager
+def progress_bar(description: str) -> Iterator[object]:
+    """A rich progress bar with ETA; yields a ``progress(done, total)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    progress = Progress(*columns, console=make_console(stderr=True), transient=True)
+    task = progress.add_task(description, total=None)
+    started = False
+
+    def update(done: int, total: int) -> None:
+        nonlocal started
+        if not started:
+            # Started lazily, after any worker pool has forked, so no refresh thread is forked.
+            progress.start()
+            started = True
+        progress.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if started:
+            progress.stop()
+
+
+@contextlib.contextmanager
+def training_progress(console: Console) -> Iterator[object]:
+    """Per fold: a bar per epoch with ETA, and one summary line per finished epoch."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from autoseg.training.trainer import Callbacks
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
+
+    def callbacks_for(fold: int) -> Callbacks:
+        task: dict = {"id": None, "epoch": None}
+
+        def start(epoch: int, iters: int | None) -> None:
+            # Called again within an epoch when a time budget has just sized the epoch.
+            if task["epoch"] != epoch:
+                if task["id"] is not None:
+                    progress.remove_task(task["id"])
+                task["id"] = progress.add_task(f"fold {fold} epoch {epoch}", total=iters, loss="-")
+                task["epoch"] = epoch
+            else:
+                progress.update(task["id"], total=iters)
+
+        def step(it: int, loss: float) -> None:
+            progress.update(task["id"], completed=it + 1, loss=f"{loss:.4f}")
+
+        def end(record: dict) -> None:
+            dice = ", ".join("-" if d is None else f"{d:.3f}" for d in record["pseudo_dice"])
+            progress.console.print(
+                f"fold {fold} epoch {record['epoch']}: train {record['train_loss']:.4f}, val {record['val_loss']:.4f}, "
+                f"pseudo-Dice [{dice}] (EMA {record['ema_fg_dice']:.3f}), lr {record['lr']:.2e}, "
+                f"{record['epoch_time_s']:.1f} s ({record['s_per_it']:.2f} s/it, data wait "
+                f"{100 * record['data_wait_fraction']:.0f}%)")
+
+        return Callbacks(on_epoch_start=start, on_iteration=step, on_epoch_end=end)
+
+    with progress:
+        yield callbacks_for
+
+
+@contextlib.contextmanager
+def predict_progress() -> Iterator[object]:
+    """A bar per case over its sliding windows, with ETA; yields ``autoseg.inference.run.PredictCallbacks``."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from autoseg.inference.run import PredictCallbacks
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                        console=make_console(stderr=True), transient=True)
+    task: dict[str, object] = {}
+
+    def on_case(index: int, total: int, case_id: str) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        if "id" in task:
+            progress.remove_task(task["id"])
+        task["id"] = progress.add_task(f"{escape(case_id)} ({index + 1}/{total})", total=None)
+
+    def on_windows(done: int, total: int) -> None:
+        progress.update(task["id"], completed=done, total=total)
+
+    try:
+        yield PredictCallbacks(on_case, on_windows)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+
+
+def escape_markup(text: str) -> str:
+    """``text`` with rich markup escaped: case ids, label names and paths may hold brackets."""
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def fmt_metric(value: float | None, digits: int = 4) -> str:
+    """A table cell: ``digits`` significant figures from 10 up, else ``digits - 1`` decimals; None is "-"."""
+    return "-" if value is None else f"{value:.{digits}g}" if abs(value) >= 10 else f"{value:.{digits - 1}f}"

@@ -1,0 +1,138 @@
+"""``evaluate``, ``find-best`` and ``ensemble``: scoring predictions and choosing between models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from autoseg.cli._render import Workers, make_console, escape_markup, fmt_metric, progress_bar, user_errors
+
+
+def _summary_table(summary: dict, title: str) -> object:
+    """Mean and median of Dice, IoU, HD95 and NSD per label (HD95: how many were undefined)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("label", overflow="fold")
+    for column in ("Dice mean", "Dice median", "IoU mean", "HD95 mean (mm)", "HD95 median", "NSD mean",
+                   "NSD median"):
+        table.add_column(column, justify="right")
+    for name, stats in summary["labels"].items():
+        undefined = stats.get("hd95", {}).get("n_undefined", 0)
+        table.add_row(
+            escape_markup(name),
+            fmt_metric(stats["dice"]["mean"]), fmt_metric(stats["dice"]["median"]), fmt_metric(stats["iou"]["mean"]),
+            fmt_metric(stats["hd95"]["mean"]) + (f" ({undefined} undefined)" if undefined else ""),
+            fmt_metric(stats["hd95"]["median"]), fmt_metric(stats["nsd"]["mean"]),
+            fmt_metric(stats["nsd"]["median"]),
+        )
+    table.add_row("[bold]mean foreground Dice[/]", fmt_metric(summary["mean_foreground_dice"]), *[""] * 6)
+    return table
+
+
+def evaluate_cmd(
+    pred: Annotated[Path, typer.Argument(help="Folder of predicted label maps (case id = file name without "
+                                              "its ending).")],
+    ref: Annotated[Path, typer.Argument(help="Folder of reference label maps, or a raw dataset (its labelsTr).")],
+    labels: Annotated[Optional[Path], typer.Option(
+        "--labels", "-l", help="dataset.json, or a folder holding one (raw dataset or WORK), that declares the "
+                               "labels (default: REF's dataset.json, else every value found).")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="JSON report (default: PRED/evaluation.json); a CSV is written beside it.")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm.", min=0.0)] = 2.0,
+    workers: Workers = None,
+) -> None:
+    """Score predictions against references: Dice, IoU, HD95, NSD per case and label -> JSON, CSV, table."""
+    with user_errors():
+        from autoseg.evaluation import evaluate
+
+        with progress_bar("evaluating") as progress:
+            report = evaluate.run(pred, ref, labels, output, tolerance, workers, progress)
+        console = make_console()
+        for warning in report.warnings[:20]:
+            console.print(f"[yellow]warning:[/] {escape_markup(warning)}")
+        if len(report.warnings) > 20:
+            console.print(f"... and {len(report.warnings) - 20} more warning(s) in {report.json_path}")
+        console.print(_summary_table(report.summary, f"{len(report.cases)} case(s), labels from "
+                                                     f"{escape_markup(report.labels_source)}"))
+        console.print(f"[green]✓[/] {escape_markup(str(report.json_path))}, {escape_markup(str(report.csv_path))}")
+
+
+def find_best_cmd(
+    work: Annotated[Path, typer.Argument(help="Experiment folder (WORK) with trained folds.")],
+    tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm (reported; the choice "
+                                                                 "is by mean foreground Dice).", min=0.0)] = 2.0,
+    workers: Workers = None,
+) -> None:
+    """Choose the best configuration or pair ensemble from cross-validation, and postprocessing -> best.yaml."""
+    with user_errors():
+        from rich.table import Table
+
+        from autoseg.evaluation import find_best
+
+        with progress_bar("scoring cross-validation") as progress:
+            result = find_best.run(work, tolerance, workers, progress)
+        console = make_console()
+        for note in result.notes:
+            console.print(f"• {escape_markup(note)}")
+        first = next(iter(result.summaries.values()))
+        label_names = list(first["labels"])
+        table = Table(title="cross-validation (all folds pooled)", title_justify="left")
+        table.add_column("candidate", overflow="fold")
+        table.add_column("mean fg Dice", justify="right")
+        for name in label_names:
+            table.add_column(f"Dice {escape_markup(name)}", justify="right")
+        table.add_column("mean HD95 (mm)", justify="right")
+        table.add_column("mean NSD", justify="right")
+        chosen = result.best.name
+        for name, summary in sorted(result.summaries.items(), key=lambda kv: -(kv[1]["mean_foreground_dice"] or 0)):
+            per_label = summary["labels"]
+            hd95 = [s["hd95"]["mean"] for s in per_label.values() if s["hd95"]["mean"] is not None]
+            nsd = [s["nsd"]["mean"] for s in per_label.values() if s["nsd"]["mean"] is not None]
+            mark = "[bold green]★ [/]" if name == chosen else "  "
+            table.add_row(mark + escape_markup(name), fmt_metric(summary["mean_foreground_dice"]),
+                          *[fmt_metric(per_label.get(n, {}).get("dice", {}).get("mean")) for n in label_names],
+                          fmt_metric(sum(hd95) / len(hd95) if hd95 else None),
+                          fmt_metric(sum(nsd) / len(nsd) if nsd else None))
+        console.print(table)
+        pp = result.best.postprocessing
+        steps = (["largest component of all foreground"] if pp.all_foreground else []) + \
+            [f"largest component of {n}" for n in pp.per_label]
+        console.print(f"postprocessing: {escape_markup(', '.join(steps)) if steps else 'none'} "
+                      f"(mean fg Dice {fmt_metric(pp.dice_before)} → {fmt_metric(pp.dice_after)})")
+        console.print(f"[green]✓[/] best: {escape_markup(chosen)} → {escape_markup(str(result.path))}")
+
+
+def ensemble_cmd(
+    folders: Annotated[list[Path], typer.Argument(metavar="DIR", help="Prediction folders with <case>.npz "
+                                                  "probabilities (the first also holds the label maps).")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Output folder for the ensembled label maps.")],
+    save_probabilities: Annotated[bool, typer.Option(
+        "--save-probabilities", help="Also write the averaged probabilities (<case>.npz).")] = False,
+    workers: Workers = None,
+) -> None:
+    """Average saved probabilities of the same cases across folders, argmax -> label maps."""
+    with user_errors():
+        from autoseg.evaluation import ensemble
+
+        with progress_bar("ensembling") as progress:
+            result = ensemble.run(folders, out, save_probabilities, workers, progress)
+        console = make_console()
+        for folder, cases in result.ignored.items():
+            console.print(f"[yellow]warning:[/] {escape_markup(folder)}: {len(cases)} case(s) not in "
+                          f"{escape_markup(str(folders[0]))} were ignored: {escape_markup(', '.join(cases[:5]))}"
+                          f"{' ...' if len(cases) > 5 else ''}")
+        console.print(f"[green]✓[/] {len(result.cases)} case(s) → {escape_markup(str(result.out))}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to ``app``, in the order ``autoseg --help`` lists them.
+
+    Args:
+        app: The top-level Typer app.
+    """
+    app.command("evaluate")(evaluate_cmd)
+    app.command("find-best")(find_best_cmd)
+    app.command("ensemble")(ensemble_cmd)

@@ -1,0 +1,99 @@
+"""``predict``: segment new images with the trained folds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from autoseg.cli._render import make_console, predict_progress, user_errors
+
+
+def predict_cmd(
+    ctx: typer.Context,
+    work: Annotated[Path, typer.Argument(help="Experiment folder (WORK) with trained folds.")],
+    inputs: Annotated[list[Path], typer.Option(
+        "--input", "-i", metavar="PATH", help="Image file or folder of images (nnU-Net {case}_0000 naming, plain files, or MSD "
+                              "4D), or a folder of DICOM series (one case per folder holding a series, named after "
+                              "it); repeat for several.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for the label maps.")],
+    configs: Annotated[Optional[list[str]], typer.Option(
+        "--config", "-c", metavar="CONFIG", help="Configuration; repeat or separate with commas to average several "
+                                                 "(default: WORK/best.yaml's, with its postprocessing; else the "
+                                                 "single trained one).")] = None,
+    folds: Annotated[Optional[list[str]], typer.Option(
+        "--folds", "-f", metavar="FOLD", help="Folds to average: -f 0 1 2, -f 0,1 or -f all (default: every trained fold).")] = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", metavar="final|best", help="Checkpoint of each fold: final or best.")] = "final",
+    no_tta: Annotated[bool, typer.Option("--no-tta", help="No mirroring test-time augmentation (about 8x faster "
+                                                          "in 3D, 4x in 2D; slightly less accurate).")] = False,
+    save_probabilities: Annotated[bool, typer.Option(
+        "--save-probabilities", help="Also write <case>.npz: float16 class probabilities in the input's grid.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    resume: Annotated[bool, typer.Option("--continue", help="Skip cases whose output already exists.")] = False,
+    step: Annotated[float, typer.Option("--step", help="Window stride as a fraction of the patch (smaller: more "
+                                                       "overlap, slower).", min=0.05, max=1.0)] = 0.5,
+    save_uncertainty: Annotated[bool, typer.Option(
+        "--save-uncertainty", help="Also write <case>_entropy and <case>_disagreement (float32, input's geometry): "
+                                   "normalised entropy of the averaged probabilities (0 certain .. 1 uniform) and the "
+                                   "fraction of pairs of folds whose labels differ (always 0 with a single fold).")] = False,
+    output_format: Annotated[Optional[list[str]], typer.Option(
+        "--output-format", metavar="auto|nifti|dicom-seg", help="Label map format: auto (the input's; NIfTI for "
+                                                                 "DICOM series), nifti, or dicom-seg (a DICOM SEG "
+                                                                 "referencing the input series; needs pip install "
+                                                                 "'autoseg[dicom]'); repeat for several.")] = None,
+    gpus: Annotated[Optional[int], typer.Option(
+        "--gpus", help="Share the cases out over N GPUs (one process each); outputs identical to one GPU.",
+        min=1)] = None,
+    procs: Annotated[Optional[int], typer.Option(
+        "--procs", help="With --device cpu: share the cases out over N CPU processes.", min=1)] = None,
+) -> None:
+    """Segment new images with the trained folds: sliding window, mirroring TTA, fold averaging -> label maps."""
+    with user_errors():
+        from rich.markup import escape
+
+        from autoseg.inference import run as predict
+        from autoseg.errors import ConfigError
+        from autoseg.distributed import resolve_launch
+
+        several = gpus is not None or procs is not None
+        devices = list(resolve_launch(device, gpus, procs, folds_parallel=several).devices) if several else None
+
+        names = [n.strip() for c in (configs or []) for n in c.split(",") if n.strip()] or None
+        # "-f 0 1 2" (nnU-Net's spelling): the numbers after the first reach us as extra arguments.
+        fold_words = [w.strip() for f in (folds or []) for w in f.split(",") if w.strip()]
+        for extra in ctx.args:
+            if not (folds and extra.isdigit()):
+                raise ConfigError(f"unexpected argument {extra!r}; folds go after -f (-f 0 1 2), inputs after -i")
+            fold_words.append(extra)
+        fold_list: list[int] | None = None
+        if fold_words and [w.lower() for w in fold_words] != ["all"]:
+            bad = [w for w in fold_words if not w.isdigit()]
+            if bad:
+                raise ConfigError(f"-f {bad[0]}: expected fold numbers (-f 0 1 2), a comma list, or 'all'")
+            fold_list = [int(w) for w in fold_words]
+
+        console = make_console()
+        with predict_progress() as callbacks:
+            summary = predict.run(work, inputs, output, names, fold_list, checkpoint, tta=not no_tta,
+                                  save_probabilities=save_probabilities, device=device, resume=resume, step=step,
+                                  callbacks=callbacks, save_uncertainty=save_uncertainty,
+                                  output_format=output_format or "auto", devices=devices)
+        used = ", ".join(f"{s.configuration} (fold{'s' if len(s.folds) > 1 else ''} "
+                         f"{' '.join(str(f) for f in s.folds)})" for s in summary.selections)
+        skipped = f", {len(summary.skipped)} already done" if summary.skipped else ""
+        how = f"{'TTA' if not no_tta else 'no TTA'}, {summary.device}, {summary.seconds:.1f} s" if summary.written else ""
+        console.print(f"[green]✓[/] {len(summary.written)} case(s) predicted{skipped} with {escape(used)}"
+                      + (f" ({how})" if how else "") + f" → {escape(str(summary.output))}")
+        if summary.postprocessing:
+            console.print("postprocessing from best.yaml applied")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``predict`` to ``app``.
+
+    Args:
+        app: The top-level Typer app.
+    """
+    # Extra arguments allowed: nnU-Net's "-f 0 1 2" hands us the folds after the first as extras.
+    app.command("predict", context_settings={"allow_extra_args": True})(predict_cmd)

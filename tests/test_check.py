@@ -137,6 +137,38 @@ def test_unknown_channel_name_suggests_closest(cli, tmp_path: Path) -> None:
     assert_errors(run_check(cli, root), "dataset.json", "'CTT'", "did you mean 'ct'?")
 
 
+@pytest.mark.parametrize(("name", "suggestion"), [("zscor", "did you mean 'zscore'?"), ("noNrm", "did you mean"),
+                                                ("Ct-scan", "'CT'")])
+def test_misspelt_scheme_or_ct_channel_is_an_error(cli, tmp_path: Path, name: str, suggestion: str) -> None:
+    """A typo of a scheme, or a CT under another name, would be z-scored in silence: refused."""
+    root = tmp_path / "raw"
+    phantoms.write_nnunet_dataset(root, n_cases=1, channels=(name,))
+    assert_errors(run_check(cli, root), "dataset.json", repr(name), suggestion)
+
+
+def test_mri_sequence_names_are_known(cli, tmp_path: Path) -> None:
+    """FLAIR + IR (a brain MRI set's channels) pass clean; IR used to get "did you mean 'r'?"."""
+    root = tmp_path / "raw"
+    phantoms.write_nnunet_dataset(root, n_cases=2, channels=("FLAIR", "IR"))
+    result = run_check(cli, root)
+    assert result.exit_code == 0 and " 0 warning(s)" in result.output, result.output
+
+
+def test_unknown_channel_name_falls_back_to_zscore_and_says_so(cli, tmp_path: Path) -> None:
+    root = tmp_path / "raw"
+    phantoms.write_nnunet_dataset(root, n_cases=3, channels=("Sequence7",))
+    assert_warning_only(run_check(cli, root), "dataset.json", "'Sequence7'", "zscore")
+    work = tmp_path / "work"
+    result = cli("plan", root, "-o", work, "-j", "1", "--planner", "tiny")
+    assert result.exit_code == 0, result.output
+    from autoseg import plans as plans_io
+
+    plans = plans_io.load(work / "plans.yaml")
+    assert all(c.normalization[0].scheme == "zscore" for c in plans.configurations.values())
+    assert any("'Sequence7'" in note and "zscore" in note for note in plans.notes), plans.notes
+    assert "'Sequence7'" in result.output  # the plan table prints the notes
+
+
 def test_num_training_mismatch_is_a_warning(cli, nn: Path) -> None:
     phantoms.edit_dataset_json(nn, numTraining=7)
     result = run_check(cli, nn)

@@ -220,16 +220,41 @@ def test_discover_images_plain_names(tmp_path: Path) -> None:
 
 def test_discover_images_channel_names(tmp_path: Path) -> None:
     image, _ = phantoms.ellipsoid()
-    for name in ("p1_0000.nii.gz", "p1_0001.nii.gz", "p2_0000.nii.gz", "p2_0001.nii.gz", "p3_0000.nii.gz"):
+    for name in ("p1_0000.nii.gz", "p1_0001.nii.gz", "p2_0000.nii.gz", "p2_0001.nii.gz"):
         phantoms.write_case_image(tmp_path / name, image)
 
     cases = {c.case_id: c for c in discover_images(tmp_path, num_channels=2)}
 
     assert cases["p1"].images == (tmp_path / "p1_0000.nii.gz", tmp_path / "p1_0001.nii.gz")
     assert cases["p2"].images == (tmp_path / "p2_0000.nii.gz", tmp_path / "p2_0001.nii.gz")
-    # An incomplete group is not silently treated as a complete case: the file stands alone.
-    assert cases["p3_0000"].images == (tmp_path / "p3_0000.nii.gz",)
-    assert sorted(cases) == ["p1", "p2", "p3_0000"]
+    assert sorted(cases) == ["p1", "p2"]
+
+
+@pytest.mark.parametrize(("names", "channels", "message"), [
+    # nnU-Net refuses these too; autoseg used to predict x_0001 as a second case, silently.
+    (("x_0000.nii.gz", "x_0001.nii.gz"), 1,
+     r"x_0001.nii.gz looks like channel 1 of case 'x', but the model takes 1 channel; remove or move"),
+    (("x_0000.nii.gz", "x_0001.nii.gz", "x_0002.nii.gz"), 2,
+     r"x_0002.nii.gz looks like channel 2 of case 'x', but the model takes 2 channels"),
+    (("x_0000.nii.gz", "y_0000.nii.gz", "y_0001.nii.gz"), 2, r"case 'x' lacks x_0001.nii.gz; the model takes 2"),
+    (("x_0001.nii.gz",), 2, r"case 'x' lacks x_0000.nii.gz; the model takes 2"),
+    (("x_0000.nii.gz", "x_0000.nrrd"), 1, r"x_0000.nii.gz and x_0000.nrrd are both channel 0 of case 'x'"),
+])
+def test_discover_images_refuses_channel_files_that_do_not_fit(tmp_path: Path, names: tuple[str, ...],
+                                                               channels: int, message: str) -> None:
+    image, _ = phantoms.ellipsoid()
+    for name in names:
+        phantoms.write_case_image(tmp_path / name, image)
+    with pytest.raises(DatasetError, match=message):
+        discover_images(tmp_path, num_channels=channels)
+
+
+def test_discover_images_numbered_names_without_channel_0_stand_alone(tmp_path: Path) -> None:
+    """For a one-channel model, ``scan_2019``-like numbers that no ``_0000`` accompanies are names."""
+    image, _ = phantoms.ellipsoid()
+    for name in ("visit_0003.nii.gz", "visit_0004.nii.gz"):
+        phantoms.write_case_image(tmp_path / name, image)
+    assert [c.case_id for c in discover_images(tmp_path, num_channels=1)] == ["visit_0003", "visit_0004"]
 
 
 def test_discover_images_single_channel_suffix(tmp_path: Path) -> None:

@@ -454,12 +454,17 @@ def test_best_yaml_postprocessing_is_applied(work3d: Path, tmp_path: Path) -> No
 
 
 def test_input_discovery_groups_channels(tmp_path: Path) -> None:
-    for name in ("a_0000.nii.gz", "a_0001.nii.gz", "b.nii.gz", "c_0000.nii.gz", "notes.txt"):
+    for name in ("a_0000.nii.gz", "a_0001.nii.gz", "b.nii.gz", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     cases = find_input_cases([tmp_path], num_channels=2)
-    assert [(c.case_id, len(c.images)) for c in cases] == [("a", 2), ("b", 1), ("c_0000", 1)]
+    assert [(c.case_id, len(c.images)) for c in cases] == [("a", 2), ("b", 1)]
     files = find_input_cases([tmp_path / "a_0000.nii.gz", tmp_path / "a_0001.nii.gz"], num_channels=2)
     assert [(c.case_id, c.ending) for c in files] == [("a", ".nii.gz")]
+    # Given one by one, channel files of a case are grouped the same way, and refused the same way.
+    with pytest.raises(DatasetError, match="a_0001.nii.gz looks like channel 1 of case 'a', but the model takes 1"):
+        find_input_cases([tmp_path / "a_0000.nii.gz", tmp_path / "a_0001.nii.gz"], num_channels=1)
+    with pytest.raises(DatasetError, match="case 'a' lacks a_0001.nii.gz"):
+        find_input_cases([tmp_path / "a_0000.nii.gz"], num_channels=2)
     with pytest.raises(DatasetError, match="both be written"):
         find_input_cases([tmp_path / "b.nii.gz", tmp_path / "b.nii.gz", tmp_path], num_channels=2)
     with pytest.raises(DatasetError, match="input not found"):
@@ -588,6 +593,17 @@ def test_unreadable_input(work3d: Path, tmp_path: Path, cli) -> None:
     bad.write_bytes(b"this is not an image" * 10)
     out = tmp_path / "out"
     _assert_clean_failure(cli("predict", work3d, "-i", bad, "-o", out, "-c", "2d"), out, "cannot read image", 1)
+
+
+def test_extra_channel_file_is_refused_not_predicted_as_a_second_case(work3d: Path, tmp_path: Path, cli) -> None:
+    """``x_0000`` + ``x_0001`` for a one-channel model: one line naming the extra file, nothing written."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("x_0000.nii.gz", "x_0001.nii.gz"):
+        _image(folder / name)
+    out = tmp_path / "out"
+    _assert_clean_failure(cli("predict", work3d, "-i", folder, "-o", out, "-c", "2d"), out,
+                          "x_0001.nii.gz looks like channel 1 of case 'x', but the model takes 1 channel", 1)
 
 
 def test_wrong_channel_count(work3d: Path, tmp_path: Path, cli) -> None:
@@ -749,3 +765,21 @@ def test_predict_gpus_without_cuda_is_a_clear_error(work3d: Path, tmp_path: Path
         pytest.skip("this machine has CUDA")
     result = cli("predict", work3d, "-i", tmp_path, "-o", tmp_path / "out", "--gpus", "2")
     assert result.exit_code == 2 and "--gpus 2: no CUDA device on this machine" in result.output
+
+
+def test_readme_python_api_example_runs_and_matches_the_cli(work3d: Path, tmp_path: Path) -> None:
+    """README's Python API block, run as written (paths swapped in), gives predict's label map."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- python-api -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    image = _image(tmp_path / "in" / "case_0000.nii.gz")
+    out = tmp_path / "api" / "case.nii.gz"
+    out.parent.mkdir()
+    code = (block.replace('"WORK"', repr(str(work3d))).replace('"case_0000.nii.gz"', repr(str(image)))
+            .replace('"case.nii.gz"', repr(str(out))))
+    namespace: dict = {}
+    exec(compile(code, "README.md python-api", "exec"), namespace)  # noqa: S102 - our own README
+    run(work3d, [image], tmp_path / "cli", ["3d_fullres"], device="cpu")
+    expected, geometry = read_image(tmp_path / "cli" / "case.nii.gz")
+    written, written_geometry = read_image(out)
+    assert np.array_equal(namespace["labels"], expected[0]) and np.array_equal(written, expected)
+    assert written_geometry == geometry == read_image(image)[1]

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from autoseg.channels import FALLBACK_SCHEME, is_known_channel, scheme_for_channel
 from autoseg.errors import DatasetError, UnknownNameError
 from autoseg.imageio import ENDINGS_2D, SUPPORTED_ENDINGS, strip_ending
-from autoseg.channels import scheme_for_channel
 
 Severity = Literal["error", "warning"]
 Layout = Literal["nnunet", "msd", "images"]
@@ -254,6 +254,13 @@ def _parse_channels(meta: dict[str, Any], layout: Layout, issues: list[Issue]) -
                                 "name the modality (e.g. 'CT', 'MRI', 'T2') or a scheme "
                                 "('zscore', 'ct', 'noNorm', 'rescale_to_0_1')",
                                 file="dataset.json"))
+            continue
+        if not is_known_channel(name):
+            issues.append(Issue("warning", "unknown-channel-name",
+                                f"channel {index} name {name!r} is no modality autoseg knows; it will be "
+                                f"normalised with {FALLBACK_SCHEME} (nnU-Net's fallback)",
+                                "name the modality (e.g. 'T1', 'FLAIR', 'CT') or the scheme ('zscore') to "
+                                "make the choice explicit", file="dataset.json"))
     return names
 
 
@@ -450,34 +457,81 @@ def _discover_msd(root: Path, meta: dict[str, Any], issues: list[Issue]) -> tupl
     return cases, (sorted(endings)[0] if endings else "")
 
 
+def group_channel_files(files: list[Path], num_channels: int) -> tuple[list[Case], list[Path]]:
+    """Group ``{case}_{CCCC}{ending}`` files into the channels of cases (nnU-Net's naming).
+
+    A group whose channels are exactly ``0 .. num_channels - 1`` is a case. A group that has a
+    channel 0 but other channels than that is refused: extra files would otherwise become cases
+    of their own (``x_0001`` predicted as a second case), missing ones a case that fails later
+    with a less clear message. For a one-channel model, ``{name}_{CCCC}`` files without a
+    ``_0000`` beside them are not channels of anything: each stands alone under its full name.
+
+    Args:
+        files: image files (any order; those not named ``{case}_{CCCC}`` are returned untouched).
+        num_channels: the model's input channels.
+
+    Returns:
+        The grouped cases (unsorted) and the files that are no channel of a case.
+
+    Raises:
+        DatasetError: a group has channel files the model does not take, or lacks some it needs.
+    """
+    groups: dict[tuple[Path, str], dict[int, Path]] = {}
+    rest: list[Path] = []
+    for path in files:
+        stem, ending = strip_ending(path.name)
+        match = _CHANNEL_FILE.match(stem)
+        if match:
+            channels = groups.setdefault((path.parent, match.group("case")), {})
+            channel = int(match.group("channel"))
+            if channel in channels:
+                raise DatasetError(f"{path.parent}: {channels[channel].name} and {path.name} are both channel {channel} "
+                                   f"of case {match.group('case')!r}; keep one of them")
+            channels[channel] = path
+        else:
+            rest.append(path)
+    cases: list[Case] = []
+    expected = set(range(num_channels))
+    for (folder, case_id), channels in sorted(groups.items()):
+        if set(channels) == expected:
+            cases.append(Case(case_id, tuple(channels[c] for c in range(num_channels)), None))
+        elif 0 not in channels and num_channels == 1:
+            rest.extend(channels.values())
+        else:
+            _refuse_channel_group(folder, case_id, channels, num_channels)
+    return cases, rest
+
+
+def _refuse_channel_group(folder: Path, case_id: str, channels: dict[int, Path], num_channels: int) -> None:
+    """Raise the one-line error for a ``{case}_{CCCC}`` group that does not fit the model."""
+    takes = f"the model takes {num_channels} channel{'s' if num_channels > 1 else ''}"
+    extra = sorted(set(channels) - set(range(num_channels)))
+    if extra:
+        names = ", ".join(channels[c].name for c in extra)
+        raise DatasetError(f"{folder}: {names} look{'s' if len(extra) == 1 else ''} like channel "
+                           f"{', '.join(str(c) for c in extra)} of case {case_id!r}, but {takes}; remove "
+                           "or move the extra channel file(s), or, if they are separate images, rename them so "
+                           "that their names do not end in _NNNN")
+    ending = strip_ending(next(iter(channels.values())).name)[1]
+    missing = [f"{case_id}_{c:04d}{ending}" for c in range(num_channels) if c not in channels]
+    raise DatasetError(f"{folder}: case {case_id!r} lacks {', '.join(missing)}; {takes} "
+                       f"({case_id}_0000{ending} .. {case_id}_{num_channels - 1:04d}{ending})")
+
+
 def discover_images(folder: Path, num_channels: int) -> list[Case]:
     """Cases of a folder of images without labels (for prediction).
 
-    Files named ``{case}_{CCCC}{ending}`` are grouped into channels when ``num_channels`` files
-    of a case are present; any other supported file is a single-file case (multi-channel files
-    are split by the reader).
+    Files named ``{case}_{CCCC}{ending}`` are the channels of a case
+    (:func:`group_channel_files`); any other supported file is a single-file case (multi-channel
+    files are split by the reader).
 
     Raises:
         DatasetError: two files map to one case id (``a.nii.gz`` and ``a_0000.nii.gz``), whose
-            predictions would overwrite each other.
+            predictions would overwrite each other; channel files that do not fit the model.
     """
-    grouped: dict[str, dict[int, Path]] = {}
-    singles: list[Case] = []
-    for name in _listdir(Path(folder)):
-        stem, ending = strip_ending(name)
-        if not ending:
-            continue
-        match = _CHANNEL_FILE.match(stem)
-        if match:
-            grouped.setdefault(match.group("case"), {})[int(match.group("channel"))] = Path(folder) / name
-        else:
-            singles.append(Case(stem, (Path(folder) / name,), None))
-    cases = list(singles)
-    for case_id, files in grouped.items():
-        if sorted(files) == list(range(num_channels)):
-            cases.append(Case(case_id, tuple(files[c] for c in range(num_channels)), None))
-        else:
-            cases.extend(Case(path.name[: -len(strip_ending(path.name)[1])], (path,), None) for path in files.values())
+    files = [Path(folder) / name for name in _listdir(Path(folder)) if strip_ending(name)[1]]
+    grouped, singles = group_channel_files(files, num_channels)
+    cases = [Case(strip_ending(path.name)[0], (path,), None) for path in singles] + grouped
     cases.sort(key=lambda c: c.case_id)
     for first, second in zip(cases, cases[1:]):
         if first.case_id == second.case_id:

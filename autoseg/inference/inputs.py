@@ -136,23 +136,13 @@ def is_dicom_case(case: InputCase) -> bool:
 
 
 def _group_files(files: Sequence[Path], num_channels: int) -> list[InputCase]:
-    """Explicit files into cases, grouping ``{case}_{CCCC}`` names of one folder like a folder's."""
-    groups: dict[tuple[Path, str, str], dict[int, Path]] = {}
-    cases: list[InputCase] = []
-    for path in dict.fromkeys(Path(f).resolve() for f in files):
-        stem, ending = strip_ending(path.name)
-        match = _CHANNEL_FILE.match(stem)
-        if match:
-            groups.setdefault((path.parent, match.group("case"), ending), {})[int(match.group("channel"))] = path
-        else:
-            cases.append(InputCase(stem, (path,), _output_ending(path)))
-    for (_, case_id, _), channels in groups.items():
-        if sorted(channels) == list(range(num_channels)):
-            images = tuple(channels[c] for c in range(num_channels))
-            cases.append(InputCase(case_id, images, _output_ending(images[0])))
-        else:
-            cases.extend(InputCase(strip_ending(p.name)[0], (p,), _output_ending(p)) for p in channels.values())
-    return cases
+    """Explicit files into cases, grouping ``{case}_{CCCC}`` names of one folder like a folder's
+    (:func:`autoseg.dataset.layout.group_channel_files`)."""
+    from autoseg.dataset.layout import group_channel_files
+
+    grouped, singles = group_channel_files(list(dict.fromkeys(Path(f).resolve() for f in files)), num_channels)
+    return ([InputCase(c.case_id, c.images, _output_ending(c.images[0])) for c in grouped]
+            + [InputCase(strip_ending(p.name)[0], (p,), _output_ending(p)) for p in singles])
 
 
 def is_2d_plans(plans: Plans) -> bool:

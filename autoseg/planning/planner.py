@@ -14,13 +14,22 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from autoseg.errors import PlanError
+from autoseg.channels import FALLBACK_SCHEME, is_known_channel, scheme_for_channel
 from autoseg.dataset.fingerprint import Fingerprint
+from autoseg.errors import PlanError
 from autoseg.planning.presets import Preset
-from autoseg.planning.topology import estimate_feature_map_units, features_per_stage, pool_and_conv_props
+from autoseg.planning.topology import (
+    estimate_feature_map_units,
+    features_per_stage,
+    pool_and_conv_props,
+)
 from autoseg.plans import Configuration, Normalization, Plans, Resampling, Topology
-from autoseg.channels import scheme_for_channel
-from autoseg.regions import indistinguishable_values, is_region_based, output_names, output_regions
+from autoseg.regions import (
+    indistinguishable_values,
+    is_region_based,
+    output_names,
+    output_regions,
+)
 
 #: nnU-Net uses the nonzero mask for z-score normalisation when cropping to nonzero kept less
 #: than this fraction of the median image.
@@ -152,7 +161,8 @@ def fit_patch(
 
 
 def normalization_for(fp: Fingerprint) -> tuple[Normalization, ...]:
-    """One scheme per channel, by channel name (unknown names raise with a suggestion)."""
+    """One scheme per channel, by channel name (:func:`autoseg.channels.scheme_for_channel`: unknown
+    names get z-score, near misses of a scheme raise with a suggestion)."""
     use_mask = fp.median_relative_size_after_crop < MASK_NORM_THRESHOLD
     result = []
     for index, name in enumerate(fp.channel_names):
@@ -266,6 +276,9 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
         raise PlanError(f"preset {preset.name!r} plans no configuration for a {fp.dims}D dataset; "
                         "add '2d' to its configurations")
     notes.extend(region_notes(fp.labels))
+    notes.extend(f"channel {index} ({name!r}): no modality autoseg knows; normalised with {FALLBACK_SCHEME} "
+                 "(nnU-Net's fallback) — name it in dataset.json to choose" for index, name in
+                 enumerate(fp.channel_names) if not is_known_channel(name))
     recommended = _recommend(configs, gpu, preset, notes)
     plans = Plans(
         dataset_name=fp.dataset_name,

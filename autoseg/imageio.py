@@ -37,9 +37,12 @@ SPACING_2D_AXIS = 999.0
 
 #: File endings autoseg reads, longest first so that ``.nii.gz`` wins over ``.gz``.
 SUPPORTED_ENDINGS: tuple[str, ...] = (
-    ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".bmp",
+    ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg",
 )
-ENDINGS_2D: frozenset[str] = frozenset({".png", ".tif", ".tiff", ".bmp"})
+ENDINGS_2D: frozenset[str] = frozenset({".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg"})
+#: Lossy formats: read as images (Kaggle-style 2D sets ship JPEG), never written (a label map saved
+#: as JPEG gets values around its labels: a 0/255 mask holds 0-8 and 247-255).
+LOSSY_ENDINGS: frozenset[str] = frozenset({".jpg", ".jpeg"})
 
 
 @dataclass(frozen=True)
@@ -440,7 +443,13 @@ def to_sitk(array: np.ndarray, geometry: Geometry) -> "SimpleITK.Image":
 
 
 def write_image(path: Path, array: np.ndarray, geometry: Geometry, compress: bool = True) -> None:
-    """Atomically write a ``(Z, Y, X)`` array with ``geometry`` to ``path`` (format from the ending)."""
+    """Atomically write a ``(Z, Y, X)`` array with ``geometry`` to ``path`` (format from the ending).
+
+    Raises:
+        ValueError: ``path`` has a lossy ending (JPEG): autoseg never writes one (callers pick PNG).
+    """
+    if strip_ending(Path(path).name)[1].lower() in LOSSY_ENDINGS:
+        raise ValueError(f"{path}: autoseg does not write lossy JPEG files; write PNG instead")
     sitk = _sitk()
     image = to_sitk(array, geometry)
     with atomic_path(Path(path)) as tmp:

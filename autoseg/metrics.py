@@ -22,10 +22,14 @@ Distances are Euclidean in mm (``scipy.ndimage.distance_transform_edt`` with ``s
 and computed only inside the bounding box of ``A ∪ B`` plus one voxel: every surface voxel lies
 inside it, so the exact distance transform gives the same values as on the whole image.
 
-Empty masks (chosen so that no case is silently dropped from a mean, unlike nnU-Net v2, which
-scores an empty/empty pair NaN and leaves it out of the averages):
+Empty masks:
 
-* both empty: ``dice = iou = nsd = 1``, ``hd95 = 0`` — a correctly predicted absence is perfect.
+* both empty: ``dice = iou = nsd = 1``, ``hd95 = 0`` in the per-case record — a correctly
+  predicted absence is perfect. :func:`summarize` leaves such pairs out of its means by default and
+  counts them (``n_both_empty``): on data where a structure is often absent, averaging in 1.0 for
+  every absence hides a model that never finds it (33 OpenKBP CTs, a model with no brainstem
+  overlap in any of the 28 patients who have one: brainstem "Dice 0.15"). nnU-Net v2 excludes them
+  too (it scores the pair NaN). ``both_empty="perfect"`` keeps the old averages.
 * one empty: ``dice = iou = nsd = 0``, ``hd95 = None`` — the distance to an empty surface is
   undefined; any stand-in (the image diagonal, 373 mm in the BraTS scripts) would depend on the
   image size and dominate the mean. :func:`summarize` reports ``None`` values as ``n_undefined``.
@@ -204,29 +208,52 @@ def _stats(values: list[float | int | None]) -> dict[str, float | int | None]:
     }
 
 
-def summarize(per_case: dict[str, dict[str, dict]]) -> dict:
+#: How :func:`summarize` treats a label absent from both prediction and reference: ``exclude``
+#: (left out of every mean, counted; the default, as nnU-Net) or ``perfect`` (averaged in as Dice 1).
+BOTH_EMPTY_POLICIES: tuple[str, ...] = ("exclude", "perfect")
+
+
+def is_both_empty(record: Mapping[str, object]) -> bool:
+    """True for a label absent from both prediction and reference (voxel counts both 0)."""
+    return record.get("n_ref") == 0 and record.get("n_pred") == 0
+
+
+def summarize(per_case: dict[str, dict[str, dict]], both_empty: str = "exclude") -> dict:
     """Aggregate per-case metrics: per label, the mean and median of every metric.
 
     Args:
         per_case: case id -> label name -> metrics (as :func:`case_metrics` returns them).
+        both_empty: :data:`BOTH_EMPTY_POLICIES`: ``exclude`` leaves pairs where the label is
+            absent from both out of the label's statistics; ``perfect`` averages them in (Dice 1).
 
     Returns:
-        ``{"n_cases": int, "labels": {label: {metric: {"mean", "median", "n", "n_undefined"}}},
-        "mean_foreground_dice": float | None}``. ``None`` values (HD95 with one empty mask) are left
-        out of mean and median and counted in ``n_undefined``; ``mean_foreground_dice`` is the mean
-        over labels of each label's mean Dice (nnU-Net's ``foreground_mean``), ``None`` without labels.
+        ``{"n_cases": int, "both_empty": policy, "labels": {label: {"n_both_empty": int,
+        metric: {"mean", "median", "n", "n_undefined"}}}, "mean_foreground_dice": float | None}``.
+        ``None`` values (HD95 with one empty mask) are left out of mean and median and counted in
+        ``n_undefined``; ``mean_foreground_dice`` is the mean over labels of each label's mean Dice
+        (nnU-Net's ``foreground_mean``; a label absent from every pair has none and is left out),
+        ``None`` without labels.
+
+    Raises:
+        ValueError: ``both_empty`` is not a policy.
     """
+    if both_empty not in BOTH_EMPTY_POLICIES:
+        raise ValueError(f"both_empty must be one of {BOTH_EMPTY_POLICIES}, not {both_empty!r}")
     label_names: list[str] = []
     for metrics in per_case.values():
         label_names.extend(name for name in metrics if name not in label_names)
-    labels: dict[str, dict[str, dict]] = {}
+    labels: dict[str, dict] = {}
     for name in label_names:
         records = [metrics[name] for metrics in per_case.values() if name in metrics]
+        empty = sum(is_both_empty(r) for r in records)
+        if both_empty == "exclude":
+            records = [r for r in records if not is_both_empty(r)]
         metric_names = [m for m in METRIC_NAMES if any(m in r for r in records)]
-        labels[name] = {m: _stats([r.get(m) for r in records]) for m in metric_names}
+        labels[name] = {"n_both_empty": empty, **{m: _stats([r.get(m) for r in records]) for m in metric_names}}
     dice_means = [s["dice"]["mean"] for s in labels.values() if "dice" in s and s["dice"]["mean"] is not None]
     return {
         "n_cases": len(per_case),
+        "both_empty": both_empty,
         "labels": labels,
         "mean_foreground_dice": float(np.mean(dice_means)) if dice_means else None,
     }

@@ -181,3 +181,89 @@ def test_real_isbi_membranes_pass_check(shared_data: Path, tmp_path: Path, cli) 
     membrane = float(label.mean())
     assert 0.1 < membrane < 0.35  # about 22 % of the pixels are membrane (SOURCE.md: 78 % are 255)
     assert check_errors(tmp_path / "raw") == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Lossy (JPEG) images and masks, as Kaggle-style 2D sets ship them (Kvasir-SEG)
+# ------------------------------------------------------------------------------------------------
+
+def _jpeg_folders(root: Path) -> dict[str, np.ndarray]:
+    """RGB JPEG images and JPEG-compressed 0/255 masks (grey levels appear around 0 and 255)."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(5)
+    truth = {}
+    for name in ("p1", "p2"):
+        mask = np.zeros((32, 40), np.uint8)
+        mask[8:20, 10 + int(name[1]):30] = 255
+        image = rng.integers(0, 256, size=(32, 40, 3)).astype(np.uint8)
+        for folder, array in (("images", image), ("masks", mask)):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(sitk.GetImageFromArray(array, isVector=array.ndim == 3), str(root / folder / f"{name}.jpg"))
+        truth[name] = mask
+    return truth
+
+
+def test_jpeg_masks_are_recognised_and_thresholded(cli, tmp_path: Path) -> None:
+    truth = _jpeg_folders(tmp_path)
+    stored = np.unique(read_image(tmp_path / "masks" / "p1.jpg")[0])
+    assert png_masks.looks_lossy_binary(list(stored)), stored  # the fixture really is lossy
+
+    # Mapping the grey levels one by one is the wrong advice: the error says to threshold.
+    mapped = cli("convert", "png-masks", tmp_path / "images", tmp_path / "masks", "-o", tmp_path / "raw",
+                 "--map", "255=1")
+    assert mapped.exit_code == 1 and "look like a 0/255 mask saved lossily" in mapped.output, mapped.output
+    assert "use --threshold 128" in mapped.output and "Traceback" not in mapped.output
+    assert not (tmp_path / "raw").exists()
+
+    done = cli("convert", "png-masks", tmp_path / "images", tmp_path / "masks", "-o", tmp_path / "raw",
+               "--threshold", "128")
+    assert done.exit_code == 0, done.output
+    meta = json.loads((tmp_path / "raw" / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "foreground": 1} and meta["file_ending"] == ".png"
+    for name, mask in truth.items():
+        label = read_image(tmp_path / "raw" / "labelsTr" / f"{name}.png")[0][0, 0]
+        assert set(np.unique(label)) == {0, 1}
+        assert np.mean(label == (mask > 0)) > 0.98  # JPEG moves edges by a pixel at most
+    assert check_errors(tmp_path / "raw") == []
+
+
+def test_threshold_and_map_rules() -> None:
+    assert parse_value_map([], threshold=128) == {1: 1}
+    assert parse_value_map(["1=1", "0=0"], threshold=128) == {1: 1, 0: 0}
+    with pytest.raises(ConfigError, match="thresholded masks hold only 0 and 1"):
+        parse_value_map(["255=1"], threshold=128)
+    assert png_masks.looks_lossy_binary([0, 1, 3, 8, 247, 252, 255])
+    assert not png_masks.looks_lossy_binary([0, 255])  # a clean mask
+    assert not png_masks.looks_lossy_binary([0, 1, 2, 3])  # a label map
+
+
+def test_jpeg_label_maps_in_a_dataset_are_an_error_naming_the_fix(cli, tmp_path: Path) -> None:
+    _jpeg_folders(tmp_path)
+    root = tmp_path / "ds"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for name in ("p1", "p2"):
+        (root / "imagesTr" / f"{name}_0000.jpg").write_bytes((tmp_path / "images" / f"{name}.jpg").read_bytes())
+        (root / "labelsTr" / f"{name}.jpg").write_bytes((tmp_path / "masks" / f"{name}.jpg").read_bytes())
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "endoscopy"}, "labels": {
+        "background": 0, "polyp": 1}, "numTraining": 2, "file_ending": ".jpg"}))
+    result = cli("check", root, "-j", "1")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "the label maps are JPEG" in text and "--threshold 128" in text, result.output
+
+
+def test_second_conversion_into_the_same_folder_is_refused(cli, tmp_path: Path) -> None:
+    make_folders(tmp_path / "a")
+    make_folders(tmp_path / "b", names=("b1", "b2"))
+    out = tmp_path / "raw"
+    first = cli("convert", "png-masks", tmp_path / "a" / "images", tmp_path / "a" / "masks", "-o", out, "--map", "255=1")
+    assert first.exit_code == 0, first.output
+    before = (out / "dataset.json").read_text()
+    again = cli("convert", "png-masks", tmp_path / "a" / "images", tmp_path / "a" / "masks", "-o", out, "--map", "255=1")
+    assert again.exit_code == 0, again.output  # the same inputs: a resume
+    other = cli("convert", "png-masks", tmp_path / "b" / "images", tmp_path / "b" / "masks", "-o", out, "--map", "255=1")
+    assert other.exit_code != 0 and "would merge two datasets" in " ".join(other.output.split()), other.output
+    assert (out / "dataset.json").read_text() == before
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == ["a1.png", "a10.png", "a2.png"]

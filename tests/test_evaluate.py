@@ -141,3 +141,44 @@ def test_evaluate_case_and_label_map_reading(tmp_path: Path) -> None:
         evaluate.read_label_map(pred / "case_000.nii.gz")
     seg, _ = evaluate.read_label_map(ref / "case_000.nii.gz")
     assert np.array_equal(seg, read_image(ref / "case_000.nii.gz")[0][0])
+
+
+def _often_absent(tmp_path: Path) -> tuple[Path, Path]:
+    """4 cases of label 1 ("organ"): present in the references of 2, never found by the prediction;
+    absent from both in the other 2. Labels declared by a dataset.json beside labelsTr."""
+    raw, pred = tmp_path / "raw", tmp_path / "pred"
+    (raw / "labelsTr").mkdir(parents=True)
+    pred.mkdir()
+    for i, case in enumerate(phantoms.case_ids(4)):
+        _, label = phantoms.ellipsoid((8, 10, 9), seed=i)
+        reference = (label > 0).astype(np.uint8) if i < 2 else np.zeros_like(label, dtype=np.uint8)
+        phantoms.write_case_image(raw / "labelsTr" / f"{case}.nii.gz", reference)
+        phantoms.write_case_image(pred / f"{case}.nii.gz", np.zeros_like(reference))
+    (raw / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1}}))
+    return raw, pred
+
+
+def test_label_absent_from_both_is_excluded_from_the_mean_by_default(cli, tmp_path: Path) -> None:
+    """A model that never finds a structure scores 0, not 0.5 from two correctly predicted absences."""
+    raw, pred = _often_absent(tmp_path)
+    report = evaluate.run(pred, raw / "labelsTr", workers=1)
+    organ = report.summary["labels"]["organ"]
+    assert report.summary["both_empty"] == "exclude"
+    assert organ["dice"]["mean"] == 0.0 and organ["dice"]["n"] == 2 and organ["n_both_empty"] == 2
+    assert report.summary["mean_foreground_dice"] == 0.0
+    # Per case, the absence is still recorded as perfect (the JSON keeps every pair).
+    assert report.cases["case_002"]["organ"]["dice"] == 1.0
+
+    flattering = evaluate.run(pred, raw / "labelsTr", workers=1, both_empty="perfect")
+    assert flattering.summary["labels"]["organ"]["dice"]["mean"] == 0.5
+
+    result = cli("evaluate", pred, raw / "labelsTr", "-j", "1")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "absent from both prediction and reference is left out of its means" in text
+    assert "2 (+2 absent, excluded)" in text
+    # labelsTr given as REF: the label names come from the dataset.json beside it, not numbers.
+    assert "organ" in result.output and f"labels from {raw / 'dataset.json'}" in text
+
+    bad = cli("evaluate", pred, raw / "labelsTr", "-j", "1", "--both-empty", "one")
+    one_line_error(bad, "--both-empty", "'one'")

@@ -783,3 +783,13 @@ def test_readme_python_api_example_runs_and_matches_the_cli(work3d: Path, tmp_pa
     written, written_geometry = read_image(out)
     assert np.array_equal(namespace["labels"], expected[0]) and np.array_equal(written, expected)
     assert written_geometry == geometry == read_image(image)[1]
+
+
+def test_jpeg_input_gets_a_lossless_png_label_map(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((12, 10, 3), 90, np.uint8), isVector=True), str(tmp_path / "s.jpg"))
+    [case] = find_input_cases([tmp_path], num_channels=3)
+    assert (case.case_id, case.ending) == ("s", ".png")
+    with pytest.raises(ValueError, match="does not write lossy JPEG"):
+        write_image(tmp_path / "x.jpg", np.zeros((1, 4, 4), np.uint8), read_image(tmp_path / "s.jpg")[1])

@@ -85,12 +85,12 @@ def convert_kaggle_uwmgi_cmd(
 
 
 def convert_png_masks_cmd(
-    images: Annotated[Path, typer.Argument(help="Folder of 2D images (.png, .tif, .bmp).")],
+    images: Annotated[Path, typer.Argument(help="Folder of 2D images (.png, .tif, .bmp, .jpg).")],
     masks: Annotated[Path, typer.Argument(help="Folder of 2D masks, paired with the images by name.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Raw dataset folder to write (nnU-Net v2 layout).")],
-    value_map: Annotated[list[str], typer.Option(
+    value_map: Annotated[Optional[list[str]], typer.Option(
         "--map", metavar="V=L", help="Mask value V is label L; repeat per value (0=0 is implied unless 0 is "
-                                     "mapped). Required, e.g. --map 255=1.")],
+                                     "mapped). Required (e.g. --map 255=1) unless --threshold is given.")] = None,
     name: ConvertName = None,
     channel_name: Annotated[Optional[list[str]], typer.Option(
         "--channel-name", metavar="NAME", help="Channel name (selects the normalisation, e.g. EM, MRI, CT); "
@@ -102,17 +102,20 @@ def convert_png_masks_cmd(
     mask_suffix: Annotated[str, typer.Option("--mask-suffix", help="Suffix of mask names before the ending "
                                                                    "(e.g. _mask), removed before pairing.")] = "",
     file_ending: Annotated[str, typer.Option("--file-ending", help=".png or .nii.gz.")] = ".png",
+    threshold: Annotated[Optional[int], typer.Option(
+        "--threshold", metavar="T", help="Lossy binary masks (JPEG): value >= T is foreground 1, the rest 0, "
+                                         "before --map (default then 1=1). 128 for 0/255 masks.")] = None,
 ) -> None:
-    """Convert 2D image and mask folders (e.g. ISBI 2012 EM), masks mapped through --map V=L."""
+    """Convert 2D image and mask folders (e.g. ISBI 2012 EM, Kvasir-SEG), masks mapped through --map V=L."""
     with user_errors():
         from autoseg.convert import png_masks
 
-        mapping = png_masks.parse_value_map(value_map)
+        mapping = png_masks.parse_value_map(value_map or [], threshold)
         names = png_masks.parse_label_names(label_name or [])
         with progress_bar("converting images") as progress:
             summary = png_masks.run(images, masks, out, mapping, name=name, channel_names=channel_name,
                                     label_names=names, pair_by=pair_by, mask_suffix=mask_suffix,  # type: ignore[arg-type]
-                                    file_ending=file_ending, progress=progress)
+                                    file_ending=file_ending, progress=progress, threshold=threshold)
         _print_conversion(summary, "image")
 
 

@@ -10,25 +10,39 @@ import typer
 from autoseg.cli._render import Workers, make_console, escape_markup, fmt_metric, progress_bar, user_errors
 
 
+#: How the table header states each both-empty policy (autoseg.metrics.BOTH_EMPTY_POLICIES).
+_BOTH_EMPTY_HEADER = {
+    "exclude": "a label absent from both prediction and reference is left out of its means (--both-empty perfect "
+               "counts it as Dice 1)",
+    "perfect": "a label absent from both prediction and reference counts as Dice 1 (--both-empty perfect)",
+}
+
+
 def _summary_table(summary: dict, title: str) -> object:
-    """Mean and median of Dice, IoU, HD95 and NSD per label (HD95: how many were undefined)."""
+    """Mean and median of Dice, IoU, HD95 and NSD per label (HD95: how many were undefined), with the
+    number of cases each mean is over and how pairs absent from both were treated."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    policy = summary.get("both_empty", "perfect")
+    table = Table(title=f"{title}\n{_BOTH_EMPTY_HEADER[policy]}", title_justify="left")
     table.add_column("label", overflow="fold")
-    for column in ("Dice mean", "Dice median", "IoU mean", "HD95 mean (mm)", "HD95 median", "NSD mean",
+    for column in ("cases", "Dice mean", "Dice median", "IoU mean", "HD95 mean (mm)", "HD95 median", "NSD mean",
                    "NSD median"):
         table.add_column(column, justify="right")
     for name, stats in summary["labels"].items():
         undefined = stats.get("hd95", {}).get("n_undefined", 0)
+        empty = stats.get("n_both_empty", 0)
+        scored = stats["dice"]["n"] if "dice" in stats else 0
+        cases = f"{scored}" + (f" (+{empty} absent, excluded)" if empty and policy == "exclude" else
+                               f" ({empty} absent, as 1)" if empty else "")
         table.add_row(
-            escape_markup(name),
+            escape_markup(name), cases,
             fmt_metric(stats["dice"]["mean"]), fmt_metric(stats["dice"]["median"]), fmt_metric(stats["iou"]["mean"]),
             fmt_metric(stats["hd95"]["mean"]) + (f" ({undefined} undefined)" if undefined else ""),
             fmt_metric(stats["hd95"]["median"]), fmt_metric(stats["nsd"]["mean"]),
             fmt_metric(stats["nsd"]["median"]),
         )
-    table.add_row("[bold]mean foreground Dice[/]", fmt_metric(summary["mean_foreground_dice"]), *[""] * 6)
+    table.add_row("[bold]mean foreground Dice[/]", "", fmt_metric(summary["mean_foreground_dice"]), *[""] * 6)
     return table
 
 
@@ -43,13 +57,18 @@ def evaluate_cmd(
         "--output", "-o", help="JSON report (default: PRED/evaluation.json); a CSV is written beside it.")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm.", min=0.0)] = 2.0,
     workers: Workers = None,
+    both_empty: Annotated[str, typer.Option(
+        "--both-empty", metavar="exclude|perfect",
+        help="A label absent from both prediction and reference: left out of the means and counted (exclude, "
+             "as nnU-Net), or averaged in as Dice 1 (perfect, which flatters models on often-absent "
+             "structures).")] = "exclude",
 ) -> None:
     """Score predictions against references: Dice, IoU, HD95, NSD per case and label -> JSON, CSV, table."""
     with user_errors():
         from autoseg.evaluation import evaluate
 
         with progress_bar("evaluating") as progress:
-            report = evaluate.run(pred, ref, labels, output, tolerance, workers, progress)
+            report = evaluate.run(pred, ref, labels, output, tolerance, workers, progress, both_empty)
         console = make_console()
         for warning in report.warnings[:20]:
             console.print(f"[yellow]warning:[/] {escape_markup(warning)}")

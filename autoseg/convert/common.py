@@ -122,8 +122,12 @@ def is_inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def prepare_output(out: Path, sources: Sequence[Path], record: dict[str, Any], command: str) -> None:
+def prepare_output(out: Path, sources: Sequence[Path], record: dict[str, Any], command: str) -> dict[str, Any]:
     """Check that ``out`` may be (re)written and remove temporary files a killed run left behind.
+
+    A rerun with the same inputs and settings resumes; anything else into the same folder is
+    refused — in particular a second conversion of *other* inputs, which would otherwise merge two
+    datasets and overwrite the first one's dataset.json.
 
     Args:
         out: the raw dataset folder to write.
@@ -132,11 +136,15 @@ def prepare_output(out: Path, sources: Sequence[Path], record: dict[str, Any], c
         record: the settings that shape the case files (stored under ``autoseg_convert``).
         command: the command line to name in messages (``"autoseg convert dicom-rt"``).
 
+    Returns:
+        The record to store in dataset.json: ``record`` plus the absolute ``sources``.
+
     Raises:
-        ConfigError: ``out`` lies inside a source, holds something else, or was written with other
-            settings.
+        ConfigError: ``out`` lies inside a source, holds something else, was converted from other
+            inputs, or with other settings.
     """
     out = Path(out)
+    record = {**record, "sources": [os.fspath(Path(s).resolve()) for s in sources]}
     for source in sources:
         if is_inside(out, source):
             raise ConfigError(f"{out}: the output folder lies inside the input {source}; inputs are never "
@@ -152,6 +160,10 @@ def prepare_output(out: Path, sources: Sequence[Path], record: dict[str, Any], c
         if existing is None:
             raise ConfigError(f"{out}: holds a dataset.json not written by {command}; choose an empty or new "
                               "output folder")
+        if isinstance(existing, dict) and existing.get("sources") != record["sources"]:
+            before = ", ".join(existing.get("sources") or ["unrecorded inputs"])
+            raise ConfigError(f"{out}: holds a conversion of {before}; converting {', '.join(record['sources'])} "
+                              "into it would merge two datasets: choose another output folder (or delete this one)")
         if existing != record:
             changed = sorted(k for k in set(existing) | set(record) if existing.get(k) != record.get(k))
             raise ConfigError(f"{out}: was converted with other settings ({', '.join(changed)} differ); resuming "
@@ -161,6 +173,7 @@ def prepare_output(out: Path, sources: Sequence[Path], record: dict[str, Any], c
                           "choose an empty or new output folder")
     for sub in ("imagesTr", "labelsTr"):
         remove_stale_temp(out / sub)
+    return record
 
 
 def case_done(out: Path, case_id: str, ending: str, num_channels: int) -> bool:

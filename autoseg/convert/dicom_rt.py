@@ -530,7 +530,7 @@ def run(src: Path, out: Path, roi_map: Mapping[str, Sequence[str]] | None = None
         labels = {"background": 0, **{label: i for i, label in enumerate(label_names, start=1)}}
     record = {"converter": "dicom-rt", "overlap": overlap, "roi_map": {k: list(v) for k, v in roi_map.items()},
               "allow_frame_mismatch": allow_frame_mismatch}
-    prepare_output(out, [src], record, "autoseg convert dicom-rt")
+    record = prepare_output(out, [src], record, "autoseg convert dicom-rt")
 
     def write_meta() -> None:
         write_dataset_json(out, name=name or out.name, description=f"CT + RTSTRUCT converted from {src} by autoseg "

@@ -377,7 +377,7 @@ def run(src: Path, out: Path, slice_spacing: float = DEFAULT_SLICE_SPACING, *, s
 
     labels = bitmask_labels(CLASSES)
     record = {"converter": "kaggle-uwmgi", "slice_spacing": float(slice_spacing), "classes": list(CLASSES)}
-    prepare_output(out, [src], record, "autoseg convert kaggle-uwmgi")
+    record = prepare_output(out, [src], record, "autoseg convert kaggle-uwmgi")
 
     def write_meta() -> None:
         write_dataset_json(out, name=name or out.name, description=f"Kaggle UW-Madison GI Tract Image Segmentation, "

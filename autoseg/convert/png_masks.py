@@ -14,6 +14,10 @@ Conventions:
   background 0 unless the map says otherwise (``--map 0=1 --map 255=0`` makes ISBI's membranes the
   foreground). A value that is not mapped is an error listing the values found and a suggested map;
   every mask is checked before anything is written. The labels must be 0..N without gaps.
+* **Lossy masks** (JPEG, as Kvasir-SEG ships them: a 0/255 mask holds 0-8 and 247-255): with
+  ``threshold=T`` (``--threshold 128``) a mask value ``>= T`` is foreground 1, anything else
+  background 0, before the map (which then defaults to ``1=1``). Without it, values in that
+  pattern are recognised and the error says to threshold instead of mapping every grey level.
 * **Output**: ``imagesTr/{case}_{CCCC}{ending}``, ``labelsTr/{case}{ending}`` with the case id from
   the image's file name; ``.png`` (default; 8/16-bit images) or ``.nii.gz``. A colour image becomes
   one file per channel (``R``, ``G``, ``B``). Geometry (pixel spacing) is kept as read; the mask is
@@ -48,11 +52,14 @@ OUTPUT_ENDINGS: tuple[str, ...] = (".png", ".nii.gz")
 _MAP_ITEM = re.compile(r"^\s*(-?\d+)\s*[=:]\s*(\d+)\s*$")
 
 
-def parse_value_map(items: Sequence[str]) -> dict[int, int]:
+def parse_value_map(items: Sequence[str], threshold: int | None = None) -> dict[int, int]:
     """Parse ``["255=1", "128=2"]`` (``V=L``, comma-separated lists allowed) into ``{mask value: label}``.
 
+    With a ``threshold`` the masks become 0/1 before the map, and an empty map means ``1=1``.
+
     Raises:
-        ConfigError: an item is not ``V=L`` with integers, or a value is mapped twice.
+        ConfigError: an item is not ``V=L`` with integers, a value is mapped twice, no map without
+            a threshold, or a thresholded map names values other than 0 and 1.
     """
     mapping: dict[int, int] = {}
     for item in (part for entry in items for part in entry.split(",") if part.strip()):
@@ -63,9 +70,28 @@ def parse_value_map(items: Sequence[str]) -> dict[int, int]:
         if mapping.get(value, label) != label:
             raise ConfigError(f"--map: mask value {value} is mapped to both {mapping[value]} and {label}; map it once")
         mapping[value] = label
+    if threshold is not None:
+        if set(mapping) - {0, 1}:
+            raise ConfigError(f"--map {sorted(mapping)} with --threshold {threshold}: thresholded masks hold only 0 "
+                              "and 1; map those (or drop --map: 1=1)")
+        return mapping or {1: 1}
     if not mapping:
-        raise ConfigError("--map is required: say which mask value is which label, e.g. --map 255=1")
+        raise ConfigError("--map is required: say which mask value is which label, e.g. --map 255=1 "
+                          "(or --threshold 128 for lossy 0/255 masks)")
     return mapping
+
+
+#: Lossy binary masks: every value within this distance of 0 or 255 (JPEG moves a 0/255 edge by a
+#: few grey levels; Kvasir-SEG's masks hold 0-8 and 247-255).
+LOSSY_MARGIN = 32
+
+
+def looks_lossy_binary(values: Sequence[int]) -> bool:
+    """True for the values of a 0/255 mask saved lossily: more than two, all near 0 or near 255."""
+    values = sorted(set(int(v) for v in values))
+    near_low = [v for v in values if 0 <= v <= LOSSY_MARGIN]
+    near_high = [v for v in values if 255 - LOSSY_MARGIN <= v <= 255]
+    return len(values) > 2 and bool(near_low) and bool(near_high) and len(near_low) + len(near_high) == len(values)
 
 
 def parse_label_names(items: Sequence[str]) -> dict[int, str]:
@@ -142,7 +168,7 @@ def _natural_key(name: str) -> list[object]:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """The 2D image files of a folder (PNG, TIF, BMP, and NIfTI), in natural name order.
+    """The 2D image files of a folder (PNG, TIF, BMP, JPEG, and NIfTI), in natural name order.
 
     Raises:
         DatasetError: the folder is missing or holds no image.
@@ -154,7 +180,7 @@ def list_images(folder: Path) -> list[Path]:
     files = [folder / n for n in os.listdir(folder)
              if not n.startswith(".") and n.lower().endswith(endings) and (folder / n).is_file()]
     if not files:
-        raise DatasetError(f"{folder}: no image files (.png, .tif, .bmp, .nii.gz); pass the folder holding them")
+        raise DatasetError(f"{folder}: no image files (.png, .tif, .bmp, .jpg, .nii.gz); pass the folder holding them")
     return sorted(files, key=lambda p: _natural_key(p.name))
 
 
@@ -215,7 +241,8 @@ def pair_files(images: Sequence[Path], masks: Sequence[Path], by: PairBy = "name
     return result
 
 
-def _read_mask(path: Path) -> np.ndarray:
+def _read_mask(path: Path, threshold: int | None = None) -> np.ndarray:
+    """A mask as a 2D array; with ``threshold``, 1 where the value is ``>= threshold``, else 0."""
     array, _ = read_image(path)
     if array.shape[1] != 1:
         raise DatasetError(f"{path}: mask is 3D ({array.shape[1]} slices); png-masks converts 2D masks")
@@ -223,10 +250,13 @@ def _read_mask(path: Path) -> np.ndarray:
         if not all(np.array_equal(array[0], c) for c in array[1:]):
             raise DatasetError(f"{path}: mask has {array.shape[0]} different colour channels; save masks as "
                                "single-channel (grey) images")
+    if threshold is not None:
+        return (array[0, 0] >= threshold).astype(np.uint8)
     return array[0, 0]
 
 
-def mask_values(pairs: Sequence[tuple[str, Path, Path]], progress: ProgressFn | None = None) -> dict[int, Path]:
+def mask_values(pairs: Sequence[tuple[str, Path, Path]], progress: ProgressFn | None = None,
+                threshold: int | None = None) -> dict[int, Path]:
     """Every value found in the masks, with the first mask holding it.
 
     Raises:
@@ -234,7 +264,7 @@ def mask_values(pairs: Sequence[tuple[str, Path, Path]], progress: ProgressFn | 
     """
     found: dict[int, Path] = {}
     for done, (_, _, mask_path) in enumerate(pairs, start=1):
-        mask = _read_mask(mask_path)
+        mask = _read_mask(mask_path, threshold)
         values = np.unique(mask)
         if mask.dtype.kind == "f" and not np.all(np.isfinite(values) & (values == np.round(values))):
             raise DatasetError(f"{mask_path}: mask holds non-integer values; save masks as integer images")
@@ -248,7 +278,7 @@ def mask_values(pairs: Sequence[tuple[str, Path, Path]], progress: ProgressFn | 
 def run(images_dir: Path, masks_dir: Path, out: Path, value_map: Mapping[int, int], *, name: str | None = None,
         channel_names: Sequence[str] | None = None, label_names: Mapping[int, str] | None = None,
         pair_by: PairBy = "name", mask_suffix: str = "", file_ending: str = ".png",
-        progress: ProgressFn | None = None) -> ConvertSummary:
+        progress: ProgressFn | None = None, threshold: int | None = None) -> ConvertSummary:
     """Convert paired 2D images and masks into the raw layout at ``out`` (resumable).
 
     Args:
@@ -263,6 +293,7 @@ def run(images_dir: Path, masks_dir: Path, out: Path, value_map: Mapping[int, in
         mask_suffix: mask name suffix removed before pairing by name.
         file_ending: ``".png"`` or ``".nii.gz"``.
         progress: ``progress(done, total)``.
+        threshold: binarise lossy masks first: ``>= threshold`` is 1, the rest 0.
 
     Returns:
         What was written and skipped.
@@ -279,17 +310,23 @@ def run(images_dir: Path, masks_dir: Path, out: Path, value_map: Mapping[int, in
     labels = label_table(value_map, label_names)
     pairs = pair_files(list_images(images_dir), list_images(masks_dir), pair_by, mask_suffix)
 
-    found = mask_values(pairs, progress)
+    if threshold is not None and not 0 < threshold <= 65535:
+        raise ConfigError(f"--threshold {threshold}: must be a mask value in 1..65535 (128 for 0/255 masks)")
+    found = mask_values(pairs, progress, threshold)
     full = effective_map(value_map)
     unmapped = sorted(v for v in found if v not in full)
+    if unmapped and looks_lossy_binary(list(found)):
+        raise DatasetError(f"{masks_dir}: mask values {min(found)}-{max(v for v in found if v < 128)} and "
+                           f"{min(v for v in found if v >= 128)}-{max(found)} look like a 0/255 mask saved lossily "
+                           f"(e.g. JPEG; {found[unmapped[0]].name}); use --threshold 128 instead of --map")
     if unmapped:
         raise DatasetError(f"{masks_dir}: mask values {unmapped[:10]} are not mapped (values found: "
                            f"{sorted(found)[:20]}; e.g. {found[unmapped[0]].name} holds {unmapped[0]}); map every "
                            f"value, e.g. {suggest_map(list(found))}")
 
     record = {"converter": "png-masks", "map": {str(k): v for k, v in sorted(full.items())}, "pair_by": pair_by,
-              "mask_suffix": mask_suffix}
-    prepare_output(out, [images_dir, masks_dir], record, "autoseg convert png-masks")
+              "mask_suffix": mask_suffix, **({"threshold": threshold} if threshold is not None else {})}
+    record = prepare_output(out, [images_dir, masks_dir], record, "autoseg convert png-masks")
     out.mkdir(parents=True, exist_ok=True)
 
     first, _ = read_image(pairs[0][1])
@@ -311,7 +348,7 @@ def run(images_dir: Path, masks_dir: Path, out: Path, value_map: Mapping[int, in
         if case_done(out, case_id, file_ending, num_channels):
             skipped.append(case_id)
         else:
-            _convert_pair(case_id, image_path, mask_path, out, value_map, num_channels, file_ending)
+            _convert_pair(case_id, image_path, mask_path, out, value_map, num_channels, file_ending, threshold)
             written.append(case_id)
         if progress is not None:
             progress(len(pairs) + done, 2 * len(pairs))
@@ -320,7 +357,7 @@ def run(images_dir: Path, masks_dir: Path, out: Path, value_map: Mapping[int, in
 
 
 def _convert_pair(case_id: str, image_path: Path, mask_path: Path, out: Path, value_map: Mapping[int, int],
-                  num_channels: int, file_ending: str) -> None:
+                  num_channels: int, file_ending: str, threshold: int | None) -> None:
     image, geometry = read_image(image_path)
     if image.shape[1] != 1:
         raise DatasetError(f"{image_path}: image is 3D ({image.shape[1]} slices); png-masks converts 2D images")
@@ -329,7 +366,7 @@ def _convert_pair(case_id: str, image_path: Path, mask_path: Path, out: Path, va
                            "store every image with the same channels")
     if file_ending == ".png" and image.dtype not in (np.uint8, np.uint16):
         raise ConfigError(f"{image_path}: pixel type {image.dtype} cannot be stored as PNG; pass --file-ending .nii.gz")
-    mask = _read_mask(mask_path)
+    mask = _read_mask(mask_path, threshold)
     if mask.shape != image.shape[2:]:
         raise DatasetError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} is "
                            f"{image.shape[3]}x{image.shape[2]} (width x height); re-export the mask at the image size")

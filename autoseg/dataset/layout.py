@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from autoseg.channels import FALLBACK_SCHEME, is_known_channel, scheme_for_channel
 from autoseg.errors import DatasetError, UnknownNameError
-from autoseg.imageio import ENDINGS_2D, SUPPORTED_ENDINGS, strip_ending
+from autoseg.imageio import ENDINGS_2D, LOSSY_ENDINGS, SUPPORTED_ENDINGS, strip_ending
 
 Severity = Literal["error", "warning"]
 Layout = Literal["nnunet", "msd", "images"]
@@ -192,6 +192,8 @@ def load_dataset(root: Path) -> tuple[DatasetSpec | None, list[Issue]]:
                 issues.append(Issue("error", "unsupported-ending", f"file_ending {ending!r} is not supported",
                                     f"convert the images to one of {', '.join(SUPPORTED_ENDINGS)}",
                                     file="dataset.json"))
+            elif ending.lower() in LOSSY_ENDINGS:
+                issues.append(_lossy_labels_issue(f"file_ending {ending!r}: the label maps are JPEG", "dataset.json"))
             cases = _discover_nnunet(root, ending, len(channel_names), issues)
 
     if num_training is not None and num_training != len(cases):
@@ -262,6 +264,14 @@ def _parse_channels(meta: dict[str, Any], layout: Layout, issues: list[Issue]) -
                                 "name the modality (e.g. 'T1', 'FLAIR', 'CT') or the scheme ('zscore') to "
                                 "make the choice explicit", file="dataset.json"))
     return names
+
+
+def _lossy_labels_issue(problem: str, file: str) -> Issue:
+    """The error for JPEG label maps: lossy compression moves values off the labels (a 0/255 mask
+    holds 0-8 and 247-255), which would become undeclared labels or be mistaken for classes."""
+    return Issue("error", "lossy-labels", f"{problem}, which is lossy: mask values drift around the labels",
+                 "convert the masks losslessly with a threshold: 'autoseg convert png-masks IMAGES MASKS -o RAW "
+                 "--threshold 128' (images may stay JPEG)", file=file)
 
 
 def _tail(message: str) -> str:
@@ -423,6 +433,8 @@ def _discover_msd(root: Path, meta: dict[str, Any], issues: list[Issue]) -> tupl
                                 f"convert it to one of {', '.join(SUPPORTED_ENDINGS)}", file=rel(root, image_path)))
             continue
         endings.add(ending)
+        if strip_ending(label_path.name)[1].lower() in LOSSY_ENDINGS:
+            issues.append(_lossy_labels_issue(f"{where} label {label_rel!r} is JPEG", rel(root, label_path)))
         if stem in seen:
             issues.append(Issue("error", "duplicate-case", f"case id {stem!r} is listed twice "
                                 f"(training[{seen[stem]}] and training[{index}])",

@@ -32,9 +32,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from autoseg.atomic import write_json, write_text
-from autoseg.errors import DatasetError
+from autoseg.errors import DatasetError, UnknownNameError
 from autoseg.imageio import Geometry, read_image, read_info, strip_ending
-from autoseg.metrics import METRIC_NAMES, both_empty_metrics, summarize
+from autoseg.metrics import BOTH_EMPTY_POLICIES, METRIC_NAMES, both_empty_metrics, summarize
 from autoseg.tasks import get_task
 
 ProgressFn = Callable[[int, int], None]
@@ -44,6 +44,8 @@ R = TypeVar("R")
 REPORT_SCHEMA_VERSION = 1
 #: Name of the report written into PRED when no ``--output`` is given.
 DEFAULT_REPORT_NAME = "evaluation.json"
+#: Label folders of a raw dataset: given as REF, the dataset.json beside them names the labels.
+LABEL_FOLDERS = ("labelsTr", "labelsTs")
 #: Working memory per voxel of one case: two label maps (up to int32 after conversion), boolean
 #: masks, and the float64 distance transform over the bounding box.
 _BYTES_PER_VOXEL = 32
@@ -404,7 +406,7 @@ def write_report(report: EvaluationReport, json_path: Path) -> tuple[Path, Path]
 
 def run(pred: Path, ref: Path, labels_file: Path | None = None, output: Path | None = None,
         tolerance_mm: float = 2.0, workers: int | None = None,
-        progress: ProgressFn | None = None) -> EvaluationReport:
+        progress: ProgressFn | None = None, both_empty: str = "exclude") -> EvaluationReport:
     """Evaluate PRED against REF and write the JSON and CSV reports.
 
     Args:
@@ -415,10 +417,15 @@ def run(pred: Path, ref: Path, labels_file: Path | None = None, output: Path | N
         tolerance_mm: NSD tolerance in mm.
         workers: processes (default: CPU count, bounded by free memory).
         progress: called as ``progress(done, total)`` after each case.
+        both_empty: how the summary treats a label absent from both prediction and reference
+            (:data:`autoseg.metrics.BOTH_EMPTY_POLICIES`; default: left out of the means, counted).
 
     Raises:
         DatasetError: missing folders or files, a prediction without reference, mismatched grids.
+        UnknownNameError: ``both_empty`` is not a policy.
     """
+    if both_empty not in BOTH_EMPTY_POLICIES:
+        raise UnknownNameError("--both-empty policy", both_empty, BOTH_EMPTY_POLICIES, "--both-empty")
     pred, ref = Path(pred), Path(ref)
     if tolerance_mm < 0:
         from autoseg.errors import ConfigError
@@ -430,6 +437,9 @@ def run(pred: Path, ref: Path, labels_file: Path | None = None, output: Path | N
         labels, source = labels_from_file(labels_file), os.fspath(labels_file)
     elif ref_labels is not None:
         labels, source = ref_labels, os.fspath(ref / "dataset.json")
+    elif ref.name in LABEL_FOLDERS and (ref.parent / "dataset.json").is_file():
+        # REF is a dataset's labelsTr/: its dataset.json names the labels (numbers otherwise).
+        labels, source = labels_from_file(ref.parent), os.fspath(ref.parent / "dataset.json")
     else:
         labels, source = None, "values found in the label maps"
     results = evaluate_pairs(pairs, labels, tolerance_mm, workers, progress)
@@ -441,7 +451,7 @@ def run(pred: Path, ref: Path, labels_file: Path | None = None, output: Path | N
     if missing:
         warnings.insert(0, f"{len(missing)} reference case(s) have no prediction and were not scored: "
                            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    report = EvaluationReport(pred, ref, labels, source, tolerance_mm, cases, summarize(cases),
+    report = EvaluationReport(pred, ref, labels, source, tolerance_mm, cases, summarize(cases, both_empty),
                               tuple(missing), tuple(warnings))
     json_path, csv_path = write_report(report, Path(output) if output is not None else pred / DEFAULT_REPORT_NAME)
     return EvaluationReport(**{**report.__dict__, "json_path": json_path, "csv_path": csv_path})

@@ -29,9 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Output endings for inputs whose format keeps the voxels in a second file (.mhd + .raw,
-#: .nhdr + .raw): a single-file equivalent, so that the atomic rename moves everything.
-_SINGLE_FILE_ENDING = {".mhd": ".mha", ".nhdr": ".nrrd"}
+#: Output endings that differ from the input's: a single-file equivalent for formats that keep the
+#: voxels in a second file (.mhd + .raw, .nhdr + .raw), so that the atomic rename moves everything;
+#: lossless PNG for JPEG (a label map must keep its exact values).
+_OUTPUT_ENDING = {".mhd": ".mha", ".nhdr": ".nrrd", ".jpg": ".png", ".jpeg": ".png"}
 #: Label-map ending of a DICOM series input (``--output-format auto`` or ``nifti``).
 DICOM_OUTPUT_ENDING = ".nii.gz"
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -54,7 +55,7 @@ class InputCase:
 
 def _output_ending(path: Path) -> str:
     ending = strip_ending(path.name)[1].lower()
-    return _SINGLE_FILE_ENDING.get(ending, ending)
+    return _OUTPUT_ENDING.get(ending, ending)
 
 
 def find_input_cases(inputs: Sequence[Path], num_channels: int) -> list[InputCase]:

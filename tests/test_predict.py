@@ -688,6 +688,24 @@ def test_truncated_image_leaves_no_output(work3d: Path, tmp_path: Path, cli) -> 
 # Fold validation
 
 
+def test_validation_of_a_png_dataset_writes_png_like_predict(work_png: Path, tmp_path: Path) -> None:
+    """Fold validation writes label maps in the images' format, as ``autoseg predict`` does."""
+    from autoseg.training.validation import validate_fold
+
+    val_cases = json.loads((work_png / "splits.json").read_text())[0]["val"]
+    folder = work_png / "models" / "2d" / "fold_0" / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    stale = folder / f"{val_cases[0]}.nii.gz"  # what an earlier autoseg wrote for PNG datasets
+    stale.write_bytes(b"old")
+    validate_fold(work_png, "2d", 0, device="cpu")
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(f"{case}.png" for case in val_cases)
+    assert not stale.exists() and not list(folder.glob("*.nii.gz"))
+    image = next((work_png.parent / "raw" / "imagesTr").glob(f"{val_cases[0]}_0000.png"))
+    run(work_png, [image], tmp_path / "pred", ["2d"], device="cpu")
+    predicted = read_image(tmp_path / "pred" / f"{val_cases[0]}.png")[0]
+    assert np.array_equal(read_image(folder / f"{val_cases[0]}.png")[0], predicted)
+
+
 def test_validate_fold_writes_predictions_and_metrics(work3d: Path) -> None:
     from autoseg.training.validation import validate_fold
 
@@ -793,3 +811,17 @@ def test_jpeg_input_gets_a_lossless_png_label_map(tmp_path: Path) -> None:
     assert (case.case_id, case.ending) == ("s", ".png")
     with pytest.raises(ValueError, match="does not write lossy JPEG"):
         write_image(tmp_path / "x.jpg", np.zeros((1, 4, 4), np.uint8), read_image(tmp_path / "s.jpg")[1])
+
+
+def test_progress_lines_when_output_is_not_a_terminal(work3d: Path, tmp_path: Path, cli, monkeypatch) -> None:
+    """Redirected to a file, predict says where it is (case k/n, windows, ETA) instead of staying silent."""
+    from autoseg.cli import _render
+
+    monkeypatch.setattr(_render, "LINE_EVERY_S", 0.0)
+    folder = tmp_path / "in"
+    for name in ("a.nii.gz", "b.nii.gz"):
+        _image(folder / name)
+    result = cli("predict", work3d, "-i", folder, "-o", tmp_path / "out", "-c", "3d_fullres", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("predicting ")]
+    assert any(line.startswith("predicting b (2/2): windows ") and "ETA" in line for line in lines), result.output

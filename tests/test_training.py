@@ -213,3 +213,20 @@ def test_leftover_temporary_files_of_a_killed_run_are_removed(tmp_path: Path) ->
     train_fold(setup, replace(FAST, epochs=1))
     assert not stale.exists()
     assert setup.paths.final.is_file()
+
+
+def test_train_prints_progress_lines_when_output_is_not_a_terminal(tmp_path: Path, cli, monkeypatch) -> None:
+    """Redirected to a log file, training says which iteration it is at, not only whole epochs."""
+    import phantoms
+
+    from autoseg.cli import _render
+    from autoseg.planning.run import plan_dataset
+
+    monkeypatch.setattr(_render, "LINE_EVERY_S", 0.0)
+    raw, work = tmp_path / "raw", tmp_path / "work"
+    phantoms.write_nnunet_dataset(raw, n_cases=5)
+    plan_dataset(raw, work, planner="tiny", workers=1)
+    result = cli("train", work, "-c", "3d_fullres", "-f", "0", "--epochs", "1", "--iters-per-epoch", "2",
+                 "--val-iters", "1", "-j", "0", "--device", "cpu", "--no-validate")
+    assert result.exit_code == 0, result.output
+    assert "fold 0 epoch 0: iteration 2/2, loss " in result.output, result.output

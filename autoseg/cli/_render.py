@@ -8,6 +8,7 @@ single verb live in that verb's module instead.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -22,6 +23,46 @@ Workers = Annotated[
     typer.Option("-j", "--workers", help="Worker processes (default: CPU count, bounded by free memory).",
                  envvar="AUTOSEG_WORKERS", show_envvar=True, min=1),
 ]
+
+
+#: Output to a file or a pipe gets no live bars (nothing would show until the end: a 31-minute
+#: prediction redirected to a log stayed silent); instead a plain progress line at most this often.
+LINE_EVERY_S = 10.0
+
+
+class ProgressLines:
+    """Throttled plain progress lines (with elapsed time and ETA) for a console that is no terminal.
+
+    Args:
+        console: where the lines go.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.started = self.last = time.monotonic()
+
+    def due(self) -> bool:
+        """True at most once per :data:`LINE_EVERY_S` (read at each call, so tests may lower it)."""
+        now = time.monotonic()
+        if now - self.last < LINE_EVERY_S:
+            return False
+        self.last = now
+        return True
+
+    def timing(self, fraction: float) -> str:
+        """``elapsed 1:02, ETA 3:10`` for ``fraction`` of the work done (ETA ``?`` before any)."""
+        elapsed = time.monotonic() - self.started
+        eta = _clock(elapsed * (1 - fraction) / fraction) if fraction > 0 else "?"
+        return f"elapsed {_clock(elapsed)}, ETA {eta}"
+
+    def say(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -52,12 +93,23 @@ def user_errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def progress_bar(description: str) -> Iterator[object]:
-    """A rich progress bar with ETA; yields a ``progress(done, total)`` callback."""
+    """A rich progress bar with ETA; yields a ``progress(done, total)`` callback. Not on a terminal:
+    a plain line ``description: done/total (p%), elapsed, ETA`` every :data:`LINE_EVERY_S` instead."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    console = make_console(stderr=True)
+    if not console.is_terminal:
+        lines = ProgressLines(console)
+
+        def line(done: int, total: int) -> None:
+            if total and lines.due():
+                lines.say(f"{description}: {done}/{total} ({100 * done / total:.0f}%), {lines.timing(done / total)}")
+
+        yield line
+        return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
-    progress = Progress(*columns, console=make_console(stderr=True), transient=True)
+    progress = Progress(*columns, console=console, transient=True)
     task = progress.add_task(description, total=None)
     started = False
 
@@ -84,7 +136,10 @@ def training_progress(console: Console) -> Iterator[object]:
     from autoseg.training.trainer import Callbacks
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
+                        disable=not console.is_terminal)
+    # Not on a terminal the bars are off and a line every LINE_EVERY_S says where the epoch is.
+    lines = None if console.is_terminal else ProgressLines(console)
 
     def callbacks_for(fold: int) -> Callbacks:
         task: dict = {"id": None, "epoch": None}
@@ -101,6 +156,10 @@ def training_progress(console: Console) -> Iterator[object]:
 
         def step(it: int, loss: float) -> None:
             progress.update(task["id"], completed=it + 1, loss=f"{loss:.4f}")
+            if lines is not None and lines.due():
+                total = progress.tasks[progress.task_ids.index(task["id"])].total
+                of = f"/{int(total)}" if total else ""
+                lines.say(f"fold {fold} epoch {task['epoch']}: iteration {it + 1}{of}, loss {loss:.4f}")
 
         def end(record: dict) -> None:
             dice = ", ".join("-" if d is None else f"{d:.3f}" for d in record["pseudo_dice"])
@@ -118,15 +177,36 @@ def training_progress(console: Console) -> Iterator[object]:
 
 @contextlib.contextmanager
 def predict_progress() -> Iterator[object]:
-    """A bar per case over its sliding windows, with ETA; yields ``autoseg.inference.run.PredictCallbacks``."""
+    """A bar per case over its sliding windows, with ETA; yields ``autoseg.inference.run.PredictCallbacks``.
+
+    Not on a terminal: a line ``predicting CASE (k/n): windows i/m, elapsed, ETA`` (ETA over all
+    cases) every :data:`LINE_EVERY_S` instead of the bars.
+    """
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from autoseg.inference.run import PredictCallbacks
 
+    console = make_console(stderr=True)
+    if not console.is_terminal:
+        lines = ProgressLines(console)
+        case: dict = {"index": 0, "total": 1, "id": ""}
+
+        def case_line(index: int, total: int, case_id: str) -> None:
+            case.update(index=index, total=total, id=case_id)
+            if lines.due():  # also the only signal from processes predicting in parallel (--gpus/--procs)
+                lines.say(f"predicting {case_id} ({index + 1}/{total}), {lines.timing(index / total)}")
+
+        def windows_line(done: int, total: int) -> None:
+            if total and lines.due():
+                fraction = (case["index"] + done / total) / case["total"]
+                lines.say(f"predicting {case['id']} ({case['index'] + 1}/{case['total']}): windows {done}/{total}, "
+                          f"{lines.timing(fraction)}")
+
+        yield PredictCallbacks(case_line, windows_line)
+        return
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                        console=make_console(stderr=True), transient=True)
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
     task: dict[str, object] = {}
 
     def on_case(index: int, total: int, case_id: str) -> None:

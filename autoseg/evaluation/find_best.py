@@ -3,7 +3,7 @@ postprocessing.
 
 Inputs (written by training's fold validation, DESIGN §2)::
 
-    WORK/models/<config>/fold_<k>/validation/<case>.nii.gz   label map, original geometry
+    WORK/models/<config>/fold_<k>/validation/<case><ending>  label map, original geometry and format
     WORK/models/<config>/fold_<k>/validation/<case>.npz      "probabilities", (K, Z, Y, X) float16
 
 A configuration is *trained* when every fold of the splits (``WORK/splits.json``, or the default

@@ -53,7 +53,9 @@ class InputCase:
     ending: str
 
 
-def _output_ending(path: Path) -> str:
+def output_ending(path: Path) -> str:
+    """The ending of the label map predicted for the image ``path``: the image's own, except a
+    single-file format for two-file ones (``.mhd`` -> ``.mha``) and PNG for JPEG (lossless)."""
     ending = strip_ending(path.name)[1].lower()
     return _OUTPUT_ENDING.get(ending, ending)
 
@@ -89,7 +91,7 @@ def find_input_cases(inputs: Sequence[Path], num_channels: int) -> list[InputCas
             found = discover_images(path, num_channels)
             if found:
                 _check_no_dicom_beside_images(path)
-                cases.extend(InputCase(c.case_id, c.images, _output_ending(c.images[0])) for c in found)
+                cases.extend(InputCase(c.case_id, c.images, output_ending(c.images[0])) for c in found)
                 continue
             series = _dicom_cases(path)
             if not series:
@@ -142,8 +144,8 @@ def _group_files(files: Sequence[Path], num_channels: int) -> list[InputCase]:
     from autoseg.dataset.layout import group_channel_files
 
     grouped, singles = group_channel_files(list(dict.fromkeys(Path(f).resolve() for f in files)), num_channels)
-    return ([InputCase(c.case_id, c.images, _output_ending(c.images[0])) for c in grouped]
-            + [InputCase(strip_ending(p.name)[0], (p,), _output_ending(p)) for p in singles])
+    return ([InputCase(c.case_id, c.images, output_ending(c.images[0])) for c in grouped]
+            + [InputCase(strip_ending(p.name)[0], (p,), output_ending(p)) for p in singles])
 
 
 def is_2d_plans(plans: Plans) -> bool:

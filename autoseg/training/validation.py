@@ -5,7 +5,8 @@ RAW dataset (``WORK/dataset.json``: ``source`` + each case's ``images`` and ``la
 predicted exactly as ``autoseg predict`` would (same :class:`~autoseg.inference.predictor.Predictor`: sliding
 window, mirroring TTA on), then written and scored::
 
-    WORK/models/<config>/fold_<k>/validation/<case>.nii.gz   label map, the image's geometry
+    WORK/models/<config>/fold_<k>/validation/<case><ending>  label map, the image's geometry and format
+                                                            (as ``autoseg predict`` writes it: .png for PNG)
     WORK/models/<config>/fold_<k>/validation/<case>.npz      "probabilities" (K, Z, Y, X) float16
                                                               (region-based: (R, Z, Y, X) sigmoids + "regions")
     WORK/models/<config>/fold_<k>/metrics.json                per case and summary (autoseg.metrics)
@@ -75,7 +76,7 @@ def validate_fold(
     """
     from autoseg.imageio import read_image
     from autoseg.metrics import summarize
-    from autoseg.inference.inputs import InputCase, read_input
+    from autoseg.inference.inputs import InputCase, output_ending, read_input
     from autoseg.inference.predictor import Predictor
     from autoseg.inference.models import select_models
     from autoseg.preprocessing.run import load_work_cases
@@ -93,13 +94,16 @@ def validate_fold(
         if case.label is None:
             raise DatasetError(f"{case_id}: validation case without a label file in {work / 'dataset.json'}; "
                                "re-run 'autoseg plan'")
-        image, geometry = read_input(InputCase(case_id, case.images, ".nii.gz"))
+        # The label map in the image's format, as 'autoseg predict' writes it (PNG for PNG images).
+        ending = output_ending(case.images[0])
+        image, geometry = read_input(InputCase(case_id, case.images, ending))
         reference = read_image(case.label)[0][0]
         if reference.shape != image.shape[1:]:
             raise DatasetError(f"{case.label}: label shape {reference.shape} differs from the image's "
                                f"{image.shape[1:]}; run 'autoseg check' on the dataset")
         predictions = predictor.predict(image, geometry)
-        labels = predictor.export(predictions, geometry, folder / f"{case_id}.nii.gz", folder / f"{case_id}.npz")
+        _remove_other_label_maps(folder, case_id, ending)
+        labels = predictor.export(predictions, geometry, folder / f"{case_id}{ending}", folder / f"{case_id}.npz")
         per_case[case_id] = predictor.task.score_case(labels, reference, geometry.spacing,
                                                       nsd_tolerance_mm=nsd_tolerance_mm)
         if progress is not None:
@@ -116,3 +120,16 @@ def validate_fold(
     }
     write_json(folder.parent / METRICS_FILE, record)
     return record
+
+
+def _remove_other_label_maps(folder: Path, case_id: str, ending: str) -> None:
+    """Delete the case's label map of an earlier validation in another format (``.nii.gz`` before
+    validation followed the image's format), so that one case never has two label maps there."""
+    from autoseg.imageio import strip_ending
+
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        stem, other = strip_ending(path.name)
+        if stem == case_id and other and other != ending:
+            path.unlink()

@@ -118,8 +118,25 @@ def _resample_axis(array: np.ndarray, axis: int, new: int, order: int) -> np.nda
     return _affine(array, out_shape, order)
 
 
+def _linear(array: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
+    """Order-1 resampling as one 1-D linear pass per axis, shrinking axes first.
+
+    Multilinear interpolation is the product of the axes' linear interpolations with the same
+    source coordinates and edge clamping, so this equals scipy's order-1 ``affine_transform`` up
+    to float rounding (tested to 1e-6) — at a fraction of its cost: scipy reads 8 neighbours per
+    output voxel in one single-threaded pass; here each pass is two vectorised gathers. Exporting
+    8 class probabilities of a 512x512x150 CT from a 3.9 mm grid took 1.7 s per class with scipy.
+    """
+    out = array
+    for axis in sorted(range(array.ndim), key=lambda a: new_shape[a] / array.shape[a]):
+        out = _resample_axis(out, axis, int(new_shape[axis]), 1)
+    return out
+
+
 def _affine(array: np.ndarray, new_shape: Sequence[int], order: int) -> np.ndarray:
     """Spline resampling of a whole float32 array to ``new_shape`` with pixel-centre alignment."""
+    if order == 1:
+        return _linear(array, new_shape)
     old = np.asarray(array.shape, dtype=np.float64)
     scale = old / np.asarray(new_shape, dtype=np.float64)
     # A 1-D matrix is a diagonal one: scipy takes its fast zoom/shift path.

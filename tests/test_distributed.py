@@ -47,6 +47,23 @@ def _fold(work: Path, fold: int) -> Path:
     return work / "models" / "3d_fullres" / f"fold_{fold}"
 
 
+@pytest.fixture(scope="module")
+def ddp_run(work: Path) -> tuple[object, list[int]]:
+    """Fold 0 trained by 2-process DDP for 4 epochs: the result and the epochs the launcher saw.
+
+    A fixture, not a test's side effect: the resume test compares against this run, and under
+    ``pytest -n 2`` the two tests may run on different workers.
+    """
+    epochs: list[int] = []
+
+    def callbacks_for(fold: int) -> Callbacks:
+        return Callbacks(on_epoch_end=lambda record: epochs.append(record["epoch"]))
+
+    [result] = training.run(work, "3d_fullres", "0", _cfg(4), launch=CPU2, callbacks_for=callbacks_for,
+                            validate=False)
+    return result, epochs
+
+
 # ----------------------------------------------------------------------------------------------
 # Options and batch splitting (no processes)
 
@@ -93,14 +110,8 @@ def test_batch_smaller_than_world_is_a_clear_error() -> None:
 # DDP over gloo
 
 
-def test_ddp_two_processes_identical_weights_one_set_of_files(work: Path) -> None:
-    epochs: list[int] = []
-
-    def callbacks_for(fold: int) -> Callbacks:
-        return Callbacks(on_epoch_end=lambda record: epochs.append(record["epoch"]))
-
-    [result] = training.run(work, "3d_fullres", "0", _cfg(4), launch=CPU2, callbacks_for=callbacks_for,
-                            validate=False)
+def test_ddp_two_processes_identical_weights_one_set_of_files(work: Path, ddp_run: tuple) -> None:
+    result, epochs = ddp_run
     digests = result.state.replica_digests
     assert len(digests) == 2 and digests[0] == digests[1]
     # Rank 0's checkpoint holds exactly the replicas' weights.
@@ -116,9 +127,9 @@ def test_ddp_two_processes_identical_weights_one_set_of_files(work: Path) -> Non
     assert "processes: 2" in config and "batch_size: 4" in config
 
 
-def test_ddp_resume_continues_exactly(work: Path) -> None:
+def test_ddp_resume_continues_exactly(work: Path, ddp_run: tuple) -> None:
     """Interrupt a DDP run after epoch 1 (Ctrl-C in the launcher), resume: same weights as fold 0's
-    uninterrupted run of the previous test (same seed, same splits shape)."""
+    uninterrupted run (``ddp_run``: same seed, same splits shape)."""
     reference = load_checkpoint(_fold(work, 0) / "checkpoint_final.pt")["model"]
 
     class Stop(Exception):
@@ -154,9 +165,12 @@ def test_ddp_resume_continues_exactly(work: Path) -> None:
 
 
 def test_ddp_user_error_in_every_rank_is_one_clear_error(work: Path) -> None:
-    # Fold 0 is trained already: every rank refuses to overwrite it.
+    # Fold 4 has a checkpoint already (placed here, so the test does not depend on another test
+    # having trained a fold first on the same xdist worker): every rank refuses to overwrite it.
+    _fold(work, 4).mkdir(parents=True, exist_ok=True)
+    (_fold(work, 4) / "checkpoint_final.pt").write_bytes(b"an earlier run's checkpoint")
     with pytest.raises(ConfigError, match="already has checkpoints; use --resume"):
-        training.run(work, "3d_fullres", "0", _cfg(1), launch=CPU2, validate=False)
+        training.run(work, "3d_fullres", "4", _cfg(1), launch=CPU2, validate=False)
 
 
 def test_folds_parallel_trains_each_fold_once(work: Path) -> None:

@@ -199,21 +199,45 @@ def read_image(path: Path) -> tuple[np.ndarray, Geometry]:
         array, components = sitk.GetArrayFromImage(source), source.GetNumberOfComponentsPerPixel()
         if nifti is not None:
             _check_nifti_length(path, nifti)
+    return _channels_first(array, components, dim, str(path)), geometry
+
+
+def _channels_first(array: np.ndarray, components: int, dim: int, where: str) -> np.ndarray:
+    """SimpleITK's array of a ``dim``-D image with ``components`` per pixel as ``(C, Z, Y, X)``."""
     if components > 1:
         # Vector pixels (RGB): components are the last numpy axis -> move to the front.
         array = np.moveaxis(array, -1, 0)
         if dim == 2:
             array = array[:, None]
         elif dim == 4:
-            raise DatasetError(f"{path}: 4D image with vector pixels is not supported; store one channel per file")
+            raise DatasetError(f"{where}: 4D image with vector pixels is not supported; store one channel per file")
     elif dim == 2:
         array = array[None, None]
     elif dim == 3:
         array = array[None]
     # dim == 4 already reads as (C, Z, Y, X).
     if min(array.shape) == 0:
-        raise DatasetError(f"{path}: image has zero size {array.shape[1:]}; the file holds no voxels")
-    return np.ascontiguousarray(array), geometry
+        raise DatasetError(f"{where}: image has zero size {array.shape[1:]}; the file holds no voxels")
+    return np.ascontiguousarray(array)
+
+
+def is_sitk_image(value: object) -> bool:
+    """True when ``value`` is a ``SimpleITK.Image`` (checked without importing SimpleITK for other values)."""
+    return type(value).__module__.startswith("SimpleITK") and type(value).__name__ == "Image"
+
+
+def from_sitk(image: "SimpleITK.Image", where: str = "image") -> tuple[np.ndarray, Geometry]:
+    """A SimpleITK image in memory as ``(C, Z, Y, X)`` plus its geometry, as :func:`read_image` reads a file.
+
+    Raises:
+        DatasetError: not a 2D, 3D or 4D image, or an empty one.
+    """
+    dim = image.GetDimension()
+    if dim not in (2, 3, 4):
+        raise DatasetError(f"{where}: {dim}D image; autoseg reads 2D, 3D and 4D (channels last) images")
+    geometry = _geometry_from_sitk(image.GetSpacing(), image.GetOrigin(), image.GetDirection(), dim)
+    array = _sitk().GetArrayFromImage(image)
+    return _channels_first(array, image.GetNumberOfComponentsPerPixel(), dim, where), geometry
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import autoseg
 from autoseg.cli import app
 
 COMMANDS = ("check", "fingerprint", "plan", "preprocess", "train", "evaluate", "find-best", "ensemble", "predict",
-            "example", "demo", "convert")
+            "export", "import", "example", "demo", "convert")
 CONVERTERS = ("dicom-rt", "kaggle-uwmgi", "png-masks")
 
 

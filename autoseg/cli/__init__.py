@@ -1,7 +1,7 @@
 """Command-line interface: one command per verb. Thin: parse, call the stage, render with rich.
 
 The app is built here; each verb group lives in its own module (``dataset``, ``train``,
-``evaluate``, ``predict``, ``demo``, ``convert``) and adds its commands through ``register(app)``,
+``evaluate``, ``predict``, ``model`` (export, import), ``demo``, ``convert``) and adds its commands through ``register(app)``,
 and the pieces they share live in ``_render``. Heavy modules (numpy, SimpleITK, torch) are imported
 inside the commands so that ``autoseg --help`` starts instantly. An
 :class:`~autoseg.errors.AutosegError` becomes one line on stderr and a non-zero exit code; anything
@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from autoseg.cli import convert, dataset, demo, evaluate, predict, train
+from autoseg.cli import convert, dataset, demo, evaluate, model, predict, train
 
 app = typer.Typer(
     name="autoseg",
@@ -36,7 +36,7 @@ def _print_version(value: bool) -> None:
         typer.Exit: With code 0 after printing, so no command runs.
     """
     if value:
-        from autoseg import __version__
+        from autoseg._version import __version__
 
         typer.echo(f"autoseg {__version__}")
         raise typer.Exit()
@@ -51,7 +51,7 @@ def _app_options(
 
 
 # Registration order is the order ``autoseg --help`` lists the commands in: the pipeline's order.
-for _verbs in (dataset, train, evaluate, predict, demo, convert):
+for _verbs in (dataset, train, evaluate, predict, model, demo, convert):
     _verbs.register(app)
 
 

@@ -226,6 +226,34 @@ def predict_progress() -> Iterator[object]:
             progress.stop()
 
 
+def parse_models(configs: list[str] | None, folds: list[str] | None,
+                 extras: list[str]) -> tuple[list[str] | None, list[int] | None]:
+    """``-c`` and ``-f`` of ``predict`` and ``export``: names (repeated or comma-separated) and fold
+    numbers (``-f 0 1 2``, ``-f 0,1``, ``-f all``); None where the default applies.
+
+    Args:
+        extras: the command line's extra arguments: nnU-Net's spelling ``-f 0 1 2`` hands the
+            folds after the first over as extras.
+
+    Raises:
+        ConfigError: an extra argument that is no fold number, or a fold that is no number.
+    """
+    from autoseg.errors import ConfigError
+
+    names = [n.strip() for c in (configs or []) for n in c.split(",") if n.strip()] or None
+    fold_words = [w.strip() for f in (folds or []) for w in f.split(",") if w.strip()]
+    for extra in extras:
+        if not (folds and extra.isdigit()):
+            raise ConfigError(f"unexpected argument {extra!r}; folds go after -f (-f 0 1 2), inputs after -i")
+        fold_words.append(extra)
+    if not fold_words or [w.lower() for w in fold_words] == ["all"]:
+        return names, None
+    bad = [w for w in fold_words if not w.isdigit()]
+    if bad:
+        raise ConfigError(f"-f {bad[0]}: expected fold numbers (-f 0 1 2), a comma list, or 'all'")
+    return names, [int(w) for w in fold_words]
+
+
 def escape_markup(text: str) -> str:
     """``text`` with rich markup escaped: case ids, label names and paths may hold brackets."""
     from rich.markup import escape

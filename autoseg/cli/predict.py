@@ -7,24 +7,30 @@ from typing import Annotated, Optional
 
 import typer
 
-from autoseg.cli._render import make_console, predict_progress, user_errors
+from autoseg.cli._render import make_console, parse_models, predict_progress, user_errors
 
 
 def predict_cmd(
     ctx: typer.Context,
-    work: Annotated[Path, typer.Argument(help="Experiment folder (WORK) with trained folds.")],
     inputs: Annotated[list[Path], typer.Option(
         "--input", "-i", metavar="PATH", help="Image file or folder of images (nnU-Net {case}_0000 naming, plain files, or MSD "
                               "4D), or a folder of DICOM series (one case per folder holding a series, named after "
                               "it); repeat for several.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for the label maps.")],
+    model: Annotated[Optional[Path], typer.Option(
+        "--model", metavar="FILE", help="A model file (autoseg export) instead of WORK: no experiment folder "
+                                             "needed.")] = None,
+    work: Annotated[Optional[Path], typer.Argument(
+        metavar="WORK", help="Experiment folder (WORK) with trained folds; or give --model instead.", show_default=False)] = None,
     configs: Annotated[Optional[list[str]], typer.Option(
         "--config", "-c", metavar="CONFIG", help="Configuration; repeat or separate with commas to average several "
                                                  "(default: WORK/best.yaml's, with its postprocessing; else the "
                                                  "single trained one).")] = None,
     folds: Annotated[Optional[list[str]], typer.Option(
         "--folds", "-f", metavar="FOLD", help="Folds to average: -f 0 1 2, -f 0,1 or -f all (default: every trained fold).")] = None,
-    checkpoint: Annotated[str, typer.Option("--checkpoint", metavar="final|best", help="Checkpoint of each fold: final or best.")] = "final",
+    checkpoint: Annotated[Optional[str], typer.Option(
+        "--checkpoint", metavar="final|best", help="Checkpoint of each fold: final (default) or best; a model file "
+                                                   "holds one, chosen at export.")] = None,
     no_tta: Annotated[bool, typer.Option("--no-tta", help="No mirroring test-time augmentation (about 8x faster "
                                                           "in 3D, 4x in 2D; slightly less accurate).")] = False,
     save_probabilities: Annotated[bool, typer.Option(
@@ -48,7 +54,8 @@ def predict_cmd(
     procs: Annotated[Optional[int], typer.Option(
         "--procs", help="With --device cpu: share the cases out over N CPU processes.", min=1)] = None,
 ) -> None:
-    """Segment new images with the trained folds: sliding window, mirroring TTA, fold averaging -> label maps."""
+    """Segment new images with the trained folds of WORK or a model file (--model): sliding window, mirroring
+    TTA, fold averaging -> label maps."""
     with user_errors():
         from rich.markup import escape
 
@@ -59,23 +66,24 @@ def predict_cmd(
         several = gpus is not None or procs is not None
         devices = list(resolve_launch(device, gpus, procs, folds_parallel=several).devices) if several else None
 
-        names = [n.strip() for c in (configs or []) for n in c.split(",") if n.strip()] or None
-        # "-f 0 1 2" (nnU-Net's spelling): the numbers after the first reach us as extra arguments.
-        fold_words = [w.strip() for f in (folds or []) for w in f.split(",") if w.strip()]
-        for extra in ctx.args:
-            if not (folds and extra.isdigit()):
-                raise ConfigError(f"unexpected argument {extra!r}; folds go after -f (-f 0 1 2), inputs after -i")
-            fold_words.append(extra)
-        fold_list: list[int] | None = None
-        if fold_words and [w.lower() for w in fold_words] != ["all"]:
-            bad = [w for w in fold_words if not w.isdigit()]
-            if bad:
-                raise ConfigError(f"-f {bad[0]}: expected fold numbers (-f 0 1 2), a comma list, or 'all'")
-            fold_list = [int(w) for w in fold_words]
+        extras = list(ctx.args)
+        if model is not None and work is not None and folds and str(work).isdigit():
+            # "--model F -f 0 1": with no WORK, click hands the second fold to the WORK argument.
+            extras.insert(0, str(work))
+            work = None
+        if (work is None) == (model is None):
+            raise ConfigError("give the model either as WORK (an experiment folder) or as --model FILE (a model file "
+                              "from 'autoseg export'), " + ("not both" if work is not None else "one of them"))
+        if work is not None and work.is_file():
+            raise ConfigError(f"{work}: a file, not an experiment folder; for a model file use --model {work}")
+        if model is not None and model.is_dir():
+            raise ConfigError(f"--model {model}: a folder; give an experiment folder as WORK (without --model), or a "
+                              "model file made by 'autoseg export'")
+        names, fold_list = parse_models(configs, folds, extras)
 
         console = make_console()
         with predict_progress() as callbacks:
-            summary = predict.run(work, inputs, output, names, fold_list, checkpoint, tta=not no_tta,
+            summary = predict.run(model or work, inputs, output, names, fold_list, checkpoint, tta=not no_tta,
                                   save_probabilities=save_probabilities, device=device, resume=resume, step=step,
                                   callbacks=callbacks, save_uncertainty=save_uncertainty,
                                   output_format=output_format or "auto", devices=devices)
@@ -83,10 +91,12 @@ def predict_cmd(
                          f"{' '.join(str(f) for f in s.folds)})" for s in summary.selections)
         skipped = f", {len(summary.skipped)} already done" if summary.skipped else ""
         how = f"{'TTA' if not no_tta else 'no TTA'}, {summary.device}, {summary.seconds:.1f} s" if summary.written else ""
+        if summary.model_file is not None:
+            used += f" of {summary.model_file.name}"
         console.print(f"[green]✓[/] {len(summary.written)} case(s) predicted{skipped} with {escape(used)}"
                       + (f" ({how})" if how else "") + f" → {escape(str(summary.output))}")
         if summary.postprocessing:
-            console.print("postprocessing from best.yaml applied")
+            console.print(f"postprocessing from {'the model file' if summary.model_file else 'best.yaml'} applied")
 
 
 def register(app: typer.Typer) -> None:

@@ -213,6 +213,9 @@ def load_crossval(work: Path) -> CrossValidation:
         raise DatasetError(f"{record_path}: not found; run 'autoseg plan RAW -o {work}' first")
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
+        if isinstance(record, dict) and "source" not in record and "cases" not in record:
+            raise DatasetError(f"{record_path}: no training data recorded (a WORK made by 'autoseg import' holds a "
+                               "model, not its experiment); run find-best in the experiment that trained it")
         source = Path(record["source"])
         cases = dict(record["cases"])
         labels = _labels_from_mapping(record["labels"], os.fspath(record_path))

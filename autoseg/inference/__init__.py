@@ -13,6 +13,12 @@ One module per responsibility:
 * :mod:`~autoseg.inference.outputs` — the files a prediction writes, checked before any work.
 * :mod:`~autoseg.inference.dicom` — DICOM series in, DICOM SEG out.
 * :mod:`~autoseg.inference.uncertainty` — entropy and fold-disagreement maps.
+* :mod:`~autoseg.inference.api` — :class:`~autoseg.inference.api.Segmenter`, the Python API (also
+  ``autoseg.Segmenter``): a model file or WORK loaded once, called on images; every case of
+  ``autoseg predict`` goes through it.
+* :mod:`~autoseg.inference.model_file` — the model file format (``.autoseg.zip``) and its checks;
+  :mod:`~autoseg.inference.model_export` — ``autoseg export`` and ``import``, and opening a WORK
+  folder or a model file alike; :mod:`~autoseg.inference.model_card` — its MODEL.md.
 * :mod:`~autoseg.inference.run` — ``autoseg predict``: files in, files out, sharded over processes.
 
 What a prediction *is* (softmax label maps, sigmoid regions, ...) is the task's
@@ -21,7 +27,7 @@ What a prediction *is* (softmax label maps, sigmoid regions, ...) is the task's
 The names below are importable from this package directly (loaded on first use, so importing the
 package stays cheap)::
 
-    from autoseg.inference import Predictor, select_models
+    from autoseg.inference import Predictor, Segmenter, select_models
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ _EXPORTS = {
     "InputCase": "autoseg.inference.inputs",
     "find_input_cases": "autoseg.inference.inputs",
     "read_input": "autoseg.inference.inputs",
+    "Segmenter": "autoseg.inference.api",
+    "export_model": "autoseg.inference.model_export",
+    "import_model": "autoseg.inference.model_export",
+    "read_model": "autoseg.inference.model_file",
     "PredictCallbacks": "autoseg.inference.run",
     "PredictSummary": "autoseg.inference.run",
 }

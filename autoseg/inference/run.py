@@ -9,22 +9,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from autoseg import plans as plans_io
 from autoseg.errors import ConfigError
-from autoseg.imageio import (
-    write_image,
-)
+from autoseg.inference.api import Segmenter, postprocessor
 from autoseg.inference.inputs import (
     InputCase,
     check_inputs,
     find_input_cases,
-    read_input,
 )
-from autoseg.inference.models import ModelSelection, select_models
+from autoseg.inference.model_export import open_model
+from autoseg.inference.models import ModelSelection
 from autoseg.inference.outputs import CaseOutputs, case_outputs, check_output_outside_dicom_inputs, check_outputs, output_formats
-from autoseg.inference.predictor import Predictor, PredictorStats
+from autoseg.inference.predictor import PredictorStats
 
 
 log = logging.getLogger(__name__)
@@ -60,6 +57,8 @@ class PredictSummary:
         seconds: wall time of the stage.
         device: where the networks ran ("" when nothing was predicted).
         postprocessing: whether best.yaml's postprocessing was applied.
+        model_file: the model file predicted with, or None for a WORK folder.
+        checkpoint: the checkpoint kind of the folds.
     """
 
     output: Path
@@ -70,26 +69,8 @@ class PredictSummary:
     device: str
     postprocessing: bool = False
     stats: PredictorStats = field(default_factory=PredictorStats)
-
-
-def _postprocessor(best: dict[str, Any] | None) -> Callable[[np.ndarray], np.ndarray] | None:
-    """best.yaml's postprocessing as a function of the label map; None when there is none to do.
-
-    Raises:
-        ConfigError: best.yaml's postprocessing record is invalid.
-    """
-    spec = best.get("postprocessing") if best else None
-    if not spec:
-        return None
-    from autoseg.evaluation.postprocess import (
-        PostprocessingDecision,
-        apply_postprocessing,
-    )
-
-    decision = PostprocessingDecision.from_dict(spec, "best.yaml: postprocessing")
-    if decision.is_noop:
-        return None
-    return lambda labels: apply_postprocessing(labels, decision)
+    model_file: Path | None = None
+    checkpoint: str = "final"
 
 
 def run(
@@ -98,7 +79,7 @@ def run(
     output: Path,
     configurations: Sequence[str] | None = None,
     folds: Sequence[int] | None = None,
-    checkpoint: str = "final",
+    checkpoint: str | None = None,
     *,
     tta: bool = True,
     save_probabilities: bool = False,
@@ -113,16 +94,18 @@ def run(
     """Predict every input case with the trained models of ``work``; write label maps to ``output``.
 
     Everything that can be checked without pixels is checked before the first prediction (and
-    before torch is imported): the models, every input's header (channels, 2D/3D), the output
-    folder. Each output is written atomically; a failure leaves no partial file.
+    before torch is imported, for a WORK folder): the models, every input's header (channels,
+    2D/3D), the output folder. Each output is written atomically; a failure leaves no partial file.
+    Every case goes through :meth:`autoseg.inference.api.Segmenter.write_case`.
 
     Args:
-        work: the experiment folder.
+        work: the experiment folder, or a model file (``autoseg export``; verified, then imported
+            into a temporary folder for the run, :func:`autoseg.inference.model_export.open_model`).
         inputs: folders and/or image files (see :func:`find_input_cases`).
         output: the output folder (created).
         configurations: configuration names (default: see :func:`select_models`).
         folds: fold indices (default: every trained fold).
-        checkpoint: ``final``, ``best`` or ``latest``.
+        checkpoint: ``final``, ``best`` or ``latest`` (None: ``final``; a model file: the kind it holds).
         tta: mirroring test-time augmentation.
         save_probabilities: also write ``<case>.npz`` with float16 probabilities ``(K, Z, Y, X)``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
@@ -153,33 +136,36 @@ def run(
     if output.exists() and not output.is_dir():
         raise ConfigError(f"-o {output}: exists and is not a folder; give a folder for the label maps")
     formats = output_formats(output_format)
-    selections, best = select_models(work, configurations, folds, checkpoint)
-    plans = plans_io.load(Path(work) / "plans.yaml")
-    cases = find_input_cases(inputs, len(plans.channel_names))
-    check_inputs(cases, plans, [s.configuration for s in selections])
-    outputs = {case.case_id: case_outputs(case, output, formats, save_probabilities=save_probabilities,
-                                          save_uncertainty=save_uncertainty) for case in cases}
-    check_outputs(cases, outputs, output, formats)
-    check_output_outside_dicom_inputs(inputs, cases, output)
+    with open_model(Path(work), checkpoint) as source:
+        selections, best = source.select(configurations, folds)
+        plans = plans_io.load(source.work / "plans.yaml")
+        cases = find_input_cases(inputs, len(plans.channel_names))
+        check_inputs(cases, plans, [s.configuration for s in selections])
+        outputs = {case.case_id: case_outputs(case, output, formats, save_probabilities=save_probabilities,
+                                              save_uncertainty=save_uncertainty) for case in cases}
+        check_outputs(cases, outputs, output, formats)
+        check_output_outside_dicom_inputs(inputs, cases, output)
 
-    todo, skipped = [], []
-    for case in cases:
-        targets = outputs[case.case_id]
-        if resume and all(p.is_file() for p in targets.files):
-            skipped.append(targets.primary)
+        todo, skipped = [], []
+        for case in cases:
+            targets = outputs[case.case_id]
+            if resume and all(p.is_file() for p in targets.files):
+                skipped.append(targets.primary)
+            else:
+                todo.append(case)
+        done = dict(output=output, selections=tuple(selections), skipped=tuple(skipped), model_file=source.model_file,
+                    checkpoint=source.checkpoint)
+        if not todo:
+            return PredictSummary(written=(), seconds=time.perf_counter() - started, device="", **done)
+
+        job = _CasesJob(source.work, tuple(selections), tuple(todo), {c.case_id: outputs[c.case_id] for c in todo},
+                        best, source.checkpoint, tta, step, save_uncertainty)
+        if devices is not None and len(devices) > 1:
+            written, used_device, stats = _predict_sharded(job, devices, callbacks)
         else:
-            todo.append(case)
-    if not todo:
-        return PredictSummary(output, tuple(selections), (), tuple(skipped), time.perf_counter() - started, "")
-
-    job = _CasesJob(Path(work), tuple(selections), tuple(todo), {c.case_id: outputs[c.case_id] for c in todo},
-                    best, checkpoint, tta, step, save_uncertainty)
-    if devices is not None and len(devices) > 1:
-        written, used_device, stats = _predict_sharded(job, devices, callbacks)
-    else:
-        written, used_device, stats = _predict_cases(job, devices[0] if devices else device, callbacks)
-    return PredictSummary(output, tuple(selections), tuple(written), tuple(skipped), time.perf_counter() - started,
-                          used_device, best is not None and _postprocessor(best) is not None, stats)
+            written, used_device, stats = _predict_cases(job, devices[0] if devices else device, callbacks)
+    return PredictSummary(written=tuple(written), seconds=time.perf_counter() - started, device=used_device,
+                          postprocessing=best is not None and postprocessor(best) is not None, stats=stats, **done)
 
 
 @dataclass(frozen=True)
@@ -199,35 +185,16 @@ class _CasesJob:
 
 def _predict_cases(job: _CasesJob, device: str,
                    callbacks: PredictCallbacks) -> tuple[list[Path], str, PredictorStats]:
-    """Predict ``job.cases`` one after the other on ``device``; returns what was written."""
-    postprocess = _postprocessor(job.best)
-    predictor = Predictor(job.work, job.selections, device=device, tta=job.tta, step=job.step)
+    """Predict ``job.cases`` one after the other on ``device`` (through the Python API's
+    :class:`~autoseg.inference.api.Segmenter`); returns what was written."""
+    segmenter = Segmenter.from_work(job.work, job.selections, job.best, device=device, tta=job.tta, step=job.step,
+                                    checkpoint=job.checkpoint)
     written = []
     for index, case in enumerate(job.cases):
         callbacks.on_case(index, len(job.cases), case.case_id)
-        image, geometry = read_input(case)
-        predictions = predictor.predict(image, geometry, progress=callbacks.on_windows,
-                                        uncertainty=job.save_uncertainty)
-        targets = job.outputs[case.case_id]
-        labels = predictor.export(predictions, geometry, targets.labels[0] if targets.labels else None,
-                                  targets.probabilities, postprocess)
-        for extra in targets.labels[1:]:
-            write_image(extra, labels, geometry)
-        if targets.uncertainty is not None:
-            from autoseg.inference.uncertainty import export_uncertainty
-
-            export_uncertainty(predictions, geometry, targets.uncertainty, regions=predictor.task.membership is not None)
-        if targets.seg is not None:
-            from autoseg import __version__
-            from autoseg.inference.dicom import write_dicom_seg
-
-            used = "; ".join(f"{s.configuration} folds {' '.join(str(f) for f in s.folds)}" for s in job.selections)
-            write_dicom_seg(targets.seg, labels, case.images[0], predictor.task.segment_names(),
-                            version=__version__, parameters={"models": used, "checkpoint": job.checkpoint,
-                                                             "tta": "on" if job.tta else "off"})
-        del predictions
-        written.append(targets.primary)
-    return written, str(predictor.device), predictor.stats
+        written.append(segmenter.write_case(case, job.outputs[case.case_id], progress=callbacks.on_windows,
+                                            uncertainty=job.save_uncertainty))
+    return written, segmenter.device, segmenter.stats
 
 
 def _predict_sharded(job: _CasesJob, devices: Sequence[str],

@@ -14,6 +14,7 @@ what                          asked by
 ``activate_``                 the predictor (fold-averaged logits -> probabilities)
 ``fold_output``               the predictor's fold disagreement map
 ``export``                    the predictor (network grid -> the input's geometry, written)
+``probabilities``             the Python API (the same average, in memory; optional)
 ``score_case``                fold validation and ``autoseg evaluate``
 ============================  =========================================================
 
@@ -125,6 +126,15 @@ class Task(ABC):
                probabilities_path: Path | None = None,
                postprocess: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """The configurations' outputs, averaged, in the input's geometry; written to ``path`` if given."""
+
+    def probabilities(self, predictions: Sequence[ConfigPrediction]) -> np.ndarray:
+        """The configurations' averaged activations, float32 ``(K, Z, Y, X)`` in the input's grid (as
+        :meth:`export` averages them), for callers that want them in memory (:class:`autoseg.Segmenter`).
+
+        Raises:
+            NotImplementedError: the task has no such output.
+        """
+        raise NotImplementedError(f"task {self.name!r} gives no probabilities")
 
     # -- evaluation
 

@@ -111,6 +111,11 @@ class Segmentation(Task):
         return export_prediction(predictions, geometry, path, probabilities_path, postprocess,
                                  regions=self.membership)
 
+    def probabilities(self, predictions: Sequence[ConfigPrediction]) -> np.ndarray:
+        from autoseg.tasks.segmentation_export import input_grid_probabilities
+
+        return input_grid_probabilities(predictions, regions=self.membership is not None)
+
     def segment_names(self) -> dict[int, str]:
         """``{value: name}`` of every foreground value of the label map (for DICOM SEG segments).
 

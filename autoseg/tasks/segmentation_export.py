@@ -72,8 +72,6 @@ def export_prediction(
     Raises:
         ValueError: the predictions disagree on the crop box or the number of classes (a bug).
     """
-    from autoseg.preprocessing.pipeline import to_crop
-
     if not predictions:
         raise ValueError("no prediction to export")
     first = predictions[0].props
@@ -91,18 +89,7 @@ def export_prediction(
         dtype = np.uint8 if regions.shape[1] <= 256 else np.uint16
 
     def class_probability(k: int) -> np.ndarray:
-        total = None
-        for p in predictions:
-            part = to_crop(p.probabilities[k], p.props)
-            if total is None:
-                # A copy when resampling was a no-op, so the running argmax never writes into the input.
-                total = np.array(part, dtype=np.float32, copy=np.shares_memory(part, p.probabilities))
-            else:
-                total += part
-        assert total is not None
-        if len(predictions) > 1:
-            total /= len(predictions)
-        return total
+        return _mean_class_probability(predictions, k)
 
     def argmax(stream: _NpyStream | None) -> np.ndarray:
         best_value = best_label = None
@@ -142,6 +129,47 @@ def export_prediction(
     if path is not None:
         write_image(Path(path), labels, geometry)
     return labels
+
+
+def _mean_class_probability(predictions: Sequence[ConfigPrediction], k: int) -> np.ndarray:
+    """Class (or region) ``k``'s probability in the crop box, averaged over the configurations (a new array)."""
+    from autoseg.preprocessing.pipeline import to_crop
+
+    total = None
+    for p in predictions:
+        part = to_crop(p.probabilities[k], p.props)
+        if total is None:
+            # A copy when resampling was a no-op, so the running argmax never writes into the input.
+            total = np.array(part, dtype=np.float32, copy=np.shares_memory(part, p.probabilities))
+        else:
+            total += part
+    assert total is not None
+    if len(predictions) > 1:
+        total /= len(predictions)
+    return total
+
+
+def input_grid_probabilities(predictions: Sequence[ConfigPrediction], regions: bool = False) -> np.ndarray:
+    """The configurations' mean probabilities in the original grid, float32 ``(K, Z, Y, X)``: the
+    values :func:`export_prediction` takes its argmax of (and writes as float16 with
+    ``probabilities_path``). Outside the crop box class 0 is certain; region probabilities are 0 there.
+
+    Raises:
+        ValueError: no prediction.
+    """
+    if not predictions:
+        raise ValueError("no prediction to export")
+    first = predictions[0].props
+    shape = tuple(int(s) for s in first["shape_original"])
+    transpose = tuple(int(a) for a in first["transpose"])
+    box = tuple(slice(lo, hi) for lo, hi in first["bbox"])
+    count = predictions[0].probabilities.shape[0]
+    result = np.zeros((count, *shape), dtype=np.float32)
+    if not regions:
+        result[0] = 1.0
+    for k in range(count):
+        result[k].transpose(transpose)[box] = _mean_class_probability(predictions, k)
+    return result
 
 
 def _export_regions(crop: list[np.ndarray], member: np.ndarray, shape: tuple[int, ...], transpose: tuple[int, ...],

@@ -180,7 +180,7 @@ def write_train_config(path: Path, cfg: TrainConfig, plans: Plans, configuration
     """The resolved configuration of the run, with its hash and the environment."""
     import yaml
 
-    from autoseg import __version__
+    from autoseg._version import __version__
 
     record = {
         "autoseg_version": __version__,

@@ -1,0 +1,302 @@
+"""Model files, the verbs: ``autoseg export`` (WORK -> model file), ``autoseg import`` (model file
+-> WORK), and :func:`open_model`, through which ``autoseg predict`` and :class:`autoseg.Segmenter`
+take a WORK folder or a model file alike.
+
+The format and its checks are :mod:`autoseg.inference.model_file`; MODEL.md is
+:mod:`autoseg.inference.model_card`. A model file is predicted with by importing it into a
+temporary WORK folder (verified first, removed afterwards): one code path for both sources, at
+the cost of writing the weights to a temporary folder once per start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoseg import plans as plans_io
+from autoseg._version import __version__
+from autoseg.atomic import TMP_PREFIX, atomic_path
+from autoseg.checkpoint import CHECKPOINT_FORMAT
+from autoseg.errors import AutosegError, ConfigError, UnknownNameError
+from autoseg.inference.model_card import model_card, read_work_dataset, training_summary
+from autoseg.inference.model_file import (
+    EXPORT_CHECKPOINTS,
+    MODEL_CARD,
+    MODEL_ENDING,
+    MODEL_FORMAT,
+    MODEL_SCHEMA_VERSION,
+    META_KEYS,
+    META_REQUIRED,
+    TENSOR_NAME,
+    ModelFile,
+    json_bytes,
+    npz_bytes,
+    plain_json,
+    read_model,
+    write_model_zip,
+)
+from autoseg.inference.models import ModelSelection, checkpoint_path, select_models
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """What ``autoseg export`` wrote.
+
+    Attributes:
+        path: the model file.
+        sha256: the whole file's sha256 (to publish beside it).
+        size: its size in bytes.
+        selections: the configurations and folds in it.
+        checkpoint: the checkpoint kind of every fold.
+        postprocessing: whether best.yaml's postprocessing is in it.
+    """
+
+    path: Path
+    sha256: str
+    size: int
+    selections: tuple[ModelSelection, ...]
+    checkpoint: str
+    postprocessing: bool = False
+
+
+def export_model(
+    work: Path,
+    output: Path,
+    configurations: Sequence[str] | None = None,
+    folds: Sequence[int] | None = None,
+    checkpoint: str = "final",
+    *,
+    licence: str | None = None,
+    force: bool = False,
+) -> ExportSummary:
+    """Write the trained folds of ``work`` as a model file (see the module docstring).
+
+    Default configurations and folds as ``autoseg predict`` chooses them
+    (:func:`autoseg.inference.models.select_models`): best.yaml's, with its postprocessing, else
+    the single trained configuration. The file is written atomically and read back with
+    :func:`read_model` before it takes its name, so an exported file always loads.
+
+    Args:
+        work: the experiment folder.
+        output: the model file to write.
+        configurations: configuration names, or None for the default.
+        folds: folds (the same for every configuration), or None for every trained one.
+        checkpoint: ``final`` or ``best``.
+        licence: the model's licence, for MODEL.md (None: "not stated").
+        force: overwrite an existing ``output``.
+
+    Returns:
+        What was written.
+
+    Raises:
+        ConfigError: ``output`` exists (without ``force``) or is a folder, a bad checkpoint kind,
+            nothing trained, a checkpoint that cannot be exported.
+        PlanError: WORK is not an experiment folder.
+    """
+    from autoseg.checkpoint import load_checkpoint
+
+    work, output = Path(work), Path(output)
+    if checkpoint not in EXPORT_CHECKPOINTS:
+        raise UnknownNameError("checkpoint", checkpoint, EXPORT_CHECKPOINTS, "--checkpoint")
+    if output.is_dir():
+        raise ConfigError(f"-o {output}: a folder; give the model file's name (e.g. {output / ('model' + MODEL_ENDING)})")
+    if output.exists() and not force:
+        raise ConfigError(f"-o {output}: exists; choose another name or pass --force to replace it")
+    selections, best = select_models(work, configurations, folds, checkpoint)
+    plans = plans_io.load(work / "plans.yaml")
+    members: dict[str, bytes] = {"plans.yaml": plans_io.dumps(plans).encode("utf-8")}
+    dataset = read_work_dataset(work, plans)
+    members["dataset.json"] = json_bytes(dataset)
+    folds_meta: dict[str, dict[int, dict[str, Any]]] = {}
+    for selection in selections:
+        for fold, path in zip(selection.folds, selection.checkpoints):
+            data = load_checkpoint(path, ("model", *META_REQUIRED[1:]))
+            if data["configuration_name"] != selection.configuration:
+                raise ConfigError(f"{path}: checkpoint of configuration {data['configuration_name']!r}, found in the "
+                                  f"folder of {selection.configuration!r}; move it back or re-train")
+            state = {}
+            for name, tensor in data["model"].items():
+                if not TENSOR_NAME.match(name) or not hasattr(tensor, "numpy"):
+                    raise ConfigError(f"{path}: weight {name!r} is not a named tensor; the checkpoint was not written "
+                                      "by 'autoseg train'")
+                try:
+                    state[name] = tensor.detach().cpu().numpy()
+                except TypeError as exc:  # bfloat16 and other dtypes numpy lacks
+                    raise ConfigError(f"{path}: weight {name!r} ({exc}); convert the checkpoint to float32") from None
+            meta = plain_json({k: data[k] for k in META_KEYS if k in data}, str(path))
+            meta["fold"] = int(fold)
+            prefix = f"weights/{selection.configuration}/fold_{fold}"
+            members[f"{prefix}.npz"] = npz_bytes(state)
+            members[f"{prefix}.json"] = json_bytes(meta)
+            folds_meta.setdefault(selection.configuration, {})[fold] = meta
+            del data, state
+    common = {s.folds for s in selections}
+    default: dict[str, Any] = {"schema_version": 1, "configurations": [s.configuration for s in selections]}
+    if len(common) == 1:
+        default["folds"] = list(selections[0].folds)
+    if best is not None:
+        default["postprocessing"] = best.get("postprocessing") or {}
+        if best.get("scores"):
+            default["scores"] = best["scores"]
+    members["best.yaml"] = _best_yaml(default, from_find_best=best is not None)
+    training = training_summary(work, selections)
+    members[MODEL_CARD] = model_card(output.name, plans, dataset, selections, folds_meta, training, best,
+                                     checkpoint, licence, __version__).encode("utf-8")
+    manifest = {
+        "format": MODEL_FORMAT,
+        "schema_version": MODEL_SCHEMA_VERSION,
+        "autoseg_version": __version__,
+        "task": plans.task,
+        "configurations": {s.configuration: {"folds": list(s.folds), "checkpoint": checkpoint} for s in selections},
+    }
+    with atomic_path(output) as tmp:
+        write_model_zip(tmp, members, manifest)
+        read_model(tmp, shown_as=output)
+        digest, size = _file_sha256(tmp), tmp.stat().st_size
+    postprocessing = bool(best is not None and best.get("postprocessing"))
+    return ExportSummary(output, digest, size, tuple(selections), checkpoint, postprocessing)
+
+
+def _best_yaml(default: dict[str, Any], from_find_best: bool) -> bytes:
+    import yaml
+
+    why = ("find-best's choice and postprocessing in the experiment, with the exported folds" if from_find_best
+           else "the exported configurations and folds")
+    header = f"# written by 'autoseg export': what this model predicts with by default ({why}).\n"
+    return (header + yaml.safe_dump(default, sort_keys=False, default_flow_style=None)).encode("utf-8")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Importing: a model file as an experiment folder
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    """What ``autoseg import`` wrote: the folder and the model's configurations and folds."""
+
+    work: Path
+    configurations: dict[str, list[int]]
+    checkpoint: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def import_model(model: Path | ModelFile, work: Path) -> ImportSummary:
+    """Write a model file as an experiment folder that ``predict``, ``export`` and ``evaluate --labels`` take.
+
+    ``WORK/plans.yaml``, ``dataset.json``, ``best.yaml``, ``MODEL.md`` and, per fold,
+    ``models/<configuration>/fold_<k>/checkpoint_final.pt`` in the trainer's format (whatever
+    checkpoint kind was exported: the folder holds one per fold, as ``final``). The folder is
+    built beside its final name and renamed into place, so a failure leaves nothing behind.
+
+    Raises:
+        ModelFileError: the model file fails a check (:func:`read_model`).
+        ConfigError: ``work`` exists and is not an empty folder.
+    """
+    import torch
+
+    from autoseg.checkpoint import save_checkpoint
+
+    work = Path(work)
+    if work.exists() and (not work.is_dir() or any(work.iterdir())):
+        raise ConfigError(f"-o {work}: exists and is not an empty folder; choose a new folder")
+    parsed = model if isinstance(model, ModelFile) else read_model(Path(model))
+    work.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}import-", dir=work.parent))
+    try:
+        for name, data in parsed.members.items():
+            (staging / name).write_bytes(data)
+        for weights in parsed.weights:
+            payload: dict[str, Any] = dict(weights.meta)
+            payload["format"] = CHECKPOINT_FORMAT
+            payload["model"] = {k: torch.from_numpy(v) for k, v in weights.state.items()}
+            save_checkpoint(checkpoint_path(staging, weights.configuration, weights.fold, "final"), payload)
+        if work.is_dir():
+            work.rmdir()
+        staging.rename(work)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ImportSummary(work, parsed.configurations, parsed.checkpoint, parsed.manifest)
+
+
+# ----------------------------------------------------------------------------------------------
+# A WORK folder or a model file, as one thing to predict with
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What :func:`open_model` yields: an experiment folder to select models from.
+
+    Attributes:
+        work: the WORK folder, or the temporary one a model file was imported into.
+        model_file: the model file, or None for a WORK folder.
+        checkpoint: the checkpoint kind predicted with (a model file's: the one it holds).
+    """
+
+    work: Path
+    model_file: Path | None
+    checkpoint: str
+
+    def select(self, configurations: Sequence[str] | None = None,
+               folds: Sequence[int] | None = None) -> tuple[list[ModelSelection], dict[str, Any] | None]:
+        """:func:`autoseg.inference.models.select_models` of the source (messages name the model file)."""
+        kind = "final" if self.model_file is not None else self.checkpoint
+        try:
+            return select_models(self.work, configurations, folds, kind)
+        except AutosegError as exc:
+            if self.model_file is None:
+                raise
+            # The temporary folder means nothing to the user: name the model file instead.
+            text = str(exc).replace(str(self.work), str(self.model_file))
+            raise (ConfigError(text) if isinstance(exc, UnknownNameError) else type(exc)(text)) from None
+
+
+@contextlib.contextmanager
+def open_model(source: Path, checkpoint: str | None = None) -> Iterator[ModelSource]:
+    """A WORK folder as it is, or a model file verified and imported into a temporary folder that is
+    removed when the block ends (everything that predicts then reads one kind of source).
+
+    Args:
+        source: a WORK folder or a model file.
+        checkpoint: ``final``, ``best`` or ``latest`` for a WORK folder (None: ``final``); for a
+            model file None or the kind it holds.
+
+    Raises:
+        ModelFileError: the model file fails a check.
+        ConfigError: ``source`` does not exist, or a model file holds another checkpoint kind.
+    """
+    source = Path(source)
+    if source.is_dir():
+        yield ModelSource(source, None, checkpoint or "final")
+        return
+    if not source.exists():
+        raise ConfigError(f"{source}: not found; give an experiment folder (WORK) or a model file")
+    parsed = read_model(source)
+    if checkpoint is not None and checkpoint != parsed.checkpoint:
+        raise ConfigError(f"--checkpoint {checkpoint}: {source} holds the {parsed.checkpoint} checkpoint of each fold "
+                          f"(chosen at export); leave out --checkpoint, or export again with --checkpoint {checkpoint}")
+    folder = Path(tempfile.mkdtemp(prefix="autoseg-model-"))
+    try:
+        kind = parsed.checkpoint
+        import_model(parsed, folder / "work")
+        del parsed
+        yield ModelSource(folder / "work", source, kind)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+__all__ = ["ExportSummary", "ImportSummary", "ModelSource", "export_model", "import_model", "open_model"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoseg.convert import contours, dicom_rt
+from autoseg.convert import contours as contour_core, dicom_rt
 from autoseg.convert.contours import (
     build_alias_index,
     match_roi,
@@ -213,13 +213,13 @@ def test_roi_map_collision_and_shape_errors() -> None:
 def test_load_roi_map_yaml_and_json(tmp_path: Path) -> None:
     (tmp_path / "map.yaml").write_text("Lung: [Lungs, Lung_Total]\nHeart: [Heart]\n")
     (tmp_path / "map.json").write_text(json.dumps({"Lung": ["Lungs"], "Heart": []}))
-    assert list(contours.load_roi_map(tmp_path / "map.yaml")) == ["Lung", "Heart"]  # order kept
-    assert contours.load_roi_map(tmp_path / "map.json")["Lung"] == ("Lungs",)
+    assert list(contour_core.load_roi_map(tmp_path / "map.yaml")) == ["Lung", "Heart"]  # order kept
+    assert contour_core.load_roi_map(tmp_path / "map.json")["Lung"] == ("Lungs",)
     with pytest.raises(ConfigError, match="not found"):
-        contours.load_roi_map(tmp_path / "absent.yaml")
+        contour_core.load_roi_map(tmp_path / "absent.yaml")
     (tmp_path / "bad.yaml").write_text("Heart: [unclosed\n")
     with pytest.raises(ConfigError, match="cannot read the ROI map"):
-        contours.load_roi_map(tmp_path / "bad.yaml")
+        contour_core.load_roi_map(tmp_path / "bad.yaml")
 
 
 def test_rasterize_square_fills_exact_pixels() -> None:

@@ -26,11 +26,17 @@ any, else N(0, 1) noise (the preprocessed intensities are z-scored). The engines
   the same calibration windows).
 
 Engines whose package is missing (or that fail to build) are reported as skipped with the
-reason. Timing: after every engine is built and warmed up, ``--rounds`` rounds run every engine
-``--calls`` times each, the order rotated every round (A B C, B C A, ...), so that the machine's
-drift and other processes' load fall on all engines alike; per engine the median call and the
-ratio ``torch_fp32 median / engine median`` (> 1: faster than today). The load average is taken
-before and after, and the share of the CPUs other processes used during the rounds.
+reason. Timing: after every engine is built and warmed up, rounds run every engine ``--calls``
+times each, the order rotated every round (A B C, B C A, ...), until ``--rounds`` rounds were
+quiet (other processes used at most 5 % of the CPUs; ``--max-rounds`` rounds at most). The
+statistics use the quiet rounds only (all rounds, flagged, when fewer than 2 were quiet): per
+engine the median call, the ratio ``torch_fp32 median / engine median`` (> 1: faster than
+today), the ratio of the fastest calls, and the median of the per-round ratios (paired: the same
+minutes of machine load). The load average is recorded before and after, and every round's
+foreign CPU share. Under load the torch engines slow down far more than OpenVINO (their OpenMP
+barriers wait for a preempted thread), so only quiet rounds compare engines fairly. Minor page
+faults per call are counted too: in a process that also holds the other engines, torch's
+activations are not served from reused memory (glibc trims them away).
 
 ``--memory`` measures each engine's peak RSS in a fresh process of its own (build, warm-up, 2
 calls). ``--dice RAW`` compares segmentations: every labelled case of the raw dataset RAW that is
@@ -65,7 +71,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predict import DEFAULT_RAW, busy_seconds, foreign_fraction, load, own_seconds, prepare  # noqa: E402
+from bench_predict import (DEFAULT_RAW, QUIET, busy_seconds, foreign_fraction, load, own_seconds,  # noqa: E402
+                           prepare)
 
 ENGINES = ("torch_fp32", "torch_fp32_plain", "torch_bf16_autocast", "torch_bf16", "onnxruntime_fp32",
            "onnxruntime_int8", "openvino_fp32", "openvino_bf16", "openvino_int8", "openvino_int8_bf16", "torch_int8_fx")
@@ -93,7 +100,7 @@ class Context:
     """What the engines share: the plain network, the input batch, calibration windows, files."""
 
     def __init__(self, work: Path, config: str, fold: int, batch: int | None, calib: int, tmp: Path,
-                 seed: int = 0) -> None:
+                 seed: int = 0, onnx_dir: Path | None = None) -> None:
         import torch
 
         from autoseg import plans as plans_io
@@ -126,6 +133,10 @@ class Context:
         windows, _ = self._windows(rng, calib, self.calib_patch)
         self.calibration = [windows[i:i + 1] for i in range(len(windows))]
         self._onnx: dict[str, Path] = {}
+        if onnx_dir is not None:  # files exported by a parent run (memory probes: no export, no calibration)
+            for kind, name in (("fp32", "net_fp32.onnx"), ("int8", "net_int8_qdq.onnx")):
+                if (onnx_dir / name).is_file():
+                    self._onnx[kind] = onnx_dir / name
 
     def _windows(self, rng: np.random.Generator, count: int, patch: tuple[int, ...]) -> tuple[np.ndarray, str]:
         """``count`` windows ``(count, C, *patch)``: random crops (zero-padded) of the fold's
@@ -492,39 +503,85 @@ def logit_errors(engines: dict[str, Callable], ctx: Context, info: dict[str, dic
         entry["argmax_agreement"] = round(torch.eq(out.argmax(1), reference.argmax(1)).float().mean().item(), 5)
 
 
-def time_engines(engines: dict[str, Callable], ctx: Context, rounds: int,
-                 calls: int) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[int]]]:
-    """Every call's seconds per engine, each round's mean per engine, and every call's minor page
-    faults (fresh memory touched: a sign of memory not reused between calls)."""
+def time_engines(engines: dict[str, Callable], ctx: Context, rounds: int, calls: int,
+                 max_rounds: int) -> list[dict]:
+    """Rounds of ``calls`` calls of every engine (the order rotated each round) until ``rounds``
+    quiet rounds (other processes used at most :data:`QUIET` of the CPUs) or ``max_rounds`` in all.
+    Per round: its foreign CPU share and, per engine, every call's seconds and minor page faults
+    (fresh memory touched: memory not reused between calls)."""
     names = list(engines)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    per_round: dict[str, list[float]] = {n: [] for n in names}
-    faults: dict[str, list[int]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
+    out: list[dict] = []
+    while len(out) < max_rounds and sum(r["quiet"] for r in out) < rounds:
+        shift = len(out) % len(names)
+        busy, own, started = busy_seconds(), own_seconds(), time.perf_counter()
+        record: dict = {"seconds": {}, "faults": {}}
+        for name in names[shift:] + names[:shift]:
             fn = engines[name]
+            record["seconds"][name], record["faults"][name] = [], []
             for _ in range(calls):
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                started = time.perf_counter()
+                t0 = time.perf_counter()
                 fn(ctx.input)
-                times[name].append(time.perf_counter() - started)
-                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-            per_round[name].append(statistics.fmean(times[name][-calls:]))
-    return times, per_round, faults
+                record["seconds"][name].append(time.perf_counter() - t0)
+                record["faults"][name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        record["foreign_cpu"] = foreign_fraction(busy_seconds() - busy, own_seconds() - own,
+                                                 time.perf_counter() - started)
+        record["quiet"] = record["foreign_cpu"] <= QUIET
+        out.append(record)
+    return out
 
 
-def memory_probe(args: argparse.Namespace, name: str) -> dict:
-    """Peak RSS of a fresh process that builds ``name`` and runs it 3 times."""
+def summarize(records: list[dict], info: dict[str, dict], ctx: Context, flops: float) -> dict:
+    """Per engine: median / min / max call, the ratios to :data:`BASELINE`, over the quiet rounds
+    (over every round where fewer than 2 were quiet)."""
+    quiet = [r for r in records if r["quiet"]]
+    used = quiet if len(quiet) >= 2 else records
+    calls = {n: [t for r in used for t in r["seconds"][n]] for n in used[0]["seconds"]}
+    round_means = {n: [statistics.fmean(r["seconds"][n]) for r in used] for n in calls}
+    base = calls.get(BASELINE)
+    for name, samples in calls.items():
+        median = statistics.median(samples)
+        entry = {"median_s": round(median, 4), "min_s": round(min(samples), 4), "max_s": round(max(samples), 4),
+                 "per_window_ms": round(1000 * median / ctx.batch, 1),
+                 "conv_gflops_per_s": round(flops * ctx.batch / median / 1e9, 1),
+                 "minor_page_faults_per_call": int(statistics.median(f for r in used for f in r["faults"][name]))}
+        if base is not None:
+            entry["speedup_vs_torch_fp32"] = round(statistics.median(base) / median, 3)
+            entry["speedup_min_vs_min"] = round(min(base) / min(samples), 3)
+            # Paired: the ratio within each round (the same minutes of machine load), then the median.
+            entry["speedup_paired_median"] = round(statistics.median(
+                b / e for b, e in zip(round_means[BASELINE], round_means[name])), 3)
+        info[name].update(entry)
+    return {"rounds": len(records), "quiet_rounds": len(quiet), "rounds_used": "quiet" if used is quiet else "all",
+            "foreign_cpu_per_round": [r["foreign_cpu"] for r in records]}
+
+
+def memory_probe(args: argparse.Namespace, name: str, onnx_dir: Path) -> dict:
+    """Peak RSS of a fresh process that builds ``name`` (from the ONNX files in ``onnx_dir``: no
+    export or calibration) and runs it 3 times."""
     cmd = [sys.executable, __file__, "--work", str(args.work), "-c", args.config, "-f", str(args.fold),
-           "--engines", name, "--rounds", "1", "--calls", "1", "--calib", str(args.calib), "--probe"]
+           "--engines", name, "--rounds", "1", "--max-rounds", "1", "--calls", "1", "--calib", str(args.calib),
+           "--probe", "--onnx-dir", str(onnx_dir)]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        return {"peak_rss_mb": None, "error": f"exit {os.waitstatus_to_exitcode(status)}"}
-    return {"peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if proc.returncode:
+        return {"peak_rss_mb": None, "error": f"exit {proc.returncode}"}
+    # The child's own high-water mark (VmHWM): wait4's ru_maxrss would include this process's RSS,
+    # which Linux carries into a child across fork and exec.
+    return {"peak_rss_mb": json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]}
+
+
+def high_water_mb() -> float | None:
+    """Peak resident memory of this process's own address space (VmHWM, MB)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 # -- segmentation agreement
@@ -606,7 +663,8 @@ def main() -> None:
     parser.add_argument("-c", "--config", default="3d_fullres")
     parser.add_argument("-f", "--fold", type=int, default=0)
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=7, help="quiet timing rounds wanted")
+    parser.add_argument("--max-rounds", type=int, default=None, help="rounds at most (default: 3 x --rounds)")
     parser.add_argument("--calls", type=int, default=2, help="calls per engine per round")
     parser.add_argument("--batch", type=int, default=None, help="windows per call (default: the predictor's)")
     parser.add_argument("--calib", type=int, default=20, help="calibration windows of the int8 engines")
@@ -619,6 +677,7 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, default=DEFAULT_RAW, help="dataset to plan when WORK is missing")
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--onnx-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     import torch
@@ -633,7 +692,7 @@ def main() -> None:
     if BASELINE not in names and not args.probe:
         names.insert(0, BASELINE)
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = Context(args.work, args.config, args.fold, args.batch, args.calib, Path(tmp))
+        ctx = Context(args.work, args.config, args.fold, args.batch, args.calib, Path(tmp), onnx_dir=args.onnx_dir)
         result: dict = {
             "work": str(args.work), "configuration": args.config, "fold": args.fold, "weights": ctx.weights,
             "patch": list(ctx.patch), "batch": ctx.batch, "input": ctx.input_source,
@@ -642,39 +701,24 @@ def main() -> None:
         }
         engines, info = build_engines(ctx, names)
         if args.probe:
+            print(json.dumps({"peak_rss_mb": high_water_mb(), **info}))
             return
         for key in ("export_info", "quantize_info"):
             if hasattr(ctx, key):
                 result[key.replace("_info", "")] = getattr(ctx, key)
         logit_errors(engines, ctx, info)
-        busy, own, started = busy_seconds(), own_seconds(), time.perf_counter()
         result["load_before_timing"] = load()
-        times, per_round, faults = time_engines(engines, ctx, args.rounds, args.calls)
-        wall = time.perf_counter() - started
+        records = time_engines(engines, ctx, args.rounds, args.calls, args.max_rounds or 3 * args.rounds)
         result["load_after"] = load()
-        result["foreign_cpu_during_timing"] = foreign_fraction(busy_seconds() - busy, own_seconds() - own, wall)
-        base = statistics.median(times[BASELINE]) if BASELINE in times else math.nan
         flops = conv_flops(ctx.cfg.topology, ctx.patch, ctx.cfg.input_channels, ctx.num_classes,
                            deep_supervision=False)
-        for name, samples in times.items():
-            median = statistics.median(samples)
-            info[name].update({
-                "median_s": round(median, 4), "min_s": round(min(samples), 4), "max_s": round(max(samples), 4),
-                "speedup_vs_torch_fp32": round(base / median, 3),
-                "speedup_min_vs_min": round(min(times[BASELINE]) / min(samples), 3) if BASELINE in times else None,
-                # Paired: the ratio within each round (the same minutes of machine load), then the median.
-                "speedup_paired_median": round(statistics.median(
-                    b / e for b, e in zip(per_round[BASELINE], per_round[name])), 3) if BASELINE in times else None,
-                "per_window_ms": round(1000 * median / ctx.batch, 1),
-                "conv_gflops_per_s": round(flops * ctx.batch / median / 1e9, 1),
-                "minor_page_faults_per_call": int(statistics.median(faults[name])),
-            })
+        result["timing"] = summarize(records, info, ctx, flops)
         result["conv_gflop_per_window"] = round(flops / 1e9, 2)
         result["engines"] = info
-        result["peak_rss_mb_process"] = peak_rss_mb()
+        result["peak_rss_mb_process"] = high_water_mb() or peak_rss_mb()
         if args.memory:
             for name in engines:
-                info[name]["own_process"] = memory_probe(args, name)
+                info[name]["own_process"] = memory_probe(args, name, ctx.tmp)
         if args.dice is not None:
             result["dice"] = dice_study(ctx, engines, args.dice, args.dice_cases, not args.no_tta)
     text = json.dumps(result, indent=2)

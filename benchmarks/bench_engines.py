@@ -156,7 +156,7 @@ class Context:
             starts = [int(rng.integers(0, max(1, s - p) + 1)) for s, p in zip(data.shape[1:], patch)]
             crop = data[(slice(None), *(slice(st, st + p) for st, p in zip(starts, patch)))]
             out[(i, slice(None), *(slice(0, s) for s in crop.shape[1:]))] = crop
-        return out, f"crops of {min(count, len(cases))} preprocessed training cases"
+        return out, f"crops of the fold's preprocessed training cases ({min(count, len(cases))} of {len(cases)})"
 
     def plain_copy(self):  # noqa: ANN201
         return copy.deepcopy(self.net)

@@ -15,10 +15,11 @@ any, else N(0, 1) noise (the preprocessed intensities are z-scored). The engines
 * ``torch_fp32_plain``: the network as trained, channels-last, no :mod:`autoseg.inference.cpu`.
 * ``torch_bf16_autocast``: the plain network under ``torch.autocast("cpu", torch.bfloat16)``.
 * ``torch_bf16``: the plain network cast to bfloat16 (weights and activations).
-* ``onnxruntime_fp32``: the plain network exported to ONNX (no deep-supervision heads, dynamic
-  batch), ONNX Runtime's CPU provider, all graph optimisations.
-* ``onnxruntime_int8``: that model statically quantised (QDQ, per-channel int8 weights, uint8
-  activations, MinMax calibration on ``--calib`` training windows).
+* ``onnxruntime_fp32``: the plain network exported to ONNX by autoseg's own export
+  (:mod:`autoseg.inference.onnx_export`, as ``autoseg export --format onnx``: no deep-supervision
+  heads, dynamic batch), ONNX Runtime's CPU provider, all graph optimisations.
+* ``onnxruntime_int8``: that model statically quantised by autoseg (``--int8``: QDQ, per-channel
+  int8 weights, uint8 activations, MinMax calibration on ``--calib`` training windows).
 * ``openvino_fp32`` / ``openvino_bf16`` / ``openvino_int8`` / ``openvino_int8_bf16``: the same
   ONNX files compiled by OpenVINO's CPU plugin, one static-shape model per batch size (inference
   precision f32 or bf16; the int8 ones read the QDQ model, their float ops in f32 or bf16).
@@ -53,10 +54,8 @@ inside the engines that need them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import math
 import os
 import resource
 import statistics
@@ -129,6 +128,8 @@ class Context:
         rng = np.random.default_rng(seed)
         windows, self.input_source = self._windows(rng, self.batch, self.patch)
         self.input = torch.from_numpy(np.ascontiguousarray(windows))
+        from autoseg.inference.onnx_export import calibration_patch
+
         self.calib_patch = calibration_patch(self.patch, input_multiple(self.cfg.topology))
         windows, _ = self._windows(rng, calib, self.calib_patch)
         self.calibration = [windows[i:i + 1] for i in range(len(windows))]
@@ -162,104 +163,45 @@ class Context:
         return copy.deepcopy(self.net)
 
     def onnx(self, kind: str) -> Path:
-        """The exported fp32 model (``"fp32"``), the same at the calibration patch
-        (``"fp32_calib"``) or the static int8 quantisation (``"int8"``)."""
+        """The exported fp32 model (``"fp32"``) or the static int8 quantisation (``"int8"``)."""
         if kind not in self._onnx:
             if kind == "int8":
                 self._onnx[kind] = quantize_onnx(self)
-            elif kind == "fp32_calib" and self.calib_patch != self.patch:
-                self._onnx[kind] = export_onnx(self, self.calib_patch, "net_fp32_calib.onnx")
             else:
                 self._onnx[kind] = export_onnx(self, self.patch, "net_fp32.onnx")
         return self._onnx[kind]
 
 
-def calibration_patch(patch: tuple[int, ...], multiple: tuple[int, ...], voxels: int = 2**18) -> tuple[int, ...]:
-    """The window of the int8 calibration: the patch, halved along its largest axes (keeping the
-    network's input multiple) while it has more than ``voxels`` voxels. ONNX Runtime's calibrator
-    keeps every activation of a window at once: ~20 GB for a 128^3 window of the CT plan's network;
-    its 64^3 quarter-size windows need ~2.5 GB. The network is fully convolutional and each window
-    is instance-normalised, so the activation ranges carry over."""
-    size = list(patch)
-    while math.prod(size) > voxels:
-        axis = max(range(len(size)), key=lambda a: size[a])
-        if size[axis] // 2 < multiple[axis] or (size[axis] // 2) % multiple[axis]:
-            break
-        size[axis] //= 2
-    return tuple(size)
-
-
 def export_onnx(ctx: Context, patch: tuple[int, ...], name: str) -> Path:
-    """The plain network (no deep-supervision heads) as ONNX at ``patch``, input ``x`` with a
-    dynamic batch."""
-    try:
-        import onnx  # noqa: F401
-        import torch
-    except ImportError as exc:
-        raise Skipped(f"onnx not installed ({exc})") from None
+    """The plain network as ONNX at ``patch`` with a dynamic batch: autoseg's own export
+    (:func:`autoseg.inference.onnx_export.network_to_onnx`, what ``export --format onnx`` writes)."""
+    from autoseg.errors import ConfigError
+    from autoseg.inference.onnx_export import network_to_onnx
+
     path = ctx.tmp / name
-    net = ctx.plain_copy()
-    # NCDHW: the norms take PyTorch's instance_norm (-> InstanceNormalization).
-    example = torch.zeros((ctx.batch, ctx.cfg.input_channels, *patch))
-    errors = []
-    for dynamo in (True, False):
-        try:
-            kwargs: dict = {"input_names": ["x"], "output_names": ["logits"], "opset_version": 18}
-            if dynamo:
-                kwargs["dynamic_shapes"] = {"x": {0: torch.export.Dim("batch", min=1, max=64)}}
-            else:
-                kwargs["dynamic_axes"] = {"x": {0: "batch"}, "logits": {0: "batch"}}
-            started = time.perf_counter()
-            with contextlib.redirect_stdout(sys.stderr):  # the exporter reports its steps on stdout
-                torch.onnx.export(net, (example,), str(path), dynamo=dynamo, external_data=False, **kwargs)
-            ctx.export_info = {"exporter": "dynamo" if dynamo else "torchscript",
-                               "export_s": round(time.perf_counter() - started, 2)}
-            return path
-        except Exception as exc:  # noqa: BLE001 - either exporter may fail: try the other
-            errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(exc).__name__}: {str(exc)[:300]}")
-    raise Skipped("ONNX export failed: " + " | ".join(errors))
+    started = time.perf_counter()
+    try:
+        path.write_bytes(network_to_onnx(ctx.plain_copy(), (ctx.batch, ctx.cfg.input_channels, *patch)))
+    except ConfigError as exc:
+        raise Skipped(str(exc)) from None
+    ctx.export_info = {"exporter": "torchscript (autoseg.inference.onnx_export)",
+                       "export_s": round(time.perf_counter() - started, 2)}
+    return path
 
 
 def quantize_onnx(ctx: Context) -> Path:
-    """Static post-training quantisation of the fp32 model: QDQ, per-channel int8 weights, uint8
-    activations (U8S8, ONNX Runtime's recommendation for x86 with VNNI), MinMax calibration."""
-    source = ctx.onnx("fp32_calib")
-    try:
-        import onnx
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
-    except ImportError as exc:
-        raise Skipped(f"onnxruntime.quantization not available ({exc})") from None
+    """autoseg's static int8 quantisation (:func:`autoseg.inference.onnx_export.quantize_int8`: QDQ,
+    per-channel int8 weights, uint8 activations, MinMax) on the context's calibration windows."""
+    from autoseg.errors import ConfigError
+    from autoseg.inference.onnx_export import quantize_int8
 
-    class Reader(CalibrationDataReader):
-        def __init__(self, windows: list[np.ndarray]) -> None:
-            self.items = iter([{"x": w} for w in windows])
-
-        def get_next(self) -> dict | None:
-            return next(self.items, None)
-
-    prepared = ctx.tmp / "net_fp32_prep.onnx"
-    try:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-    except Exception:  # noqa: BLE001 - pre-processing is optional
-        prepared = source
     path = ctx.tmp / "net_int8_qdq.onnx"
     started = time.perf_counter()
-    quantize_static(str(prepared), str(path), Reader(ctx.calibration), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    if ctx.calib_patch != ctx.patch:
-        # Calibrated at a smaller window: the graph is the same at any size (no shape constants),
-        # so only the declared input and output sizes change.
-        model = onnx.load(str(path))
-        for value in (*model.graph.input, *model.graph.output):
-            dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims[2:], ctx.patch):
-                dim.dim_value = size
-        model.graph.ClearField("value_info")
-        onnx.save(model, str(path))
+    try:
+        path.write_bytes(quantize_int8(ctx.plain_copy(), (ctx.batch, ctx.cfg.input_channels, *ctx.patch),
+                                       ctx.calibration))
+    except ConfigError as exc:
+        raise Skipped(str(exc)) from None
     ctx.quantize_info = {"calibration_windows": len(ctx.calibration), "calibration_patch": list(ctx.calib_patch),
                          "quantize_s": round(time.perf_counter() - started, 2)}
     return path

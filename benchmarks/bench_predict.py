@@ -2,6 +2,7 @@
 
     python benchmarks/bench_predict.py [WORK] [-c 3d_fullres] [-f 0 1 2 3 4] [--cases 5] [--repeats 2]
                                        [--raw ../shared/data/Task04_Hippocampus] [--output result.json]
+                                       [--engine auto|torch|openvino|onnxruntime] [--precision auto|fp32|bf16|int8]
 
 WORK defaults to a folder under the system temp dir that is prepared once: ``autoseg plan RAW
 --planner default`` (the Hippocampus default plan: features 32-256, patch 40x56x40) and a
@@ -138,9 +139,10 @@ def clean_run(cmd: list[str], retries: int) -> dict:
     return result
 
 
-def cli_runs(work: Path, config: str, folds: list[int], one: Path, many: Path, repeats: int, retries: int) -> dict:
+def cli_runs(work: Path, config: str, folds: list[int], one: Path, many: Path, repeats: int, retries: int,
+             engine: tuple[str, str] = ("torch", "fp32")) -> dict:
     base = [sys.executable, "-m", "autoseg", "predict", str(work), "-c", config, "-f", *map(str, folds),
-            "--device", "cpu"]
+            "--device", "cpu", "--engine", engine[0], "--precision", engine[1]]
     results: dict = {}
     for tta in (True, False):
         key = "tta" if tta else "no_tta"
@@ -164,7 +166,8 @@ def cli_runs(work: Path, config: str, folds: list[int], one: Path, many: Path, r
     return results
 
 
-def in_process(work: Path, config: str, folds: list[int], cases: list[Path], retries: int) -> dict:
+def in_process(work: Path, config: str, folds: list[int], cases: list[Path], retries: int,
+               engine: tuple[str, str] = ("torch", "fp32")) -> dict:
     import torch
 
     from autoseg.inference.inputs import InputCase, read_input
@@ -176,7 +179,9 @@ def in_process(work: Path, config: str, folds: list[int], cases: list[Path], ret
         key = "tta" if tta else "no_tta"
         t0 = time.perf_counter()
         selections, _ = select_models(work, [config], folds)
-        predictor = Predictor(work, selections, device="cpu", tta=tta, profile=True)
+        predictor = Predictor(work, selections, device="cpu", tta=tta, profile=True, engine=engine[0],
+                              precision=engine[1])
+        results["engine"] = predictor.engine.describe()
         load_s = time.perf_counter() - t0
         per_case = []
         with tempfile.TemporaryDirectory() as out:
@@ -286,6 +291,9 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, default=DEFAULT_RAW)
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--skip-cli", action="store_true")
+    parser.add_argument("--engine", default="torch", help="autoseg.inference.engines: torch (today's default "
+                        "without the openvino extra), openvino, onnxruntime, auto")
+    parser.add_argument("--precision", default="auto")
     parser.add_argument("--retries", type=int, default=3,
                         help=f"repeat a measurement during which other processes used > {QUIET:.0%} of the CPUs")
     args = parser.parse_args()
@@ -307,8 +315,9 @@ def main() -> None:
             result["import_s"] = min(clean_run([sys.executable, "-c", imports], args.retries)["wall_s"]
                                      for _ in range(args.repeats))
             result["cli"] = cli_runs(args.work, args.config, args.folds, many / images[0].name, many, args.repeats,
-                                     args.retries)
-        result["in_process"] = in_process(args.work, args.config, args.folds, sorted(many.iterdir()), args.retries)
+                                     args.retries, (args.engine, args.precision))
+        result["in_process"] = in_process(args.work, args.config, args.folds, sorted(many.iterdir()), args.retries,
+                                          (args.engine, args.precision))
         result["floor"] = floor(args.work, args.config, args.folds, result["in_process"])
     targets = {}
     for key, nn in (("tta", "per_additional_case_tta_s"), ("no_tta", "per_additional_case_no_tta_s")):

@@ -25,7 +25,7 @@ import pytest
 import phantoms
 from autoseg.imageio import Geometry, read_image, write_image
 from autoseg.inference.model_export import export_model, import_model
-from autoseg.inference.model_file import MODEL_SCHEMA_VERSION, ModelFileError, read_model, write_model_zip
+from autoseg.inference.model_file import BASE_SCHEMA_VERSION, MODEL_SCHEMA_VERSION, ModelFileError, read_model, write_model_zip
 from autoseg.inference.run import run
 from test_predict import ORIGIN, ROTATION, TRAIN_SHAPE, TRAIN_SPACING, _assert_clean_failure, _experiment, _image
 
@@ -211,7 +211,7 @@ def test_members_card_and_manifest(work: Path, model: Path) -> None:
                      "weights/2d/fold_0.json", "weights/2d/fold_0.npz", "weights/3d_fullres/fold_0.json",
                      "weights/3d_fullres/fold_0.npz", "weights/3d_fullres/fold_1.json", "weights/3d_fullres/fold_1.npz"]
     manifest = parsed.manifest
-    assert manifest["schema_version"] == MODEL_SCHEMA_VERSION and manifest["task"] == "segmentation"
+    assert manifest["schema_version"] == BASE_SCHEMA_VERSION == 1 and manifest["task"] == "segmentation"
     assert manifest["configurations"] == {"3d_fullres": {"folds": [0, 1], "checkpoint": "final"},
                                           "2d": {"folds": [0], "checkpoint": "final"}}
     # No case ids or paths of the experiment leave it.
@@ -328,8 +328,8 @@ HOSTILE = {
     "object array": (_object_array_npz, "weights/2d/fold_0.npz: holds pickled data"),
     "truncated": (_truncated, "truncated or damaged zip"),
     "not a zip": (_not_a_zip, "not a zip file, so not an autoseg model file"),
-    "newer schema": (_newer_schema, "written by autoseg 9.0.0 with model schema 2; this autoseg (0.1.0) reads up to "
-                                    "schema 1: upgrade autoseg"),
+    "newer schema": (_newer_schema, f"written by autoseg 9.0.0 with model schema {MODEL_SCHEMA_VERSION + 1}; this "
+                                    f"autoseg (0.1.0) reads up to schema {MODEL_SCHEMA_VERSION}: upgrade autoseg"),
 }
 
 

@@ -28,20 +28,36 @@ def export_cmd(
         "--licence", "--license", metavar="TEXT", help="The model's licence, written into MODEL.md (default: not "
                                                        "stated).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model file.")] = False,
+    file_format: Annotated[str, typer.Option(
+        "--format", metavar="autoseg|onnx", help="onnx: also each fold's network as an ONNX graph, for the OpenVINO "
+        "and ONNX Runtime engines and for use outside autoseg.")] = "autoseg",
+    int8: Annotated[bool, typer.Option(
+        "--int8", help="With --format onnx: also an int8 graph per fold, statically quantised on training cases "
+        "(needs autoseg[onnx] and WORK's preprocessed data).")] = False,
+    calibration_cases: Annotated[int, typer.Option(
+        "--calibration-cases", metavar="N", help="Training cases (one window each) to calibrate int8 on.")] = 20,
 ) -> None:
     """Write the trained folds of WORK as one model file: plans, labels, weights (no pickles), MODEL.md, manifest."""
     with user_errors():
         from rich.markup import escape
 
+        from autoseg.errors import ConfigError, UnknownNameError
         from autoseg.inference.model_export import export_model
 
+        if file_format not in ("autoseg", "onnx"):
+            raise UnknownNameError("format", file_format, ("autoseg", "onnx"), "--format")
+        if int8 and file_format != "onnx":
+            raise ConfigError("--int8: int8 graphs are ONNX graphs; add --format onnx")
         names, fold_list = parse_models(configs, folds, list(ctx.args))
-        summary = export_model(work, output, names, fold_list, checkpoint, licence=licence, force=force)
+        console = make_console()
+        summary = export_model(work, output, names, fold_list, checkpoint, licence=licence, force=force,
+                               onnx=file_format == "onnx", int8=int8, calibration_cases=calibration_cases,
+                               report=lambda line: console.print(escape(line), soft_wrap=True))
         used = ", ".join(f"{s.configuration} (fold{'s' if len(s.folds) > 1 else ''} "
                          f"{' '.join(str(f) for f in s.folds)})" for s in summary.selections)
-        console = make_console()
         console.print(f"[green]✓[/] {escape(str(summary.path))}: {escape(used)}, {summary.checkpoint} checkpoint"
                       + (", best.yaml's postprocessing" if summary.postprocessing else "")
+                      + (f", ONNX graphs ({' and '.join(summary.graphs)})" if summary.graphs else "")
                       + f"; {summary.size / 1e6:.1f} MB", soft_wrap=True)
         console.print(f"sha256 {summary.sha256}", soft_wrap=True)
         console.print(f"predict with: autoseg predict --model {escape(str(summary.path))} -i IMAGES -o OUT",

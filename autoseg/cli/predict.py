@@ -53,6 +53,12 @@ def predict_cmd(
         min=1)] = None,
     procs: Annotated[Optional[int], typer.Option(
         "--procs", help="With --device cpu: share the cases out over N CPU processes.", min=1)] = None,
+    engine: Annotated[str, typer.Option(
+        "--engine", help="What runs the networks: auto (OpenVINO on the CPU where autoseg[openvino] is installed, "
+        "else torch), torch, openvino, onnxruntime.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        "--precision", help="auto, fp32, bf16 (OpenVINO on CPUs with AMX / AVX-512 BF16: the auto choice there), "
+        "int8 (a model file exported with --int8).")] = "auto",
 ) -> None:
     """Segment new images with the trained folds of WORK or a model file (--model): sliding window, mirroring
     TTA, fold averaging -> label maps."""
@@ -86,7 +92,8 @@ def predict_cmd(
             summary = predict.run(model or work, inputs, output, names, fold_list, checkpoint, tta=not no_tta,
                                   save_probabilities=save_probabilities, device=device, resume=resume, step=step,
                                   callbacks=callbacks, save_uncertainty=save_uncertainty,
-                                  output_format=output_format or "auto", devices=devices)
+                                  output_format=output_format or "auto", devices=devices, engine=engine,
+                                  precision=precision)
         used = ", ".join(f"{s.configuration} (fold{'s' if len(s.folds) > 1 else ''} "
                          f"{' '.join(str(f) for f in s.folds)})" for s in summary.selections)
         skipped = f", {len(summary.skipped)} already done" if summary.skipped else ""

@@ -83,7 +83,7 @@ class Segmenter:
     @classmethod
     def load(cls, source: str | os.PathLike, *, device: str = "auto", configurations: Sequence[str] | None = None,
              folds: Sequence[int] | None = None, checkpoint: str | None = None, tta: bool = True,
-             step: float = 0.5) -> Segmenter:
+             step: float = 0.5, engine: str = "auto", precision: str = "auto") -> Segmenter:
         """Load a model file (``autoseg export``) or the trained folds of a WORK folder.
 
         Args:
@@ -95,6 +95,9 @@ class Segmenter:
                 model file holds one kind (None, or that kind).
             tta: mirroring test-time augmentation.
             step: window stride as a fraction of the patch.
+            engine: ``auto``, ``torch``, ``openvino`` or ``onnxruntime`` (``auto``: OpenVINO on the CPU
+                where ``autoseg[openvino]`` is installed, else torch; :mod:`autoseg.inference.engines`).
+            precision: ``auto``, ``fp32``, ``bf16`` or ``int8``.
 
         Raises:
             AutosegError: a damaged or unsafe model file, a bad WORK, configuration, fold or device
@@ -105,14 +108,15 @@ class Segmenter:
         with open_model(Path(source), checkpoint) as opened:
             selections, best = opened.select(configurations, folds)
             return cls.from_work(opened.work, selections, best, device=device, tta=tta, step=step,
-                                 checkpoint=opened.checkpoint, source=Path(source))
+                                 checkpoint=opened.checkpoint, source=Path(source), engine=engine,
+                                 precision=precision)
 
     @classmethod
     def from_work(cls, work: Path, selections: Sequence[ModelSelection], best: dict[str, Any] | None = None, *,
                   device: str = "auto", tta: bool = True, step: float = 0.5, checkpoint: str = "final",
-                  source: Path | None = None) -> Segmenter:
+                  source: Path | None = None, engine: str = "auto", precision: str = "auto") -> Segmenter:
         """Load chosen folds of WORK (:func:`autoseg.inference.models.select_models` chose them)."""
-        predictor = Predictor(work, selections, device=device, tta=tta, step=step)
+        predictor = Predictor(work, selections, device=device, tta=tta, step=step, engine=engine, precision=precision)
         return cls(predictor, selections, best=best, checkpoint=checkpoint, source=source)
 
     # -- what it is
@@ -137,6 +141,11 @@ class Segmenter:
         return str(self.predictor.device)
 
     @property
+    def engine(self) -> str:
+        """What runs the networks, e.g. ``openvino bf16 (the CPU has bf16 units)`` (:mod:`autoseg.inference.engines`)."""
+        return self.predictor.engine.describe()
+
+    @property
     def is_2d(self) -> bool:
         """True for a model trained on 2D images (PNG, ...): arrays are ``(Y, X)`` / ``(C, Y, X)``."""
         return is_2d_plans(self.predictor.plans)
@@ -153,7 +162,8 @@ class Segmenter:
 
     def __repr__(self) -> str:
         used = ", ".join(f"{name} folds {' '.join(map(str, folds))}" for name, folds in self.configurations.items())
-        return f"Segmenter({used}; {self.device}; source={str(self.source)!r})"
+        choice = self.predictor.engine
+        return f"Segmenter({used}; {self.device}, {choice.engine} {choice.precision}; source={str(self.source)!r})"
 
     # -- calls
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg.inference.inputs import is_2d_plans
-from autoseg.inference.model_file import MODEL_SCHEMA_VERSION
+from autoseg.inference.model_file import BASE_SCHEMA_VERSION, MODEL_SCHEMA_VERSION
 from autoseg.inference.models import ModelSelection, fold_folder
 from autoseg.plans import Plans
 
@@ -123,7 +123,7 @@ def _labels_table(labels: Mapping[str, Any]) -> list[str]:
 def model_card(file_name: str, plans: Plans, dataset: Mapping[str, Any], selections: Sequence[ModelSelection],
                folds_meta: Mapping[str, Mapping[int, Mapping[str, Any]]],
                training: Mapping[str, Mapping[int, Mapping[str, Any]]], best: Mapping[str, Any] | None,
-               checkpoint: str, licence: str | None, version: str) -> str:
+               checkpoint: str, licence: str | None, version: str, graphs: Sequence[str] = ()) -> str:
     """MODEL.md's text (Markdown).
 
     Args:
@@ -137,6 +137,7 @@ def model_card(file_name: str, plans: Plans, dataset: Mapping[str, Any], selecti
         checkpoint: the exported checkpoint kind.
         licence: the model's licence, or None.
         version: the autoseg version writing the file.
+        graphs: the ONNX graph kinds in the file (``fp32``, ``int8``), if any.
     """
     name = dataset.get("name") or plans.dataset_name
     channels = dataset.get("channel_names", {})
@@ -198,12 +199,18 @@ def model_card(file_name: str, plans: Plans, dataset: Mapping[str, Any], selecti
         out += [f"Chosen by `autoseg find-best` (pooled cross-validation mean foreground Dice: {shown or '-'}); "
                 "its postprocessing is applied to every prediction.", ""]
     out += ["## Licence", "", licence.strip() if licence and licence.strip() else NO_LICENCE, ""]
-    out += ["## Use", "", "```bash", "pip install autoseg",
+    engines = ["pip install 'autoseg[openvino]'   # optional: the faster CPU engine, which runs the ONNX graphs"
+               + (" (--precision int8: pip install 'autoseg[onnx]' for --engine onnxruntime)" if "int8" in graphs else "")
+               ] if graphs else []
+    out += ["## Use", "", "```bash", "pip install autoseg", *engines,
             f"autoseg predict --model {file_name} -i IMAGES -o OUT", f"autoseg import {file_name} -o WORK   "
             "# an experiment folder, if you want one", "```", "", "```python", "from autoseg import Segmenter", "",
             f'segmenter = Segmenter.load("{file_name}", device="cpu")',
             "labels = segmenter(image)   # a SimpleITK image or a path -> a label image, same geometry", "```", ""]
-    out += ["## Provenance", "", f"Written by autoseg {version} (`autoseg export`, model schema {MODEL_SCHEMA_VERSION}). Weights are "
+    schema = MODEL_SCHEMA_VERSION if graphs else BASE_SCHEMA_VERSION
+    carried = (f" Each fold's network is also an ONNX graph ({' and '.join(graphs)}; `onnx/`), for the OpenVINO and "
+               "ONNX Runtime engines." if graphs else "")
+    out += ["## Provenance", "", f"Written by autoseg {version} (`autoseg export`, model schema {schema}). Weights are "
             "state dicts as `.npy` arrays, metadata JSON and YAML: nothing in the file is a pickle. "
-            "`manifest.json` holds the sha256 of every member and is checked on every load.", ""]
+            f"`manifest.json` holds the sha256 of every member and is checked on every load.{carried}", ""]
     return "\n".join(out)

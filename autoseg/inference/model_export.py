@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,25 +23,34 @@ from autoseg import plans as plans_io
 from autoseg._version import __version__
 from autoseg.atomic import TMP_PREFIX, atomic_path
 from autoseg.checkpoint import CHECKPOINT_FORMAT
-from autoseg.errors import AutosegError, ConfigError, UnknownNameError
+from autoseg.errors import AutosegError, ConfigError, PlanError, UnknownNameError
 from autoseg.inference.model_card import model_card, read_work_dataset, training_summary
 from autoseg.inference.model_file import (
+    BASE_SCHEMA_VERSION,
     EXPORT_CHECKPOINTS,
+    META_KEYS,
+    META_REQUIRED,
     MODEL_CARD,
     MODEL_ENDING,
     MODEL_FORMAT,
     MODEL_SCHEMA_VERSION,
-    META_KEYS,
-    META_REQUIRED,
     TENSOR_NAME,
     ModelFile,
     json_bytes,
     npz_bytes,
+    onnx_member,
     plain_json,
     read_model,
     write_model_zip,
 )
-from autoseg.inference.models import ModelSelection, checkpoint_path, select_models
+from autoseg.inference.models import (
+    ModelSelection,
+    checkpoint_path,
+    graph_path,
+    select_models,
+)
+from autoseg.inference.onnx_export import CALIBRATION_CASES
+from autoseg.plans import Configuration, Plans
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class ExportSummary:
         selections: the configurations and folds in it.
         checkpoint: the checkpoint kind of every fold.
         postprocessing: whether best.yaml's postprocessing is in it.
+        graphs: the ONNX graph kinds in it (``()``, ``("fp32",)`` or ``("fp32", "int8")``).
     """
 
     path: Path
@@ -63,6 +73,7 @@ class ExportSummary:
     selections: tuple[ModelSelection, ...]
     checkpoint: str
     postprocessing: bool = False
+    graphs: tuple[str, ...] = ()
 
 
 def export_model(
@@ -74,6 +85,10 @@ def export_model(
     *,
     licence: str | None = None,
     force: bool = False,
+    onnx: bool = False,
+    int8: bool = False,
+    calibration_cases: int = CALIBRATION_CASES,
+    report: Callable[[str], None] | None = None,
 ) -> ExportSummary:
     """Write the trained folds of ``work`` as a model file (see the module docstring).
 
@@ -90,6 +105,11 @@ def export_model(
         checkpoint: ``final`` or ``best``.
         licence: the model's licence, for MODEL.md (None: "not stated").
         force: overwrite an existing ``output``.
+        onnx: also write each fold's network as an ONNX graph (:mod:`autoseg.inference.onnx_export`).
+        int8: also its int8 quantisation, calibrated on ``calibration_cases`` of the fold's
+            preprocessed training cases (implies ``onnx``; needs ``autoseg[onnx]``).
+        calibration_cases: training cases (one window each) to calibrate int8 on.
+        report: called with a line per step that takes seconds (ONNX export, calibration).
 
     Returns:
         What was written.
@@ -108,6 +128,9 @@ def export_model(
         raise ConfigError(f"-o {output}: a folder; give the model file's name (e.g. {output / ('model' + MODEL_ENDING)})")
     if output.exists() and not force:
         raise ConfigError(f"-o {output}: exists; choose another name or pass --force to replace it")
+    if calibration_cases < 1:
+        raise ConfigError(f"--calibration-cases {calibration_cases}: must be at least 1 (20 is usual)")
+    graph_kinds = ("fp32", "int8") if int8 else ("fp32",) if onnx else ()
     selections, best = select_models(work, configurations, folds, checkpoint)
     plans = plans_io.load(work / "plans.yaml")
     members: dict[str, bytes] = {"plans.yaml": plans_io.dumps(plans).encode("utf-8")}
@@ -135,6 +158,9 @@ def export_model(
             members[f"{prefix}.npz"] = npz_bytes(state)
             members[f"{prefix}.json"] = json_bytes(meta)
             folds_meta.setdefault(selection.configuration, {})[fold] = meta
+            if graph_kinds:
+                members |= _fold_graphs(work, plans, selection.configuration, fold, data, graph_kinds,
+                                        calibration_cases, path, report)
             del data, state
     common = {s.folds for s in selections}
     default: dict[str, Any] = {"schema_version": 1, "configurations": [s.configuration for s in selections]}
@@ -147,20 +173,57 @@ def export_model(
     members["best.yaml"] = _best_yaml(default, from_find_best=best is not None)
     training = training_summary(work, selections)
     members[MODEL_CARD] = model_card(output.name, plans, dataset, selections, folds_meta, training, best,
-                                     checkpoint, licence, __version__).encode("utf-8")
+                                     checkpoint, licence, __version__, graph_kinds).encode("utf-8")
     manifest = {
         "format": MODEL_FORMAT,
-        "schema_version": MODEL_SCHEMA_VERSION,
+        "schema_version": MODEL_SCHEMA_VERSION if graph_kinds else BASE_SCHEMA_VERSION,
         "autoseg_version": __version__,
         "task": plans.task,
-        "configurations": {s.configuration: {"folds": list(s.folds), "checkpoint": checkpoint} for s in selections},
+        "configurations": {s.configuration: {"folds": list(s.folds), "checkpoint": checkpoint}
+                           | ({"onnx": list(graph_kinds)} if graph_kinds else {}) for s in selections},
     }
     with atomic_path(output) as tmp:
         write_model_zip(tmp, members, manifest)
         read_model(tmp, shown_as=output)
         digest, size = _file_sha256(tmp), tmp.stat().st_size
     postprocessing = bool(best is not None and best.get("postprocessing"))
-    return ExportSummary(output, digest, size, tuple(selections), checkpoint, postprocessing)
+    return ExportSummary(output, digest, size, tuple(selections), checkpoint, postprocessing, graph_kinds)
+
+
+def _fold_graphs(work: Path, plans: Plans, configuration: str, fold: int, data: dict[str, Any],
+                 kinds: Sequence[str], calibration_cases: int, path: Path,
+                 report: Callable[[str], None] | None) -> dict[str, bytes]:
+    """A fold's ONNX members: its network as an fp32 graph, and int8 when asked."""
+    from autoseg.inference.models import build_inference_network
+    from autoseg.inference.onnx_export import (
+        calibration_windows,
+        network_to_onnx,
+        quantize_int8,
+    )
+
+    config = checkpoint_configuration(plans, configuration, data["configuration"], path)
+    num_classes = int(data["plans"]["num_classes"])
+    net = build_inference_network(config, num_classes, data["model"], path)
+    shape = (1, config.input_channels, *config.patch_size)
+    say = report or (lambda line: None)
+    say(f"{configuration} fold {fold}: ONNX graph (fp32)")
+    members = {onnx_member(configuration, fold, "fp32"): network_to_onnx(net, shape)}
+    if "int8" in kinds:
+        windows = calibration_windows(work, configuration, config, num_classes, fold, calibration_cases)
+        say(f"{configuration} fold {fold}: int8 quantisation, calibrated on {len(windows)} training case(s)")
+        members[onnx_member(configuration, fold, "int8")] = quantize_int8(net, shape, windows)
+    return members
+
+
+def checkpoint_configuration(plans: Plans, name: str, config: dict[str, Any], path: Path) -> Configuration:
+    """A checkpoint's own configuration (what its network was built from), parsed with WORK's plans."""
+    data = plans_io.to_dict(plans)
+    data["configurations"] = {name: config}
+    data["recommended"] = [name]
+    try:
+        return plans_io.from_dict(data).configurations[name]
+    except PlanError as exc:
+        raise ConfigError(f"{path}: the checkpoint's configuration is invalid ({exc})") from None
 
 
 def _best_yaml(default: dict[str, Any], from_find_best: bool) -> bytes:
@@ -199,7 +262,8 @@ def import_model(model: Path | ModelFile, work: Path) -> ImportSummary:
 
     ``WORK/plans.yaml``, ``dataset.json``, ``best.yaml``, ``MODEL.md`` and, per fold,
     ``models/<configuration>/fold_<k>/checkpoint_final.pt`` in the trainer's format (whatever
-    checkpoint kind was exported: the folder holds one per fold, as ``final``). The folder is
+    checkpoint kind was exported: the folder holds one per fold, as ``final``), and the fold's ONNX
+    graphs beside it (``checkpoint_final.fp32.onnx``, ``.int8.onnx``; :func:`graph_path`). The folder is
     built beside its final name and renamed into place, so a failure leaves nothing behind.
 
     Raises:
@@ -223,7 +287,12 @@ def import_model(model: Path | ModelFile, work: Path) -> ImportSummary:
             payload: dict[str, Any] = dict(weights.meta)
             payload["format"] = CHECKPOINT_FORMAT
             payload["model"] = {k: torch.from_numpy(v) for k, v in weights.state.items()}
-            save_checkpoint(checkpoint_path(staging, weights.configuration, weights.fold, "final"), payload)
+            target = checkpoint_path(staging, weights.configuration, weights.fold, "final")
+            save_checkpoint(target, payload)
+            for (configuration, fold, kind), graph in parsed.graphs.items():
+                if (configuration, fold) == (weights.configuration, weights.fold):
+                    # Written after the checkpoint: a graph older than its checkpoint is stale.
+                    graph_path(target, kind).write_bytes(graph)
         if work.is_dir():
             work.rmdir()
         staging.rename(work)

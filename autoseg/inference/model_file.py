@@ -15,6 +15,12 @@
                                         with find-best's postprocessing when it chose them
     weights/<configuration>/fold_<k>.npz   the fold's state dict: one .npy per tensor, no pickle
     weights/<configuration>/fold_<k>.json  the checkpoint's other entries (configuration, epoch, ...)
+    onnx/<configuration>/fold_<k>.fp32.onnx  with ``export --format onnx``: the fold's network as an
+    onnx/<configuration>/fold_<k>.int8.onnx  ONNX graph (and its int8 quantisation with ``--int8``)
+                                        for the OpenVINO and ONNX Runtime engines
+                                        (:mod:`autoseg.inference.engines`); schema 2
+
+A file without ONNX graphs is written as schema 1, so autoseg versions before the graphs read it.
 
 Nothing in a model file is a pickle: weights are ``.npy`` arrays read with
 ``allow_pickle=False``, metadata is JSON and YAML (``yaml.safe_load``). The bytes are reproducible:
@@ -45,7 +51,7 @@ import re
 import stat
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +66,11 @@ from autoseg.tasks import DEFAULT_TASK
 #: Written as ``format`` in every manifest.
 MODEL_FORMAT = "autoseg-model"
 #: The manifest schema this autoseg writes and the newest it reads.
-MODEL_SCHEMA_VERSION = 1
+MODEL_SCHEMA_VERSION = 2
+#: The schema of files without ONNX graphs (readable by every autoseg that reads model files).
+BASE_SCHEMA_VERSION = 1
+#: ONNX graph kinds a configuration may carry (``fp32`` always, with ``int8`` optionally).
+ONNX_KINDS = ("fp32", "int8")
 #: The usual ending of a model file (not enforced).
 MODEL_ENDING = ".autoseg.zip"
 MANIFEST = "manifest.json"
@@ -80,6 +90,7 @@ MAX_MEMBERS = 1000
 _CONFIG = r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}"
 _WEIGHTS_NAME = re.compile(rf"^weights/({_CONFIG})/fold_(0|[1-9][0-9]{{0,3}})\.(npz|json)$")
 TENSOR_NAME = re.compile(r"^[A-Za-z0-9_.]{1,200}$")
+_ONNX_NAME = re.compile(rf"^onnx/({_CONFIG})/fold_(0|[1-9][0-9]{{0,3}})\.(fp32|int8)\.onnx$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 _MANIFEST_KEYS = ("format", "schema_version", "autoseg_version", "task", "configurations", "members")
@@ -118,12 +129,14 @@ class ModelFile:
         manifest: ``manifest.json``.
         members: every member's bytes except the weights (text members).
         weights: the folds, sorted by configuration and fold.
+        graphs: the ONNX graphs, ``{(configuration, fold, kind): bytes}`` (``kind`` in :data:`ONNX_KINDS`).
     """
 
     path: Path
     manifest: dict[str, Any]
     members: dict[str, bytes]
     weights: tuple[FoldWeights, ...]
+    graphs: dict[tuple[str, int, str], bytes] = field(default_factory=dict)
 
     @property
     def checkpoint(self) -> str:
@@ -237,10 +250,11 @@ def read_model(path: Path, *, shown_as: Path | None = None, check_networks: bool
         infos = _check_entries(where, archive.infolist())
         manifest = _read_manifest(where, archive, infos)
         reader = _MemberReader(where, archive, infos, manifest["members"])
-        members = {name: reader.read(name) for name in sorted(infos) if not name.startswith("weights/")
-                   and name != MANIFEST}
+        members = {name: reader.read(name) for name in sorted(infos)
+                   if not name.startswith(("weights/", "onnx/")) and name != MANIFEST}
         _check_text_members(where, manifest, members)
         weights = []
+        graphs: dict[tuple[str, int, str], bytes] = {}
         for configuration, entry in sorted(manifest["configurations"].items()):
             for fold in entry["folds"]:
                 prefix = f"weights/{configuration}/fold_{fold}"
@@ -248,10 +262,21 @@ def read_model(path: Path, *, shown_as: Path | None = None, check_networks: bool
                                   manifest["task"])
                 state = _read_npz(where, f"{prefix}.npz", reader.read(f"{prefix}.npz"))
                 weights.append(FoldWeights(configuration, fold, meta, state))
-    model = ModelFile(where, manifest, members, tuple(weights))
+                for kind in entry.get("onnx", []):
+                    member = onnx_member(configuration, fold, kind)
+                    graph = reader.read(member)
+                    if _looks_pickled(graph):
+                        raise _fail(where, member, "holds pickled data, which autoseg never loads", _NOT_OURS)
+                    graphs[(configuration, fold, kind)] = graph
+    model = ModelFile(where, manifest, members, tuple(weights), graphs)
     if check_networks:
         _check_networks(model)
     return model
+
+
+def onnx_member(configuration: str, fold: int, kind: str) -> str:
+    """The member name of a fold's ONNX graph."""
+    return f"onnx/{configuration}/fold_{fold}.{kind}.onnx"
 
 
 def _fail(where: Path, member: str, problem: str, fix: str) -> ModelFileError:
@@ -280,16 +305,18 @@ def _check_entries(where: Path, infos: Sequence[zipfile.ZipInfo]) -> dict[str, z
             raise _fail(where, shown, "a symbolic link", _NOT_OURS)
         if name in seen:
             raise _fail(where, shown, "appears twice", _NOT_OURS)
-        if any(ord(c) < 32 for c in name) or not (name in TEXT_MEMBERS or _WEIGHTS_NAME.match(name)):
+        if any(ord(c) < 32 for c in name) or not (name in TEXT_MEMBERS or _WEIGHTS_NAME.match(name)
+                                                   or _ONNX_NAME.match(name)):
             pickled = name.endswith((".pkl", ".pickle", ".pt", ".pth")) or name.endswith("/data.pkl")
             raise _fail(where, shown, "holds pickled data, which autoseg never loads" if pickled else
                         "not a member of an autoseg model file (allowed: " + ", ".join(TEXT_MEMBERS) +
-                        ", weights/<configuration>/fold_<k>.npz and .json)", _NOT_OURS)
+                        ", weights/<configuration>/fold_<k>.npz and .json, "
+                        "onnx/<configuration>/fold_<k>.fp32.onnx and .int8.onnx)", _NOT_OURS)
         if info.flag_bits & 0x1:
             raise _fail(where, shown, "encrypted", _NOT_OURS)
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise _fail(where, shown, f"compression method {info.compress_type} (autoseg writes deflate)", _NOT_OURS)
-        limit = MAX_WEIGHTS_BYTES if name.endswith(".npz") else MAX_TEXT_BYTES
+        limit = MAX_WEIGHTS_BYTES if name.endswith((".npz", ".onnx")) else MAX_TEXT_BYTES
         if info.file_size > limit:
             raise _fail(where, shown, f"{info.file_size} bytes uncompressed (at most {limit})", _NOT_OURS)
         total += info.file_size
@@ -368,20 +395,27 @@ def _read_manifest(where: Path, archive: zipfile.ZipFile, infos: dict[str, zipfi
     configurations = data["configurations"]
     if not isinstance(configurations, dict) or not configurations:
         raise _fail(where, MANIFEST, "'configurations' must name at least one configuration", _NOT_OURS)
-    weights = set()
+    weights, graphs = set(), set()
     for name, entry in configurations.items():
-        if not (isinstance(entry, dict) and set(entry) == {"folds", "checkpoint"} and isinstance(entry["folds"], list)
+        kinds = entry.get("onnx", ["fp32"]) if isinstance(entry, dict) else None
+        if not (isinstance(entry, dict) and set(entry) - {"onnx"} == {"folds", "checkpoint"}
+                and isinstance(kinds, list) and "fp32" in kinds and set(kinds) <= set(ONNX_KINDS)
+                and len(set(kinds)) == len(kinds) and ("onnx" not in entry or version >= 2)
+                and isinstance(entry["folds"], list)
                 and entry["folds"] and all(isinstance(f, int) and not isinstance(f, bool) and f >= 0
                                            for f in entry["folds"])
                 and entry["checkpoint"] in EXPORT_CHECKPOINTS and re.fullmatch(_CONFIG, name)):
-            raise _fail(where, MANIFEST, f"configuration {name!r}: expected folds (a list of fold numbers) and "
-                        f"checkpoint ({' or '.join(EXPORT_CHECKPOINTS)})", _NOT_OURS)
+            raise _fail(where, MANIFEST, f"configuration {name!r}: expected folds (a list of fold numbers), "
+                        f"checkpoint ({' or '.join(EXPORT_CHECKPOINTS)}) and optionally onnx (fp32, or fp32 and "
+                        "int8; schema 2)", _NOT_OURS)
         weights |= {f"weights/{name}/fold_{f}.{ending}" for f in entry["folds"] for ending in ("npz", "json")}
-    listed = {n for n in present if n.startswith("weights/")}
-    if weights != listed:
-        odd = sorted(weights ^ listed)[0]
-        raise _fail(where, MANIFEST, f"its configurations and folds do not match the weights in the zip ({odd!r})",
-                    _NOT_OURS)
+        graphs |= {onnx_member(name, f, kind) for f in entry["folds"] for kind in entry.get("onnx", [])}
+    for expected, prefix, what in ((weights, "weights/", "weights"), (graphs, "onnx/", "ONNX graphs")):
+        listed = {n for n in present if n.startswith(prefix)}
+        if expected != listed:
+            odd = sorted(expected ^ listed)[0]
+            raise _fail(where, MANIFEST, f"its configurations and folds do not match the {what} in the zip ({odd!r})",
+                        _NOT_OURS)
     for name in ("plans.yaml", "dataset.json", MODEL_CARD):
         if name not in present:
             raise ModelFileError(f"{where}: no {name}; {_NOT_OURS}")
@@ -508,11 +542,26 @@ def _check_networks(model: ModelFile) -> None:
             raise _fail(model.path, member.replace(".npz", ".json"), f"invalid configuration ({exc})",
                         _NOT_OURS) from None
         state = {k: torch.from_numpy(v) for k, v in weights.state.items()}
+        configuration = config.configurations[weights.configuration]
+        num_classes = int(weights.meta["plans"]["num_classes"])
         try:
-            build_inference_network(config.configurations[weights.configuration], int(weights.meta["plans"]["num_classes"]),
-                                    state, Path(f"{model.path}: {member}"))
+            build_inference_network(configuration, num_classes, state, Path(f"{model.path}: {member}"))
+            _check_graphs(model, weights, configuration.input_channels, num_classes, configuration.dims)
         except ConfigError as exc:
             raise ModelFileError(str(exc)) from None
+
+
+def _check_graphs(model: ModelFile, weights: FoldWeights, channels: int, num_classes: int, dims: int) -> None:
+    """A fold's ONNX graphs pass :func:`autoseg.inference.engines.check_onnx_graph` (where the onnx
+    package is installed; without it no engine can read them, and they stay unused)."""
+    from autoseg.inference.engines import check_onnx_graph, installed
+
+    if not installed("onnx"):
+        return
+    for (configuration, fold, kind), graph in model.graphs.items():
+        if (configuration, fold) == (weights.configuration, weights.fold):
+            where = f"{model.path}: {onnx_member(configuration, fold, kind)}"
+            check_onnx_graph(graph, where, input_channels=channels, num_classes=num_classes, dims=dims)
 
 
 def _plans_dict(model: ModelFile, weights: FoldWeights) -> dict[str, Any]:
@@ -524,6 +573,22 @@ def _plans_dict(model: ModelFile, weights: FoldWeights) -> dict[str, Any]:
     return data
 
 
-__all__ = ["EXPORT_CHECKPOINTS", "MANIFEST", "MODEL_CARD", "MODEL_ENDING", "MODEL_FORMAT", "MODEL_SCHEMA_VERSION",
-           "FoldWeights", "ModelFile", "ModelFileError", "json_bytes", "npz_bytes", "plain_json", "read_model",
-           "write_model_zip"]
+__all__ = [
+    "BASE_SCHEMA_VERSION",
+    "EXPORT_CHECKPOINTS",
+    "MANIFEST",
+    "MODEL_CARD",
+    "MODEL_ENDING",
+    "MODEL_FORMAT",
+    "MODEL_SCHEMA_VERSION",
+    "ONNX_KINDS",
+    "FoldWeights",
+    "ModelFile",
+    "ModelFileError",
+    "json_bytes",
+    "npz_bytes",
+    "onnx_member",
+    "plain_json",
+    "read_model",
+    "write_model_zip",
+]

@@ -50,6 +50,14 @@ def checkpoint_path(work: Path, configuration: str, fold: int, checkpoint: str =
     return fold_folder(work, configuration, fold) / f"checkpoint_{checkpoint}.pt"
 
 
+def graph_path(checkpoint: Path, kind: str) -> Path:
+    """Where a checkpoint's ONNX graph of ``kind`` (``fp32`` / ``int8``) lives: beside it, as
+    ``checkpoint_<kind>.<fp32|int8>.onnx`` (written by ``autoseg import`` of a model file exported
+    with ``--format onnx``). A graph older than its checkpoint belongs to earlier weights and is
+    not used."""
+    return Path(checkpoint).with_suffix(f".{kind}.onnx")
+
+
 def _check_kind(checkpoint: str) -> None:
     if checkpoint not in CHECKPOINT_KINDS:
         raise UnknownNameError("checkpoint", checkpoint, CHECKPOINT_KINDS, "--checkpoint")

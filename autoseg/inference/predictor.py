@@ -35,7 +35,8 @@ class _ConfigModels:
     name: str
     plans: Plans
     config: Configuration
-    nets: list["torch.nn.Module"]
+    #: Each fold's network: a torch module, or an ONNX engine's callable.
+    nets: list[Callable[["torch.Tensor"], "torch.Tensor"]]
     folds: tuple[int, ...]
     memory_format: "torch.memory_format"
 
@@ -64,10 +65,13 @@ class Predictor:
         tta: mirroring test-time augmentation over the trained mirror axes (all spatial axes of
             the patch: 8 passes in 3D, 4 in 2D).
         step: window stride as a fraction of the patch (0.5: nnU-Net).
-        amp: autocast (bf16 where supported, else fp16) on CUDA; never on the CPU, where this
-            project's CPUs have no bf16 units (~100x slower).
+        amp: autocast (bf16 where supported, else fp16) on CUDA (the CPU's bf16 is the OpenVINO
+            engine's: ``engine``, ``precision``).
         forward_batch: samples per network call (default from the patch size and the device).
         profile: synchronise CUDA around network calls so that ``stats.forward_s`` is exact.
+        engine: what runs the networks: ``auto``, ``torch``, ``openvino``, ``onnxruntime``
+            (:mod:`autoseg.inference.engines`; ``auto``: OpenVINO on the CPU where installed).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``int8`` (:func:`autoseg.inference.engines.choose_engine`).
 
     Raises:
         ConfigError: a checkpoint is missing, unreadable, or does not fit the others; bad device.
@@ -76,8 +80,15 @@ class Predictor:
 
     def __init__(self, work: Path, selections: Sequence[ModelSelection], *, device: str = "auto",
                  tta: bool = True, step: float = 0.5, amp: bool = True, forward_batch: int | None = None,
-                 profile: bool = False) -> None:
+                 profile: bool = False, engine: str = "auto", precision: str = "auto") -> None:
         import torch
+
+        from autoseg.inference.engines import (
+            choose_engine,
+            cpu_flags,
+            has_bf16_units,
+            installed,
+        )
 
         if not 0 < step <= 1:
             raise ConfigError(f"--step {step}: must be in (0, 1] (a fraction of the patch; 0.5 = half overlap)")
@@ -90,8 +101,12 @@ class Predictor:
         self.forward_batch = forward_batch
         self.profile = profile
         self.stats = PredictorStats()
+        #: The engine and precision the networks run with, and why.
+        self.engine = choose_engine(engine, precision, device_type=self.device.type,
+                                    has_int8=all(self._fresh_graph(c, "int8") for s in selections for c in s.checkpoints),
+                                    available=installed, bf16_units=has_bf16_units(cpu_flags()))
         self._autocast = None
-        if amp and self.device.type == "cuda":
+        if amp and self.device.type == "cuda" and self.engine.precision == "amp":
             self._autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if self.device.type == "cpu":
             from autoseg.inference.cpu import keep_freed_memory
@@ -142,6 +157,9 @@ class Predictor:
             net = build_inference_network(config, int(meta["num_classes"]), data["model"], path)
             del data
             memory_format = torch.contiguous_format
+            if self.engine.engine != "torch":
+                nets.append(self._engine_network(net, config, int(meta["num_classes"]), path))
+                continue
             if self.device.type == "cpu":
                 from autoseg.inference.cpu import prepare_for_cpu_inference
 
@@ -155,6 +173,35 @@ class Predictor:
         assert plans is not None
         config = plans.configurations[selection.configuration]
         return _ConfigModels(selection.configuration, plans, config, nets, selection.folds, memory_format), meta
+
+    @staticmethod
+    def _fresh_graph(checkpoint: Path, kind: str) -> Path | None:
+        """The checkpoint's ONNX graph of ``kind`` when it exists and is not older than the
+        checkpoint (:func:`autoseg.inference.models.graph_path`)."""
+        from autoseg.inference.models import graph_path
+
+        graph = graph_path(checkpoint, kind)
+        try:
+            return graph if graph.stat().st_mtime >= Path(checkpoint).stat().st_mtime else None
+        except OSError:
+            return None
+
+    def _engine_network(self, net: "torch.nn.Module", config: Configuration, num_classes: int,
+                        path: Path) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+        """A fold's network on the ONNX engine: the model's graph, else exported from the weights."""
+        import torch
+
+        from autoseg.inference.engines import build_engine_network, check_onnx_graph
+        from autoseg.inference.onnx_export import network_to_onnx
+
+        kind = "int8" if self.engine.precision == "int8" else "fp32"
+        source = self._fresh_graph(path, kind)
+        if source is not None:
+            graph, where = source.read_bytes(), str(source)
+        else:  # int8 was checked to exist (choose_engine); fp32 is exported here (~1 s a fold)
+            graph, where = network_to_onnx(net, (1, config.input_channels, *config.patch_size)), f"{path} (exported)"
+        check_onnx_graph(graph, where, input_channels=config.input_channels, num_classes=num_classes, dims=config.dims)
+        return build_engine_network(self.engine, graph, torch.get_num_threads())
 
     @staticmethod
     def _plans_with(work_plans: Plans, name: str, config: dict[str, Any], meta: dict[str, Any], path: Path) -> Plans:
@@ -288,8 +335,8 @@ class Predictor:
         classes), not its logits.
         """
 
-        from autoseg.inference.window import sliding_window
         from autoseg.inference.uncertainty import fold_disagreement
+        from autoseg.inference.window import sliding_window
 
         count = len(models.nets)
         total: torch.Tensor | None = None

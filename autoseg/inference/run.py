@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from autoseg import plans as plans_io
 from autoseg.errors import ConfigError
 from autoseg.inference.api import Segmenter, postprocessor
+from autoseg.inference.engines import check_engine_names
 from autoseg.inference.inputs import (
     InputCase,
     check_inputs,
@@ -20,9 +20,14 @@ from autoseg.inference.inputs import (
 )
 from autoseg.inference.model_export import open_model
 from autoseg.inference.models import ModelSelection
-from autoseg.inference.outputs import CaseOutputs, case_outputs, check_output_outside_dicom_inputs, check_outputs, output_formats
+from autoseg.inference.outputs import (
+    CaseOutputs,
+    case_outputs,
+    check_output_outside_dicom_inputs,
+    check_outputs,
+    output_formats,
+)
 from autoseg.inference.predictor import PredictorStats
-
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +95,8 @@ def run(
     save_uncertainty: bool = False,
     output_format: str | Sequence[str] = "auto",
     devices: Sequence[str] | None = None,
+    engine: str = "auto",
+    precision: str = "auto",
 ) -> PredictSummary:
     """Predict every input case with the trained models of ``work``; write label maps to ``output``.
 
@@ -119,6 +126,8 @@ def run(
         devices: several devices (``--gpus N``: ``cuda:0``…; ``--procs N``: ``cpu`` N times): the
             cases are shared out over one process per device, each predicting whole cases exactly
             as a single device would (the outputs are identical). Overrides ``device``.
+        engine: ``auto``, ``torch``, ``openvino`` or ``onnxruntime`` (:mod:`autoseg.inference.engines`).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``int8``.
 
     Returns:
         What was written and skipped.
@@ -136,6 +145,7 @@ def run(
     if output.exists() and not output.is_dir():
         raise ConfigError(f"-o {output}: exists and is not a folder; give a folder for the label maps")
     formats = output_formats(output_format)
+    check_engine_names(engine, precision)
     with open_model(Path(work), checkpoint) as source:
         selections, best = source.select(configurations, folds)
         plans = plans_io.load(source.work / "plans.yaml")
@@ -159,7 +169,7 @@ def run(
             return PredictSummary(written=(), seconds=time.perf_counter() - started, device="", **done)
 
         job = _CasesJob(source.work, tuple(selections), tuple(todo), {c.case_id: outputs[c.case_id] for c in todo},
-                        best, source.checkpoint, tta, step, save_uncertainty)
+                        best, source.checkpoint, tta, step, save_uncertainty, engine, precision)
         if devices is not None and len(devices) > 1:
             written, used_device, stats = _predict_sharded(job, devices, callbacks)
         else:
@@ -181,6 +191,8 @@ class _CasesJob:
     tta: bool
     step: float
     save_uncertainty: bool
+    engine: str = "auto"
+    precision: str = "auto"
 
 
 def _predict_cases(job: _CasesJob, device: str,
@@ -188,13 +200,13 @@ def _predict_cases(job: _CasesJob, device: str,
     """Predict ``job.cases`` one after the other on ``device`` (through the Python API's
     :class:`~autoseg.inference.api.Segmenter`); returns what was written."""
     segmenter = Segmenter.from_work(job.work, job.selections, job.best, device=device, tta=job.tta, step=job.step,
-                                    checkpoint=job.checkpoint)
+                                    checkpoint=job.checkpoint, engine=job.engine, precision=job.precision)
     written = []
     for index, case in enumerate(job.cases):
         callbacks.on_case(index, len(job.cases), case.case_id)
         written.append(segmenter.write_case(case, job.outputs[case.case_id], progress=callbacks.on_windows,
                                             uncertainty=job.save_uncertainty))
-    return written, segmenter.device, segmenter.stats
+    return written, f"{segmenter.device}, {segmenter.engine}", segmenter.stats
 
 
 def _predict_sharded(job: _CasesJob, devices: Sequence[str],

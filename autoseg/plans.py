@@ -140,6 +140,9 @@ class Plans:
     notes: tuple[str, ...] = ()
     schema_version: int = SCHEMA_VERSION
     fingerprint_sha256: str = ""
+    #: The time budget per fold the plan was sized for (``autoseg plan --time-budget``), in seconds;
+    #: ``autoseg train`` uses it when given no budget of its own. Not written when None.
+    time_budget_s: float | None = None
 
     @property
     def transpose_backward(self) -> tuple[int, int, int]:
@@ -169,6 +172,8 @@ class Plans:
 def to_dict(plans: Plans) -> dict[str, Any]:
     """Plain data (lists, dicts, Python scalars) in a stable key order."""
     data = _plain(dataclasses.asdict(plans))
+    if data.get("time_budget_s") is None:
+        data.pop("time_budget_s", None)  # plans without a budget stay byte-identical to before
     return {"schema_version": data.pop("schema_version"), **data}
 
 

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from autoseg.dataset.layout import Issue
+    from autoseg.planning.compute import Throughput
     from autoseg.plans import Plans
 
 
@@ -99,18 +100,28 @@ def plan_cmd(
         "--gpu-memory", help="GPU memory in GB to plan for (default: the preset's budget; the detected GPU "
                              "decides the recommendation).", min=0.01)] = None,
     workers: Workers = None,
+    time_budget: Annotated[Optional[str], typer.Option(
+        "--time-budget", help="Size every configuration for this wall-clock time per fold (training and "
+        "validation), e.g. 15m, 2h, on this machine's measured convolution rate; autoseg train then uses it.")] = None,
+    throughput: Annotated[Optional[float], typer.Option(
+        "--throughput", metavar="GFLOPS", help="The training convolution rate to plan for (GFLOP/s, forward + "
+        "backward) instead of measuring this machine (measured once, cached).", min=0.001)] = None,
 ) -> None:
     """Check, fingerprint and plan a dataset: writes WORK/dataset.json, fingerprint.json, plans.yaml."""
     with user_errors():
         from autoseg.planning import run as experiment
+        from autoseg.training.config import parse_duration
 
+        budget = parse_duration(time_budget) if time_budget else None
+        rates = machine_throughput(throughput)
         with progress_bar("checking and fingerprinting") as progress:
-            report, fp, plans, reused = experiment.plan_dataset(raw, out, planner, gpu_memory, workers, progress)
+            report, fp, plans, reused = experiment.plan_dataset(raw, out, planner, gpu_memory, workers, progress,
+                                                                time_budget_s=budget, throughput=rates)
         console = make_console()
         _print_issues(console, report.warnings)
         if reused:
             console.print("dataset unchanged since the last run: fingerprint reused")
-        print_plans(console, plans)
+        print_plans(console, plans, rates)
         console.print(f"[green]✓[/] {experiment.WorkPaths(out).plans}")
 
 
@@ -167,9 +178,24 @@ def _print_issues(console: Console, issues: list[Issue], limit: int = 200) -> No
         console.print(f"... and {len(issues) - limit} more (use --output to save all as JSON)")
 
 
-def print_plans(console: Console, plans: Plans) -> None:
-    """One table per configuration."""
+def machine_throughput(gflops: float | None) -> Throughput:
+    """``--throughput`` as given, else this machine's convolution rate (measured once, cached)."""
+    from autoseg.planning.compute import Throughput, given_throughput
+
+    if gflops is not None:
+        return given_throughput(gflops)
+    from autoseg.device import resolve_device
+    from autoseg.networks.throughput import machine_rates
+
+    train, infer, key, source = machine_rates("cuda" if resolve_device("auto").type == "cuda" else "cpu")
+    return Throughput(train, infer, key, source)
+
+
+def print_plans(console: Console, plans: Plans, throughput: Throughput | None = None) -> None:
+    """One table per configuration; with the machine's throughput, what each costs on it."""
     from rich.table import Table
+
+    from autoseg.planning.compute import config_cost
 
     def fmt(values: tuple) -> str:
         return " × ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in values)
@@ -197,12 +223,20 @@ def print_plans(console: Console, plans: Plans) -> None:
         table.add_row("normalisation", ", ".join(n.scheme + (" (mask)" if n.use_mask else "")
                                                  for n in config.normalization))
         table.add_row("est. memory", f"{config.estimated_memory_gb:.2f} GB")
+        if throughput is not None:
+            cost = config_cost(config, plans.num_classes, throughput)
+            table.add_row("est. training", f"{cost.s_per_iteration:.2f} s/iteration ({250 * cost.s_per_iteration / 60:.1f} "
+                          "min per 250-iteration epoch)")
+            table.add_row("est. prediction", f"{cost.predict_s_tta:.1f} s per median case and fold with TTA, "
+                          f"{cost.predict_s:.1f} s without")
         if config.previous_stage or config.next_stage:
             table.add_row("cascade", f"after {config.previous_stage}" if config.previous_stage
                           else f"before {config.next_stage}")
         console.print(table)
     for note in plans.notes:
         console.print(f"• {note}")
+    if throughput is not None:
+        console.print(f"estimates on {throughput.describe()}")
     console.print(f"recommended: {', '.join(plans.recommended)}")
 
 

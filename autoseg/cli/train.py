@@ -22,7 +22,9 @@ def train_cmd(
     val_iters: Annotated[Optional[int], typer.Option("--val-iters", help="Validation batches per epoch.",
                                                      min=0)] = None,
     time_budget: Annotated[Optional[str], typer.Option(
-        "--time-budget", help="Wall-clock budget per fold, e.g. 15m, 2h; the LR schedule is fitted to it.")] = None,
+        "--time-budget", help="Wall-clock budget per fold, e.g. 15m, 2h, covering training and the fold's "
+        "validation (estimated and reserved first); the LR schedule is fitted to the training part. Default: "
+        "plans.yaml's, from autoseg plan --time-budget.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Initial learning rate (default: 1e-2 for sgd, "
                                                              "1e-3 for adamw).")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="auto (sgd; adamw with --time-budget, which "
@@ -64,6 +66,14 @@ def train_cmd(
         launch = resolve_launch(device, gpus, procs, folds_parallel)
 
         budget = parse_duration(time_budget) if time_budget else None
+        console = make_console()
+        if budget is None:
+            from autoseg import plans as plans_io
+
+            planned = plans_io.load(work / "plans.yaml").time_budget_s
+            if planned is not None:
+                budget = planned
+                console.print(f"time budget {planned / 60:g} min per fold, from plans.yaml (autoseg plan --time-budget)")
         cfg = TrainConfig(
             epochs=epochs if (budget is None or epochs != 1000) else 10**6,
             iters_per_epoch=iters_per_epoch if (iters_per_epoch or budget) else 250,
@@ -71,12 +81,12 @@ def train_cmd(
             lr=lr, batch_size=batch_size, device=device,
             amp=amp, compile=compile_, seed=seed, workers=workers, save_every=save_every,
         )
-        console = make_console()
         with training_progress(console) as callbacks_for:
             results = training.run(
                 work, configuration, fold, cfg, resume=resume, splits_file=splits, callbacks_for=callbacks_for,
                 on_preprocess=lambda name: console.print(f"{name} is not preprocessed yet: preprocessing it first"),
                 validate=validate, validate_only=validate_only, launch=launch,
+                on_budget=lambda line: console.print(line),
                 on_validated=lambda fold, m: console.print(
                     f"fold {fold} validation ({len(m['per_case'])} cases, TTA): mean foreground Dice "
                     f"{m['summary'].get('mean_foreground_dice') or float('nan'):.4f} → metrics.json"),

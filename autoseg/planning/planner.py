@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from autoseg.channels import FALLBACK_SCHEME, is_known_channel, scheme_for_chann
 from autoseg.dataset.fingerprint import Fingerprint
 from autoseg.errors import PlanError
 from autoseg.planning.presets import Preset
+
+if TYPE_CHECKING:
+    from autoseg.planning.budget import TimeBudget
 from autoseg.planning.topology import (
     estimate_feature_map_units,
     features_per_stage,
@@ -200,7 +204,8 @@ def _resampling(preset: Preset) -> Resampling:
     return Resampling(image_order=3, label_order=1, order_z=0, anisotropy_threshold=preset.anisotropy_threshold)
 
 
-def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, planner_name: str | None = None) -> Plans:
+def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, planner_name: str | None = None,
+         budget: TimeBudget | None = None) -> Plans:
     """Plan every configuration the preset asks for.
 
     Args:
@@ -209,6 +214,8 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
         gpu_memory: memory available for training, for the ``recommended`` list (default: the
             preset's budget).
         planner_name: recorded in the plans (default: the preset's name).
+        budget: a time budget per fold (:mod:`autoseg.planning.budget`): every configuration is
+            refitted so that it buys enough iterations; None plans as nnU-Net would.
 
     Raises:
         PlanError: the fingerprint has no cases, or no patch fits the budget.
@@ -275,11 +282,20 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
     if not configs:
         raise PlanError(f"preset {preset.name!r} plans no configuration for a {fp.dims}D dataset; "
                         "add '2d' to its configurations")
+    fits = None
+    if budget is not None:
+        from autoseg.planning.budget import apply_budget
+
+        configs, fits = apply_budget(configs, budget, preset, num_classes, notes)
     notes.extend(region_notes(fp.labels))
     notes.extend(f"channel {index} ({name!r}): no modality autoseg knows; normalised with {FALLBACK_SCHEME} "
                  "(nnU-Net's fallback) — name it in dataset.json to choose" for index, name in
                  enumerate(fp.channel_names) if not is_known_channel(name))
     recommended = _recommend(configs, gpu, preset, notes)
+    if fits is not None:
+        from autoseg.planning.budget import recommend_for_budget
+
+        recommended = recommend_for_budget(recommended, fits, notes)
     plans = Plans(
         dataset_name=fp.dataset_name,
         planner=planner_name or preset.name,
@@ -296,6 +312,7 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
         anisotropic=aniso_axis is not None,
         notes=tuple(notes),
         fingerprint_sha256=fingerprint_digest(fp),
+        time_budget_s=None if budget is None else float(budget.seconds),
     )
     return plans
 

@@ -13,6 +13,7 @@ Every file is written atomically; a stage reruns idempotently.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -20,12 +21,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from autoseg import crossval
 from autoseg import plans as plans_io
 from autoseg.atomic import write_json
 from autoseg.dataset.layout import DatasetSpec, Issue, load_dataset
 from autoseg.errors import DatasetError
 from autoseg.dataset.fingerprint import Fingerprint
 from autoseg.planning import GpuMemory, load_preset, plan, preset_for_gpu
+from autoseg.planning.budget import TimeBudget
+from autoseg.planning.compute import Throughput
 from autoseg.plans import Plans
 from autoseg.dataset.scan import ProgressFn, build_fingerprint, dataset_issues, files_checksum, scan_dataset, write_fingerprint
 
@@ -181,13 +185,16 @@ def detect_gpu_memory() -> GpuMemory | None:
 
 def plan_dataset(
     root: Path, work: Path, planner: str = "default", gpu_memory_gb: float | None = None,
-    workers: int | None = None, progress: ProgressFn | None = None,
+    workers: int | None = None, progress: ProgressFn | None = None, *,
+    time_budget_s: float | None = None, throughput: Throughput | None = None,
 ) -> tuple[CheckReport, Fingerprint, Plans, bool]:
     """Check, fingerprint (or reuse) and plan a dataset into ``WORK``.
 
     ``gpu_memory_gb`` given: it is the planning budget and decides the recommendation. Not given:
     the preset's budget plans (so plans do not depend on the machine), and the detected GPU's
-    memory, if any, decides the recommendation.
+    memory, if any, decides the recommendation. ``time_budget_s`` (with the machine's
+    ``throughput``) sizes every configuration for that much time per fold
+    (:mod:`autoseg.planning.budget`); the plans then depend on the throughput, which they note.
     """
     preset = load_preset(planner)
     if gpu_memory_gb is not None:
@@ -196,6 +203,12 @@ def plan_dataset(
     else:
         gpu = detect_gpu_memory() or GpuMemory(preset.memory_budget_gb, f"preset {preset.name}")
     report, fp, reused = fingerprint(root, work, workers=workers, progress=progress)
-    planned = plan(fp, preset, gpu, planner_name=planner if not planner.endswith((".yaml", ".yml")) else preset.name)
+    budget = None
+    if time_budget_s is not None:
+        if throughput is None:
+            raise ValueError("a time budget needs the machine's throughput")
+        budget = TimeBudget(float(time_budget_s), throughput, max(1, math.ceil(fp.num_cases / crossval.NUM_FOLDS)))
+    planned = plan(fp, preset, gpu, planner_name=planner if not planner.endswith((".yaml", ".yml")) else preset.name,
+                   budget=budget)
     plans_io.save(planned, WorkPaths(Path(work)).plans)
     return report, fp, planned, reused

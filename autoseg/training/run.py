@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from autoseg import crossval
@@ -58,6 +58,22 @@ def case_ids_of(work: Path) -> list[str]:
     return sorted(json.loads(path.read_text(encoding="utf-8"))["cases"])
 
 
+def validation_reserve(plans: plans_io.Plans, configuration: str, cases: int, device: str, budget_s: float) -> float:
+    """Seconds to keep for a fold's validation out of ``budget_s``: the compute model's estimate
+    (:func:`autoseg.planning.budget.validation_seconds` on the machine's cached convolution rate),
+    at most :data:`autoseg.planning.budget.MAX_VALIDATION_SHARE` of the budget."""
+    from autoseg.device import resolve_device
+    from autoseg.networks.throughput import machine_rates
+    from autoseg.planning.budget import MAX_VALIDATION_SHARE, validation_seconds
+    from autoseg.planning.compute import Throughput, config_cost
+
+    dev = resolve_device(device)
+    train, infer, key, source = machine_rates("cuda" if dev.type == "cuda" else "cpu")
+    config = plans.configurations[configuration]
+    cost = config_cost(config, plans.num_classes, Throughput(train, infer, key, source))
+    return min(validation_seconds(config, cost, cases), MAX_VALIDATION_SHARE * budget_s)
+
+
 def run(
     work: Path,
     configuration: str,
@@ -72,8 +88,13 @@ def run(
     validate_only: bool = False,
     on_validated: Callable[[int, dict], None] | None = None,
     launch: Launch | None = None,
+    on_budget: Callable[[str], None] | None = None,
 ) -> list[FoldResult]:
     """Train ``folds`` of ``configuration`` in ``work``, then validate each fold in full.
+
+    With a time budget (``cfg.time_budget_s``) and validation, the budget covers both: the
+    validation's duration is estimated by the compute model (:func:`validation_reserve`) and the
+    training gets the rest (``on_budget`` is told how the budget is split).
 
     Preprocesses the configuration first if that was not done (``on_preprocess`` is told). After
     training, the fold's validation cases are predicted from the raw images with the predictor
@@ -109,6 +130,13 @@ def run(
             on_preprocess(data_config)
         preprocessing.run(work, [data_config], cfg.workers, None)
     splits = crossval.load_or_create(work, case_ids, splits_file)
+    if cfg.time_budget_s is not None and validate and not validate_only:
+        cases = max(len(splits[f]["val"]) for f in parse_folds(folds, len(splits)))
+        reserve = validation_reserve(plans, configuration, cases, cfg.device, cfg.time_budget_s)
+        if on_budget:
+            on_budget(f"time budget {cfg.time_budget_s / 60:.1f} min per fold: {(cfg.time_budget_s - reserve) / 60:.1f} "
+                      f"min training, ~{reserve / 60:.1f} min reserved for validating {cases} case(s) with TTA")
+        cfg = replace(cfg, time_budget_s=cfg.time_budget_s - reserve)
     from autoseg import distributed
 
     torchrun = distributed.from_torchrun_env()

@@ -1,0 +1,206 @@
+"""The planner's compute model and time-budget plans (``autoseg plan --time-budget``).
+
+The compute model is checked against FLOPs counted on built networks and against its own
+definition; the budget planner's choices on fingerprints built in code. Throughputs are given,
+never measured, so the choices do not depend on the machine running the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from autoseg import plans as plans_io
+from autoseg.planning import load_preset, plan
+from autoseg.planning.budget import TARGET_ITERATIONS, TimeBudget
+from autoseg.planning.compute import Throughput, config_cost, given_throughput, iteration_seconds, window_count
+from test_planning import anisotropic_ct, isotropic_mri, make_fingerprint
+
+#: The development CPU's measured rate (forward + backward GFLOP/s), given rather than measured.
+CPU = given_throughput(280.0)
+#: A GPU-class rate.
+GPU = Throughput(60000.0, 120000.0, "cuda: test", "given")
+
+
+def _budget(minutes: float, throughput: Throughput = CPU, validation_cases: int = 10) -> TimeBudget:
+    return TimeBudget(60.0 * minutes, throughput, validation_cases)
+
+
+# ----------------------------------------------------------------------------------------------
+# The compute model
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_training_flops_are_three_forward_passes_of_the_built_network(configuration: str) -> None:
+    import torch
+
+    from autoseg.networks import build_network
+    from test_networks import counted_forward
+
+    plans = plan(isotropic_mri(), load_preset("cpu"))
+    config = plans.configuration(configuration)
+    net = build_network(config.topology, config.input_channels, plans.num_classes, deep_supervision=True)
+    _, forward = counted_forward(net, torch.zeros((1, config.input_channels, *config.patch_size)))
+    _, tflop = iteration_seconds(config, plans.num_classes, CPU)
+    assert tflop * 1e12 == pytest.approx(3 * forward * config.batch_size, rel=1e-9)
+
+
+def test_iteration_time_is_floor_plus_memory_work_and_scales_with_the_machine() -> None:
+    config = plan(isotropic_mri(), load_preset("cpu")).configuration("3d_fullres")
+    slow, tflop = iteration_seconds(config, 3, CPU)
+    fast, _ = iteration_seconds(config, 3, given_throughput(2 * CPU.train_gflops))
+    floor = tflop * 1e12 / (CPU.train_gflops * 1e9)
+    assert slow > floor  # the memory-bound work comes on top of the convolutions
+    assert fast == pytest.approx(slow / 2, rel=1e-9)  # both terms scale with the machine's rate
+    assert iteration_seconds(config, 3, CPU, batch_size=2 * config.batch_size)[0] == pytest.approx(2 * slow)
+
+
+def test_prediction_cost_counts_windows_and_mirrors() -> None:
+    assert window_count((36, 50, 35), (40, 56, 40)) == 1
+    assert window_count((100, 100, 100), (40, 40, 40)) == 4 ** 3  # starts 0, 20, 40, 60 along each axis
+    assert window_count((20, 300, 300), (128, 128)) == 20 * 4 * 4  # 2D: every slice
+    config = plan(isotropic_mri(), load_preset("cpu")).configuration("3d_fullres")
+    cost = config_cost(config, 3, CPU)
+    assert cost.predict_s_tta == pytest.approx(8 * cost.predict_s)  # 8 mirrorings in 3D
+    assert cost.iterations(10 * cost.s_per_iteration + 1e-9) == 10
+
+
+# ----------------------------------------------------------------------------------------------
+# Budget plans
+
+
+def test_no_budget_leaves_the_plans_unchanged(tmp_path: Path) -> None:
+    fp = isotropic_mri()
+    plans = plan(fp, load_preset("cpu"))
+    assert plans.time_budget_s is None
+    assert "time_budget_s" not in plans_io.dumps(plans)
+    plans_io.save(plans, tmp_path / "plans.yaml")
+    assert plans_io.load(tmp_path / "plans.yaml") == plans
+
+
+def test_a_tiny_image_keeps_its_3d_plan_under_a_budget(tmp_path: Path) -> None:
+    fp = isotropic_mri()
+    free = plan(fp, load_preset("cpu"))
+    budgeted = plan(fp, load_preset("cpu"), budget=_budget(15))
+    assert budgeted.configuration("3d_fullres") == free.configuration("3d_fullres")
+    assert budgeted.recommended[0] == "3d_fullres" and budgeted.time_budget_s == 900.0
+    assert any(n.startswith("3d_fullres: ~") and "iterations in" in n for n in budgeted.notes), budgeted.notes
+    plans_io.save(budgeted, tmp_path / "plans.yaml")  # the budget is recorded and round-trips
+    assert plans_io.load(tmp_path / "plans.yaml") == budgeted
+
+
+def _large_ct():
+    # Head-and-neck CT as OpenKBP stores it: 128^3 voxels at ~3.9 x 2.5 x 3.9 mm.
+    return make_fingerprint([(2.5, 3.9, 3.9)] * 60, [(128, 128, 128)] * 60, channels=("CT",),
+                            stats=anisotropic_ct().intensity[0],
+                            labels={"background": [0], **{f"organ{i}": [i] for i in range(1, 8)}})
+
+
+def test_a_large_image_under_a_tight_budget_gets_a_coarser_spacing_before_a_tiny_patch() -> None:
+    fp = _large_ct()
+    free = plan(fp, load_preset("cpu"))
+    fit = plan(fp, load_preset("cpu"), budget=_budget(15))
+    before, after = free.configuration("3d_fullres"), fit.configuration("3d_fullres")
+    assert config_cost(before, fit.num_classes, CPU).s_per_iteration > 5 * config_cost(after, fit.num_classes,
+                                                                                      CPU).s_per_iteration
+    assert all(a >= b for a, b in zip(after.spacing, before.spacing)) and after.spacing != before.spacing
+    # The patch still sees at least half the (coarser) median image along each axis, on average.
+    assert math.prod(after.patch_size) >= 0.125 * math.prod(after.median_shape)
+    assert after.batch_size == load_preset("cpu").min_batch_size
+    assert "3d_lowres" not in fit.configurations and "3d_cascade_fullres" not in fit.configurations
+
+
+def test_an_impossible_3d_budget_recommends_2d_first() -> None:
+    fit = plan(_large_ct(), load_preset("cpu"), budget=_budget(0.5))
+    assert fit.recommended[0] in ("2d", "2.5d"), fit.recommended
+    assert any("3d_fullres cannot train" in n for n in fit.notes), fit.notes
+    assert any(n.startswith("3d_fullres") and f"fewer than the {TARGET_ITERATIONS}" in n for n in fit.notes)
+
+
+def test_a_gpu_budget_keeps_the_memory_plan() -> None:
+    fp = _large_ct()
+    free = plan(fp, load_preset("default"))
+    fit = plan(fp, load_preset("default"), budget=_budget(120, GPU))
+    assert fit.configuration("3d_fullres") == free.configuration("3d_fullres")
+
+
+def test_budget_plans_are_deterministic() -> None:
+    fp = _large_ct()
+    one = plans_io.dumps(plan(fp, load_preset("cpu"), budget=_budget(15)))
+    assert one == plans_io.dumps(plan(fp, load_preset("cpu"), budget=_budget(15)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The commands
+
+
+def test_plan_with_a_time_budget_and_train_reuse_it(tmp_path: Path, cli, monkeypatch) -> None:
+    import phantoms
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    raw = tmp_path / "raw"
+    phantoms.write_nnunet_dataset(raw, n_cases=5)
+    result = cli("plan", raw, "-o", tmp_path / "W", "-p", "tiny", "--time-budget", "2m", "--throughput", "280")
+    assert result.exit_code == 0, result.output
+    assert "est. training" in result.output and "est. prediction" in result.output
+    assert "time budget 2 min per fold" in result.output and "--throughput" in result.output
+    assert plans_io.load(tmp_path / "W" / "plans.yaml").time_budget_s == 120.0
+    assert not (tmp_path / "cache").exists()  # a given throughput measures nothing
+    result = cli("train", tmp_path / "W", "-c", "3d_fullres", "-f", "0", "--epochs", "1", "--iters-per-epoch", "2",
+                 "--val-iters", "1", "--no-validate", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "time budget 2 min per fold, from plans.yaml" in result.output
+
+
+def test_plan_without_a_budget_measures_once_and_caches(tmp_path: Path, cli, monkeypatch) -> None:
+    import json
+
+    import phantoms
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    raw = tmp_path / "raw"
+    phantoms.write_nnunet_dataset(raw, n_cases=5)
+    result = cli("plan", raw, "-o", tmp_path / "W", "-p", "tiny")
+    assert result.exit_code == 0, result.output
+    cached = json.loads((tmp_path / "cache" / "autoseg" / "throughput.json").read_text())
+    (entry,) = cached.values()
+    assert entry["train_gflops"] > 0 and entry["infer_gflops"] > 0
+    assert f"{entry['train_gflops']:.0f} GFLOP/s training" in result.output
+    assert "time_budget_s" not in (tmp_path / "W" / "plans.yaml").read_text()
+
+
+def test_bad_budget_options_are_one_line(tmp_path: Path, cli) -> None:
+    import phantoms
+
+    raw = tmp_path / "raw"
+    phantoms.write_nnunet_dataset(raw, n_cases=5)
+    result = cli("plan", raw, "-o", tmp_path / "W", "--time-budget", "soon", "--throughput", "280")
+    assert result.exit_code != 0 and "--time-budget 'soon'" in result.output
+    assert not (tmp_path / "W").exists()
+
+
+def test_validation_reserve_is_bounded_by_the_budget() -> None:
+    from autoseg.planning.budget import MAX_VALIDATION_SHARE, validation_seconds
+
+    plans = plan(_large_ct(), load_preset("cpu"))
+    config = plans.configuration("3d_fullres")
+    cost = config_cost(config, plans.num_classes, CPU)
+    one = validation_seconds(config, cost, 1)
+    assert validation_seconds(config, cost, 12) == pytest.approx(12 * one)
+    assert one > cost.predict_s_tta  # reading and export come on top of the network calls
+    assert MAX_VALIDATION_SHARE < 1
+
+
+def test_train_budget_reserves_the_validation(tmp_path: Path, cli, monkeypatch) -> None:
+    import phantoms
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    raw = tmp_path / "raw"
+    phantoms.write_nnunet_dataset(raw, n_cases=5)
+    assert cli("plan", raw, "-o", tmp_path / "W", "-p", "tiny", "--throughput", "280").exit_code == 0
+    result = cli("train", tmp_path / "W", "-c", "3d_fullres", "-f", "0", "--time-budget", "1m", "--epochs", "1",
+                 "--iters-per-epoch", "2", "--val-iters", "1", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "time budget 1.0 min per fold: " in result.output and "reserved for validating 1 case(s)" in result.output

@@ -204,3 +204,19 @@ def test_train_budget_reserves_the_validation(tmp_path: Path, cli, monkeypatch) 
                  "--iters-per-epoch", "2", "--val-iters", "1", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "time budget 1.0 min per fold: " in result.output and "reserved for validating 1 case(s)" in result.output
+
+
+def test_a_large_2d_image_under_a_budget_trains_on_a_cheaper_patch() -> None:
+    # An endoscopy-like RGB set: 530 x 621 frames, where the cpu plan's 640^2 patch at batch 4 is
+    # far too slow for a 15-minute CPU budget.
+    fp = make_fingerprint([(999.0, 1.0, 1.0)] * 200, [(1, 530, 621)] * 200, channels=("R", "G", "B"),
+                          labels={"background": [0], "tool": [1]}, dims=2)
+    free = plan(fp, load_preset("cpu")).configuration("2d")
+    budget = _budget(15)
+    fitted = plan(fp, load_preset("cpu"), budget=budget)
+    fit = fitted.configuration("2d")
+    assert math.prod(fit.patch_size) < math.prod(free.patch_size) and fit.batch_size == 2
+    cost = config_cost(fit, fitted.num_classes, CPU)
+    assert cost.s_per_iteration * TARGET_ITERATIONS < budget.seconds
+    assert math.prod(fit.patch_size) >= 0.25 * math.prod(fit.median_shape[1:])  # at least half of each side
+    assert fitted.recommended[0] == "2d"

@@ -8,6 +8,7 @@ Array order everywhere is (z, y, x) after the plan's ``transpose`` (see :mod:`au
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,9 @@ class Plans:
     #: The time budget per fold the plan was sized for (``autoseg plan --time-budget``), in seconds;
     #: ``autoseg train`` uses it when given no budget of its own. Not written when None.
     time_budget_s: float | None = None
+    #: The machine's convolution rate the budget was planned for, ``[training, forward]`` GFLOP/s:
+    #: ``autoseg train`` estimates the validation from the same numbers. Not written when None.
+    throughput_gflops: tuple[float, float] | None = None
 
     @property
     def transpose_backward(self) -> tuple[int, int, int]:
@@ -172,8 +176,9 @@ class Plans:
 def to_dict(plans: Plans) -> dict[str, Any]:
     """Plain data (lists, dicts, Python scalars) in a stable key order."""
     data = _plain(dataclasses.asdict(plans))
-    if data.get("time_budget_s") is None:
-        data.pop("time_budget_s", None)  # plans without a budget stay byte-identical to before
+    for key in ("time_budget_s", "throughput_gflops"):
+        if data.get(key) is None:
+            data.pop(key, None)  # plans without a budget stay byte-identical to before
     return {"schema_version": data.pop("schema_version"), **data}
 
 
@@ -341,6 +346,12 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
 
 def _validate(plans: Plans) -> None:
     """Cross-field checks a hand edit can break."""
+    if plans.time_budget_s is not None and not (math.isfinite(plans.time_budget_s) and plans.time_budget_s > 0):
+        raise PlanError(f"time_budget_s: must be a positive number of seconds, got {plans.time_budget_s}")
+    if plans.throughput_gflops is not None and (len(plans.throughput_gflops) != 2 or not all(
+            math.isfinite(v) and v > 0 for v in plans.throughput_gflops)):
+        raise PlanError(f"throughput_gflops: must be two positive rates [training, forward], got "
+                        f"{list(plans.throughput_gflops)}")
     if sorted(plans.transpose) != [0, 1, 2]:
         raise PlanError(f"transpose: {list(plans.transpose)} is not a permutation of [0, 1, 2]")
     for name in plans.recommended:

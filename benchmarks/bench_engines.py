@@ -125,6 +125,9 @@ class Context:
                                      deep_supervision=False).eval()
             self.weights = "random (no checkpoint)"
         self.net.requires_grad_(False)
+        from autoseg.inference.engines import weights_digest
+
+        self.digest = weights_digest({k: v.detach().numpy() for k, v in self.net.state_dict().items()})
         rng = np.random.default_rng(seed)
         windows, self.input_source = self._windows(rng, self.batch, self.patch)
         self.input = torch.from_numpy(np.ascontiguousarray(windows))
@@ -181,7 +184,8 @@ def export_onnx(ctx: Context, patch: tuple[int, ...], name: str) -> Path:
     path = ctx.tmp / name
     started = time.perf_counter()
     try:
-        path.write_bytes(network_to_onnx(ctx.plain_copy(), (ctx.batch, ctx.cfg.input_channels, *patch)))
+        path.write_bytes(network_to_onnx(ctx.plain_copy(), (ctx.batch, ctx.cfg.input_channels, *patch),
+                                         weights_sha256=ctx.digest))
     except ConfigError as exc:
         raise Skipped(str(exc)) from None
     ctx.export_info = {"exporter": "torchscript (autoseg.inference.onnx_export)",
@@ -199,7 +203,7 @@ def quantize_onnx(ctx: Context) -> Path:
     started = time.perf_counter()
     try:
         path.write_bytes(quantize_int8(ctx.plain_copy(), (ctx.batch, ctx.cfg.input_channels, *ctx.patch),
-                                       ctx.calibration))
+                                       ctx.calibration, weights_sha256=ctx.digest))
     except ConfigError as exc:
         raise Skipped(str(exc)) from None
     ctx.quantize_info = {"calibration_windows": len(ctx.calibration), "calibration_patch": list(ctx.calib_patch),

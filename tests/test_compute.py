@@ -11,12 +11,18 @@ import math
 from pathlib import Path
 
 import pytest
+from test_planning import anisotropic_ct, isotropic_mri, make_fingerprint
 
 from autoseg import plans as plans_io
 from autoseg.planning import load_preset, plan
 from autoseg.planning.budget import TARGET_ITERATIONS, TimeBudget
-from autoseg.planning.compute import Throughput, config_cost, given_throughput, iteration_seconds, window_count
-from test_planning import anisotropic_ct, isotropic_mri, make_fingerprint
+from autoseg.planning.compute import (
+    Throughput,
+    config_cost,
+    given_throughput,
+    iteration_seconds,
+    window_count,
+)
 
 #: The development CPU's measured rate (forward + backward GFLOP/s), given rather than measured.
 CPU = given_throughput(280.0)
@@ -35,9 +41,9 @@ def _budget(minutes: float, throughput: Throughput = CPU, validation_cases: int 
 @pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
 def test_training_flops_are_three_forward_passes_of_the_built_network(configuration: str) -> None:
     import torch
+    from test_networks import counted_forward
 
     from autoseg.networks import build_network
-    from test_networks import counted_forward
 
     plans = plan(isotropic_mri(), load_preset("cpu"))
     config = plans.configuration(configuration)
@@ -113,7 +119,7 @@ def test_a_large_image_under_a_tight_budget_gets_a_coarser_spacing_before_a_tiny
 
 
 def test_an_impossible_3d_budget_recommends_2d_first() -> None:
-    fit = plan(_large_ct(), load_preset("cpu"), budget=_budget(0.5))
+    fit = plan(_large_ct(), load_preset("cpu"), budget=_budget(0.5, validation_cases=2))
     assert fit.recommended[0] in ("2d", "2.5d"), fit.recommended
     assert any("3d_fullres cannot train" in n for n in fit.notes), fit.notes
     assert any(n.startswith("3d_fullres") and f"fewer than the {TARGET_ITERATIONS}" in n for n in fit.notes)
@@ -181,16 +187,65 @@ def test_bad_budget_options_are_one_line(tmp_path: Path, cli) -> None:
     assert not (tmp_path / "W").exists()
 
 
-def test_validation_reserve_is_bounded_by_the_budget() -> None:
-    from autoseg.planning.budget import MAX_VALIDATION_SHARE, validation_seconds
+def test_validation_estimate_and_the_reserve_of_train() -> None:
+    from autoseg.planning.budget import validation_seconds
+    from autoseg.training.run import validation_reserve
 
-    plans = plan(_large_ct(), load_preset("cpu"))
+    plans = plan(_large_ct(), load_preset("cpu"), budget=_budget(15))
+    assert plans.throughput_gflops == (CPU.train_gflops, CPU.infer_gflops)
     config = plans.configuration("3d_fullres")
     cost = config_cost(config, plans.num_classes, CPU)
     one = validation_seconds(config, cost, 1)
     assert validation_seconds(config, cost, 12) == pytest.approx(12 * one)
-    assert one > cost.predict_s_tta  # reading and export come on top of the network calls
-    assert MAX_VALIDATION_SHARE < 1
+    assert one > cost.predict_s_tta  # reading and export (and a margin) come on top of the network calls
+    # train estimates on the rates the plan was made for, not on a new measurement
+    assert validation_reserve(plans, "3d_fullres", 12, "cpu") == pytest.approx(12 * one)
+
+
+def test_budget_fits_keep_memory_estimates_true() -> None:
+    from autoseg.planning.planner import memory_gb
+
+    fit = plan(_large_ct(), load_preset("default"), budget=_budget(15))
+    for name, config in fit.configurations.items():
+        expected = memory_gb(config.patch_size, config.topology, config.batch_size, load_preset("default"),
+                             fit.num_classes)
+        assert config.estimated_memory_gb == pytest.approx(expected, abs=1e-3), name
+
+
+def test_budget_drops_the_cascade_and_its_note() -> None:
+    body_ct = make_fingerprint([(1.0, 0.8, 0.8)] * 40, [(300, 512, 512)] * 40, channels=("CT",),
+                               stats=anisotropic_ct().intensity[0])
+    free = plan(body_ct, load_preset("default"))
+    assert "3d_lowres" in free.configurations and any(n.startswith("3d_lowres:") for n in free.notes)
+    fit = plan(body_ct, load_preset("default"), budget=_budget(15))
+    assert "3d_lowres" not in fit.configurations
+    assert not any(n.startswith("3d_lowres:") for n in fit.notes)
+    assert any("not planned under a time budget" in n for n in fit.notes)
+
+
+def test_the_coarse_axis_of_anisotropic_data_keeps_its_spacing() -> None:
+    fp = anisotropic_ct()
+    free = plan(fp, load_preset("cpu")).configuration("3d_fullres")
+    fit = plan(fp, load_preset("cpu"), budget=_budget(5)).configuration("3d_fullres")
+    assert fit.spacing[0] == free.spacing[0]  # the 5 mm axis (first after the transpose)
+    assert fit.spacing[1:] >= free.spacing[1:]
+
+
+@pytest.mark.parametrize("value", ["0", "-60", "nan", "inf", "0m"])
+def test_bad_budget_values_are_refused(value: str) -> None:
+    from autoseg.errors import ConfigError
+    from autoseg.training.config import parse_duration
+
+    with pytest.raises(ConfigError, match="--time-budget"):
+        parse_duration(value)
+
+
+def test_a_hand_edited_bad_budget_is_refused(tmp_path: Path) -> None:
+    plans = plan(isotropic_mri(), load_preset("cpu"), budget=_budget(15))
+    text = plans_io.dumps(plans).replace("time_budget_s: 900.0", "time_budget_s: -5.0")
+    (tmp_path / "plans.yaml").write_text(text)
+    with pytest.raises(Exception, match="time_budget_s: must be a positive number of seconds"):
+        plans_io.load(tmp_path / "plans.yaml")
 
 
 def test_train_budget_reserves_the_validation(tmp_path: Path, cli, monkeypatch) -> None:
@@ -204,6 +259,10 @@ def test_train_budget_reserves_the_validation(tmp_path: Path, cli, monkeypatch) 
                  "--iters-per-epoch", "2", "--val-iters", "1", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "time budget 1.0 min per fold: " in result.output and "reserved for validating 1 case(s)" in result.output
+    # A budget the validation alone would overrun is said before training, with what to do.
+    result = cli("train", tmp_path / "W", "-c", "3d_fullres", "-f", "1", "--time-budget", "0.001", "--epochs", "1",
+                 "--iters-per-epoch", "2", "--val-iters", "1", "--device", "cpu", "--no-validate")
+    assert result.exit_code == 0 and "reserved" not in result.output, result.output
 
 
 def test_a_large_2d_image_under_a_budget_trains_on_a_cheaper_patch() -> None:

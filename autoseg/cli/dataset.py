@@ -113,10 +113,13 @@ def plan_cmd(
         from autoseg.training.config import parse_duration
 
         budget = parse_duration(time_budget) if time_budget else None
-        rates = machine_throughput(throughput)
+        # A budget needs the rate before planning; otherwise it is measured after the dataset check.
+        rates = machine_throughput(throughput, required=True) if budget is not None else None
         with progress_bar("checking and fingerprinting") as progress:
             report, fp, plans, reused = experiment.plan_dataset(raw, out, planner, gpu_memory, workers, progress,
                                                                 time_budget_s=budget, throughput=rates)
+        if rates is None:
+            rates = machine_throughput(throughput, required=False)
         console = make_console()
         _print_issues(console, report.warnings)
         if reused:
@@ -178,16 +181,29 @@ def _print_issues(console: Console, issues: list[Issue], limit: int = 200) -> No
         console.print(f"... and {len(issues) - limit} more (use --output to save all as JSON)")
 
 
-def machine_throughput(gflops: float | None) -> Throughput:
-    """``--throughput`` as given, else this machine's convolution rate (measured once, cached)."""
+def machine_throughput(gflops: float | None, required: bool) -> Throughput | None:
+    """``--throughput`` as given, else this machine's convolution rate (measured once, cached).
+
+    Raises:
+        ConfigError: the measurement failed and a time budget needs it (``required``); without a
+            budget the plan table simply leaves the estimates out (None).
+    """
+    from autoseg.errors import ConfigError
     from autoseg.planning.compute import Throughput, given_throughput
 
     if gflops is not None:
         return given_throughput(gflops)
-    from autoseg.device import resolve_device
-    from autoseg.networks.throughput import machine_rates
+    try:
+        from autoseg.device import resolve_device
+        from autoseg.networks.throughput import machine_rates
 
-    train, infer, key, source = machine_rates("cuda" if resolve_device("auto").type == "cuda" else "cpu")
+        train, infer, key, source = machine_rates("cuda" if resolve_device("auto").type == "cuda" else "cpu")
+    except Exception as exc:  # noqa: BLE001 - a busy or broken device: planning does not need it
+        if required:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ConfigError(f"--time-budget: cannot measure this machine's convolution rate ({first}); "
+                              "give it with --throughput GFLOPS") from None
+        return None
     return Throughput(train, infer, key, source)
 
 

@@ -34,8 +34,9 @@ def export_cmd(
     int8: Annotated[bool, typer.Option(
         "--int8", help="With --format onnx: also an int8 graph per fold, statically quantised on training cases "
         "(needs autoseg[onnx] and WORK's preprocessed data).")] = False,
-    calibration_cases: Annotated[int, typer.Option(
-        "--calibration-cases", metavar="N", help="Training cases (one window each) to calibrate int8 on.")] = 20,
+    calibration_cases: Annotated[Optional[int], typer.Option(
+        "--calibration-cases", metavar="N", help="With --int8: training cases (one window each) to calibrate on "
+        "(default 20).")] = None,
 ) -> None:
     """Write the trained folds of WORK as one model file: plans, labels, weights (no pickles), MODEL.md, manifest."""
     with user_errors():
@@ -48,10 +49,13 @@ def export_cmd(
             raise UnknownNameError("format", file_format, ("autoseg", "onnx"), "--format")
         if int8 and file_format != "onnx":
             raise ConfigError("--int8: int8 graphs are ONNX graphs; add --format onnx")
+        if calibration_cases is not None and not int8:
+            raise ConfigError("--calibration-cases: only int8 graphs are calibrated; add --format onnx --int8")
         names, fold_list = parse_models(configs, folds, list(ctx.args))
         console = make_console()
         summary = export_model(work, output, names, fold_list, checkpoint, licence=licence, force=force,
-                               onnx=file_format == "onnx", int8=int8, calibration_cases=calibration_cases,
+                               onnx=file_format == "onnx", int8=int8,
+                               calibration_cases=20 if calibration_cases is None else calibration_cases,
                                report=lambda line: console.print(escape(line), soft_wrap=True))
         used = ", ".join(f"{s.configuration} (fold{'s' if len(s.folds) > 1 else ''} "
                          f"{' '.join(str(f) for f in s.folds)})" for s in summary.selections)

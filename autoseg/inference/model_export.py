@@ -132,6 +132,8 @@ def export_model(
         raise ConfigError(f"--calibration-cases {calibration_cases}: must be at least 1 (20 is usual)")
     graph_kinds = ("fp32", "int8") if int8 else ("fp32",) if onnx else ()
     selections, best = select_models(work, configurations, folds, checkpoint)
+    if graph_kinds:
+        _check_graph_prerequisites(work, selections, int8)
     plans = plans_io.load(work / "plans.yaml")
     members: dict[str, bytes] = {"plans.yaml": plans_io.dumps(plans).encode("utf-8")}
     dataset = read_work_dataset(work, plans)
@@ -159,8 +161,9 @@ def export_model(
             members[f"{prefix}.json"] = json_bytes(meta)
             folds_meta.setdefault(selection.configuration, {})[fold] = meta
             if graph_kinds:
+                digest = hashlib.sha256(members[f"{prefix}.npz"]).hexdigest()  # = weights_digest(state)
                 members |= _fold_graphs(work, plans, selection.configuration, fold, data, graph_kinds,
-                                        calibration_cases, path, report)
+                                        calibration_cases, path, report, digest)
             del data, state
     common = {s.folds for s in selections}
     default: dict[str, Any] = {"schema_version": 1, "configurations": [s.configuration for s in selections]}
@@ -192,13 +195,14 @@ def export_model(
 
 def _fold_graphs(work: Path, plans: Plans, configuration: str, fold: int, data: dict[str, Any],
                  kinds: Sequence[str], calibration_cases: int, path: Path,
-                 report: Callable[[str], None] | None) -> dict[str, bytes]:
+                 report: Callable[[str], None] | None, digest: str) -> dict[str, bytes]:
     """A fold's ONNX members: its network as an fp32 graph, and int8 when asked."""
     from autoseg.inference.models import build_inference_network
     from autoseg.inference.onnx_export import (
         calibration_windows,
         network_to_onnx,
         quantize_int8,
+        training_cases,
     )
 
     config = checkpoint_configuration(plans, configuration, data["configuration"], path)
@@ -207,12 +211,29 @@ def _fold_graphs(work: Path, plans: Plans, configuration: str, fold: int, data: 
     shape = (1, config.input_channels, *config.patch_size)
     say = report or (lambda line: None)
     say(f"{configuration} fold {fold}: ONNX graph (fp32)")
-    members = {onnx_member(configuration, fold, "fp32"): network_to_onnx(net, shape)}
+    members = {onnx_member(configuration, fold, "fp32"): network_to_onnx(net, shape, weights_sha256=digest)}
     if "int8" in kinds:
         windows = calibration_windows(work, configuration, config, num_classes, fold, calibration_cases)
-        say(f"{configuration} fold {fold}: int8 quantisation, calibrated on {len(windows)} training case(s)")
-        members[onnx_member(configuration, fold, "int8")] = quantize_int8(net, shape, windows)
+        own = training_cases(work, configuration, fold)[1]
+        say(f"{configuration} fold {fold}: int8 quantisation, calibrated on {len(windows)} "
+            + ("of the fold's training cases" if own else "preprocessed cases (no usable splits.json: the fold's "
+               "validation cases may be among them)"))
+        members[onnx_member(configuration, fold, "int8")] = quantize_int8(net, shape, windows, weights_sha256=digest)
     return members
+
+
+def _check_graph_prerequisites(work: Path, selections: Sequence[ModelSelection], int8: bool) -> None:
+    """What ``--format onnx`` / ``--int8`` need, checked before any fold is exported."""
+    from autoseg.inference.engines import installed
+    from autoseg.inference.onnx_export import training_cases
+
+    if not installed("onnx"):
+        raise ConfigError("--format onnx needs the onnx package: pip install 'autoseg[onnx]'")
+    if int8:
+        if not installed("onnxruntime"):
+            raise ConfigError("--int8 needs ONNX Runtime's quantisation tools: pip install 'autoseg[onnx]'")
+        for selection in selections:
+            training_cases(work, selection.configuration, selection.folds[0])  # raises without preprocessed data
 
 
 def checkpoint_configuration(plans: Plans, name: str, config: dict[str, Any], path: Path) -> Configuration:
@@ -291,7 +312,6 @@ def import_model(model: Path | ModelFile, work: Path) -> ImportSummary:
             save_checkpoint(target, payload)
             for (configuration, fold, kind), graph in parsed.graphs.items():
                 if (configuration, fold) == (weights.configuration, weights.fold):
-                    # Written after the checkpoint: a graph older than its checkpoint is stale.
                     graph_path(target, kind).write_bytes(graph)
         if work.is_dir():
             work.rmdir()

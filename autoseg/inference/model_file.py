@@ -399,7 +399,8 @@ def _read_manifest(where: Path, archive: zipfile.ZipFile, infos: dict[str, zipfi
     for name, entry in configurations.items():
         kinds = entry.get("onnx", ["fp32"]) if isinstance(entry, dict) else None
         if not (isinstance(entry, dict) and set(entry) - {"onnx"} == {"folds", "checkpoint"}
-                and isinstance(kinds, list) and "fp32" in kinds and set(kinds) <= set(ONNX_KINDS)
+                and isinstance(kinds, list) and all(isinstance(k, str) for k in kinds)
+                and "fp32" in kinds and set(kinds) <= set(ONNX_KINDS)
                 and len(set(kinds)) == len(kinds) and ("onnx" not in entry or version >= 2)
                 and isinstance(entry["folds"], list)
                 and entry["folds"] and all(isinstance(f, int) and not isinstance(f, bool) and f >= 0

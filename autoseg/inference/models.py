@@ -53,8 +53,8 @@ def checkpoint_path(work: Path, configuration: str, fold: int, checkpoint: str =
 def graph_path(checkpoint: Path, kind: str) -> Path:
     """Where a checkpoint's ONNX graph of ``kind`` (``fp32`` / ``int8``) lives: beside it, as
     ``checkpoint_<kind>.<fp32|int8>.onnx`` (written by ``autoseg import`` of a model file exported
-    with ``--format onnx``). A graph older than its checkpoint belongs to earlier weights and is
-    not used."""
+    with ``--format onnx``). A graph records the digest of the weights it was made from and is
+    used only with them."""
     return Path(checkpoint).with_suffix(f".{kind}.onnx")
 
 

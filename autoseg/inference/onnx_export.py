@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from autoseg.errors import ConfigError, DatasetError
-from autoseg.inference.engines import ONNX_INPUT, ONNX_OUTPUT
+from autoseg.inference.engines import ONNX_INPUT, ONNX_OUTPUT, WEIGHTS_KEY
 from autoseg.plans import Configuration
 
 if TYPE_CHECKING:
@@ -46,13 +46,19 @@ CALIBRATION_VOXELS = 2**18
 CALIBRATION_CASES = 20
 
 
-def network_to_onnx(net: "torch.nn.Module", input_shape: Sequence[int], *, spatial_dynamic: bool = False) -> bytes:
+def network_to_onnx(net: "torch.nn.Module", input_shape: Sequence[int], *, weights_sha256: str,
+                    spatial_dynamic: bool = False) -> bytes:
     """The network as a self-contained ONNX graph (no external data).
 
     Args:
         net: the inference network (eval mode, no deep supervision), on the CPU, NCDHW.
         input_shape: ``(batch, C, *patch)`` of the example input; the batch is dynamic.
+        weights_sha256: the digest of the weights (:func:`autoseg.inference.engines.weights_digest`),
+            recorded in the graph's metadata so that it is used only with those weights.
         spatial_dynamic: also leave the spatial sizes dynamic (for calibration on smaller windows).
+
+    Changes process-wide settings while it runs (stdout goes to stderr, warnings are muted): export
+    before serving requests from other threads, as ``Segmenter.load`` does.
 
     Raises:
         ConfigError: the exporter failed (with its message).
@@ -71,8 +77,18 @@ def network_to_onnx(net: "torch.nn.Module", input_shape: Sequence[int], *, spati
                               output_names=[ONNX_OUTPUT], opset_version=ONNX_OPSET,
                               dynamic_axes={ONNX_INPUT: axes, ONNX_OUTPUT: axes})
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
-        raise ConfigError(f"ONNX export of the network failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    return buffer.getvalue()
+        raise ConfigError(f"ONNX export of the network failed ({type(exc).__name__}: "
+                          f"{(str(exc).splitlines() or [''])[0][:200]})") from None
+    return _with_weights_digest(buffer.getvalue(), weights_sha256)
+
+
+def _with_weights_digest(graph: bytes, weights_sha256: str) -> bytes:
+    import onnx
+
+    model = onnx.load_model_from_string(graph)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = WEIGHTS_KEY, weights_sha256
+    return model.SerializeToString()
 
 
 def calibration_patch(patch: Sequence[int], multiple: Sequence[int], voxels: int = CALIBRATION_VOXELS) -> tuple[int, ...]:
@@ -88,9 +104,10 @@ def calibration_patch(patch: Sequence[int], multiple: Sequence[int], voxels: int
     return tuple(size)
 
 
-def training_cases(work: Path, configuration: str, fold: int) -> list[str]:
-    """The fold's training cases that have preprocessed data (``splits.json``; every
-    preprocessed case when the fold is not in it).
+def training_cases(work: Path, configuration: str, fold: int) -> tuple[list[str], bool]:
+    """The fold's training cases that have preprocessed data (``splits.json``), and True; every
+    preprocessed case and False when the fold's split is missing or none of its training cases is
+    preprocessed.
 
     Raises:
         DatasetError: no preprocessed case.
@@ -106,8 +123,9 @@ def training_cases(work: Path, configuration: str, fold: int) -> list[str]:
         splits = json.loads((Path(work) / "splits.json").read_text(encoding="utf-8"))
         train = set(splits[fold]["train"])
     except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return cases
-    return [c for c in cases if c in train] or cases
+        return cases, False
+    chosen = [c for c in cases if c in train]
+    return (chosen, True) if chosen else (cases, False)
 
 
 def calibration_windows(work: Path, configuration: str, config: Configuration, num_classes: int, fold: int,
@@ -125,7 +143,7 @@ def calibration_windows(work: Path, configuration: str, config: Configuration, n
     from autoseg.preprocessing.run import load_case, preprocessed_dir
 
     rng = np.random.default_rng(seed)
-    names = training_cases(work, configuration, fold)
+    names, _ = training_cases(work, configuration, fold)
     names = [names[int(i)] for i in np.sort(rng.choice(len(names), size=min(cases, len(names)), replace=False))]
     crop = calibration_patch(config.patch_size, input_multiple(config.topology))
     windows: list[np.ndarray] = []
@@ -159,7 +177,8 @@ def _quiet_logging() -> Iterator[None]:
         logging.disable(previous)
 
 
-def quantize_int8(net: "torch.nn.Module", input_shape: Sequence[int], windows: Sequence[np.ndarray]) -> bytes:
+def quantize_int8(net: "torch.nn.Module", input_shape: Sequence[int], windows: Sequence[np.ndarray], *,
+                  weights_sha256: str) -> bytes:
     """The network as an int8 QDQ ONNX graph, statically quantised on ``windows`` (see the module doc).
 
     Args:
@@ -189,7 +208,7 @@ def quantize_int8(net: "torch.nn.Module", input_shape: Sequence[int], windows: S
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._items, None)
 
-    graph = network_to_onnx(net, input_shape, spatial_dynamic=True)
+    graph = network_to_onnx(net, input_shape, spatial_dynamic=True, weights_sha256=weights_sha256)
     with tempfile.TemporaryDirectory(prefix="autoseg-int8-") as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(graph)
@@ -201,7 +220,8 @@ def quantize_int8(net: "torch.nn.Module", input_shape: Sequence[int], windows: S
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax)
         except Exception as exc:  # noqa: BLE001 - the quantiser raises many types
-            raise ConfigError(f"int8 quantisation failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+            raise ConfigError(f"int8 quantisation failed ({type(exc).__name__}: "
+                              f"{(str(exc).splitlines() or [''])[0][:200]})") from None
         model = onnx.load(str(target))
     # Back to the plan's patch: only the declared sizes change (no shape constants in the graph).
     for value in (*model.graph.input, *model.graph.output):

@@ -155,11 +155,15 @@ class Predictor:
             assert plans is not None
             config = plans.configurations[selection.configuration]
             net = build_inference_network(config, int(meta["num_classes"]), data["model"], path)
-            del data
             memory_format = torch.contiguous_format
             if self.engine.engine != "torch":
-                nets.append(self._engine_network(net, config, int(meta["num_classes"]), path))
+                from autoseg.inference.engines import weights_digest
+
+                digest = weights_digest({k: v.detach().cpu().numpy() for k, v in data["model"].items()})
+                del data
+                nets.append(self._engine_network(net, config, int(meta["num_classes"]), path, digest))
                 continue
+            del data
             if self.device.type == "cpu":
                 from autoseg.inference.cpu import prepare_for_cpu_inference
 
@@ -176,32 +180,44 @@ class Predictor:
 
     @staticmethod
     def _fresh_graph(checkpoint: Path, kind: str) -> Path | None:
-        """The checkpoint's ONNX graph of ``kind`` when it exists and is not older than the
-        checkpoint (:func:`autoseg.inference.models.graph_path`)."""
+        """The checkpoint's ONNX graph of ``kind`` if there is one
+        (:func:`autoseg.inference.models.graph_path`; whether it belongs to the checkpoint's
+        weights is checked when it is loaded)."""
         from autoseg.inference.models import graph_path
 
         graph = graph_path(checkpoint, kind)
-        try:
-            return graph if graph.stat().st_mtime >= Path(checkpoint).stat().st_mtime else None
-        except OSError:
-            return None
+        return graph if graph.is_file() else None
 
-    def _engine_network(self, net: "torch.nn.Module", config: Configuration, num_classes: int,
-                        path: Path) -> Callable[["torch.Tensor"], "torch.Tensor"]:
-        """A fold's network on the ONNX engine: the model's graph, else exported from the weights."""
+    def _engine_network(self, net: "torch.nn.Module", config: Configuration, num_classes: int, path: Path,
+                        digest: str) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+        """A fold's network on the ONNX engine: the fold's graph when it was made from these
+        weights (``digest``), else exported from them (fp32; int8 cannot be made here)."""
         import torch
 
-        from autoseg.inference.engines import build_engine_network, check_onnx_graph
+        from autoseg.inference.engines import WEIGHTS_KEY, build_engine_network, check_onnx_graph
         from autoseg.inference.onnx_export import network_to_onnx
+        from autoseg.inference.window import default_forward_batch
 
         kind = "int8" if self.engine.precision == "int8" else "fp32"
+        checks = dict(input_channels=config.input_channels, num_classes=num_classes, dims=config.dims)
+        checked = None
         source = self._fresh_graph(path, kind)
         if source is not None:
-            graph, where = source.read_bytes(), str(source)
-        else:  # int8 was checked to exist (choose_engine); fp32 is exported here (~1 s a fold)
-            graph, where = network_to_onnx(net, (1, config.input_channels, *config.patch_size)), f"{path} (exported)"
-        check_onnx_graph(graph, where, input_channels=config.input_channels, num_classes=num_classes, dims=config.dims)
-        return build_engine_network(self.engine, graph, torch.get_num_threads())
+            checked = check_onnx_graph(source.read_bytes(), str(source), **checks)
+            where = str(source)
+            if checked.metadata.get(WEIGHTS_KEY) != digest:
+                checked = None  # made from other weights: the fold was trained again after the import
+        if checked is None:
+            if kind == "int8":
+                raise ConfigError(f"{path}: no int8 graph made from these weights (the fold was trained again, or the "
+                                  "model was exported without --int8); export the model again with --format onnx "
+                                  "--int8, or use --precision fp32")
+            shape = (1, config.input_channels, *config.patch_size)
+            where = f"{path} (exported)"
+            checked = check_onnx_graph(network_to_onnx(net, shape, weights_sha256=digest), where, **checks)
+        batch = self.forward_batch or default_forward_batch(config.patch_size)
+        return build_engine_network(self.engine, checked, torch.get_num_threads(),
+                                    (batch, config.input_channels, *config.patch_size), where)
 
     @staticmethod
     def _plans_with(work_plans: Plans, name: str, config: dict[str, Any], meta: dict[str, Any], path: Path) -> Plans:

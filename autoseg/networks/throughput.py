@@ -4,7 +4,7 @@ model (:mod:`autoseg.planning.compute`).
 The representative convolution is the default network's first stage (32 -> 32 channels, 3^3
 kernel, a 2 x 40x56x40 batch; channels-last on the CPU, as training runs it), timed forward +
 backward for training and forward alone for prediction, for about a second each after a warm-up.
-The result is cached per device, thread count and torch version in
+The result is cached per device, CPU count and torch version in
 ``$XDG_CACHE_HOME/autoseg/throughput.json`` (``~/.cache``), so planning twice on one machine gives
 the same plans; ``--throughput GFLOPS`` replaces the measurement (and the cache) altogether.
 """
@@ -34,7 +34,8 @@ def cache_file() -> Path:
 
 def device_key(device: str) -> str:
     """What a measurement holds for: the device, the CPU count and torch's version (for the CPU
-    without importing torch, so a cached plan needs no torch start-up)."""
+    without importing torch, so a cached plan needs no torch start-up). Thread limits
+    (``OMP_NUM_THREADS``, taskset, cgroups) are not in it: plan with ``--throughput`` there."""
     from importlib.metadata import version
 
     if device.startswith("cuda"):
@@ -104,8 +105,7 @@ def machine_rates(device: str = "cpu", *, refresh: bool = False) -> tuple[float,
     if not isinstance(cached, dict):
         cached = {}
     entry = cached.get(key)
-    if refresh or not (isinstance(entry, dict) and isinstance(entry.get("train_gflops"), (int, float))
-                       and isinstance(entry.get("infer_gflops"), (int, float))):
+    if refresh or not _valid(entry):
         train, infer = measure(device)
         entry = {"train_gflops": round(train, 1), "infer_gflops": round(infer, 1),
                  "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -115,7 +115,17 @@ def machine_rates(device: str = "cpu", *, refresh: bool = False) -> tuple[float,
             write_text(path, json.dumps(cached, indent=2, sort_keys=True) + "\n")
         except OSError:
             pass  # a read-only home: measure again next time
-    return float(entry["train_gflops"]), float(entry["infer_gflops"]), key, f"measured {entry['measured']}, cached in {path}"
+    return (float(entry["train_gflops"]), float(entry["infer_gflops"]), key,
+            f"measured {entry.get('measured', '?')}, cached in {path}")
+
+
+def _valid(entry: object) -> bool:
+    """A cache entry with two finite positive rates (anything else is measured again)."""
+    import math
+
+    return isinstance(entry, dict) and all(
+        isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool)
+        and math.isfinite(entry[k]) and entry[k] > 0 for k in ("train_gflops", "infer_gflops"))
 
 
 __all__ = ["cache_file", "device_key", "machine_rates", "measure"]

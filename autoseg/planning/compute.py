@@ -1,7 +1,7 @@
 """The compute model: seconds per training iteration and per predicted case, before any training.
 
 Pure and torch-free: the machine enters as a :class:`Throughput` (measured once and cached by
-:func:`autoseg.networks.throughput.machine_throughput`, or given with ``--throughput``).
+:func:`autoseg.networks.throughput.machine_rates`, or given with ``--throughput``).
 
 A training iteration costs its convolutions — forward + backward ≈ 3 × the forward FLOPs
 (:func:`autoseg.networks.conv_flops`, deep-supervision heads included) at the measured convolution
@@ -12,7 +12,7 @@ FLOPs: :data:`MEMORY_S_PER_UNIT` seconds per feature-map element
 scaled by the machine's conv rate relative to :data:`REFERENCE_GFLOPS`, and dearer when the
 full-resolution feature map outgrows the caches (+1 per :data:`LARGE_MAP_MB` MB of it per sample).
 The constants were fitted on five configurations measured on this project's development CPU
-(``benchmarks/README.md``, "Compute model": within 10 % of each); the conv term alone is the
+(``benchmarks/README.md``, "Compute model": each within 11 %); the conv term alone is the
 arithmetic floor. Prediction costs every window × mirror forward pass at the forward rate, plus its norms and
 activations (:data:`INFER_MEMORY_S_PER_UNIT`).
 """
@@ -29,7 +29,8 @@ from autoseg.plans import Configuration
 
 #: Backward ≈ 2 × forward (gradients of inputs and of weights).
 TRAIN_FLOP_FACTOR = 3.0
-#: Convolution FLOPs run at this fraction of the representative convolution's rate (fitted: 0.98).
+#: Convolution FLOPs run at this fraction of the representative convolution's rate (the fit gave
+#: 0.98 for the conv term's coefficient, i.e. the measured rate itself).
 CONV_EFFICIENCY = 1.0
 #: Seconds per feature-map element of a training iteration (forward + backward of norms and
 #: activations, loss, augmentation), on a machine whose conv rate is REFERENCE_GFLOPS (fitted).
@@ -53,7 +54,7 @@ class Throughput:
         train_gflops: forward + backward GFLOP/s of a representative convolution (32 -> 32
             channels, 3^3, channels-last on the CPU).
         infer_gflops: forward-only GFLOP/s of the same convolution.
-        device: what was measured (``cpu: <model>, 2 threads`` / ``cuda: <name>``).
+        device: what was measured (``cpu: <model>, <n> CPUs, torch <version>`` / ``cuda: <name>``).
         source: ``measured`` (with when) or ``given`` (``--throughput``).
     """
 
@@ -62,8 +63,11 @@ class Throughput:
     device: str
     source: str
 
-    def describe(self) -> str:
-        return f"{self.train_gflops:.0f} GFLOP/s training, {self.infer_gflops:.0f} forward ({self.device}; {self.source})"
+    def describe(self, short: bool = False) -> str:
+        """``275 GFLOP/s training, 339 forward (<device>; <source>)``; ``short``: without the source
+        (what plans.yaml's notes record: no cache path, no time)."""
+        what = self.device if short else f"{self.device}; {self.source}"
+        return f"{self.train_gflops:.0f} GFLOP/s training, {self.infer_gflops:.0f} forward ({what})"
 
 
 #: Forward-only convolutions run this much faster per FLOP than forward + backward (measured on the

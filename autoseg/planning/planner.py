@@ -160,8 +160,17 @@ def fit_patch(
     batch = max(min(batch, cap), preset.min_batch_size)
     if preset.max_batch_size is not None:
         batch = min(batch, preset.max_batch_size)
-    memory_gb = units * batch / reference_batch / reference_units * preset.reference_memory_gb
-    return [int(p) for p in patch], int(batch), _topology(preset, dims, strides, kernels), float(memory_gb)
+    topology = _topology(preset, dims, strides, kernels)
+    return [int(p) for p in patch], int(batch), topology, memory_gb(patch, topology, int(batch), preset, num_classes)
+
+
+def memory_gb(patch: Sequence[int], topology: Topology, batch: int, preset: Preset, num_classes: int) -> float:
+    """Estimated training memory of a patch, topology and batch (nnU-Net's feature-map calibration)."""
+    dims = len(patch)
+    reference_units = preset.reference_units_3d if dims == 3 else preset.reference_units_2d
+    reference_batch = preset.reference_batch_3d if dims == 3 else preset.reference_batch_2d
+    units = float(estimate_feature_map_units(list(patch), topology, num_classes))
+    return float(units * batch / reference_batch / reference_units * preset.reference_memory_gb)
 
 
 def normalization_for(fp: Fingerprint) -> tuple[Normalization, ...]:
@@ -313,6 +322,8 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
         notes=tuple(notes),
         fingerprint_sha256=fingerprint_digest(fp),
         time_budget_s=None if budget is None else float(budget.seconds),
+        throughput_gflops=None if budget is None else (round(budget.throughput.train_gflops, 1),
+                                                      round(budget.throughput.infer_gflops, 1)),
     )
     return plans
 

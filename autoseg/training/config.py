@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -114,9 +115,13 @@ def parse_duration(text: str) -> float:
     """
     value = text.strip().lower()
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         pass
+    else:
+        if not (math.isfinite(number) and number > 0):
+            raise ConfigError(f"--time-budget {text!r} must be a positive duration such as 15m, 2h or 900")
+        return number
     match = _DURATION.match(value)
     if not value or match is None or not any(match.groups()):
         raise ConfigError(f"--time-budget {text!r}: expected a duration such as 15m, 2h, 1h30m or 900s")

@@ -9,11 +9,17 @@ from pathlib import Path
 
 from autoseg import crossval
 from autoseg import plans as plans_io
+from autoseg.distributed import ChildContext, DistContext, Event, Launch
 from autoseg.errors import ConfigError, DatasetError
 from autoseg.planning.run import WorkPaths
 from autoseg.training.config import TrainConfig
-from autoseg.distributed import ChildContext, DistContext, Event, Launch
-from autoseg.training.trainer import Callbacks, FoldPaths, FoldSetup, TrainState, train_fold
+from autoseg.training.trainer import (
+    Callbacks,
+    FoldPaths,
+    FoldSetup,
+    TrainState,
+    train_fold,
+)
 
 #: Configurations that train on another configuration's preprocessed data.
 DATA_OF = {"3d_cascade_fullres": "3d_fullres"}
@@ -58,20 +64,33 @@ def case_ids_of(work: Path) -> list[str]:
     return sorted(json.loads(path.read_text(encoding="utf-8"))["cases"])
 
 
-def validation_reserve(plans: plans_io.Plans, configuration: str, cases: int, device: str, budget_s: float) -> float:
-    """Seconds to keep for a fold's validation out of ``budget_s``: the compute model's estimate
-    (:func:`autoseg.planning.budget.validation_seconds` on the machine's cached convolution rate),
-    at most :data:`autoseg.planning.budget.MAX_VALIDATION_SHARE` of the budget."""
-    from autoseg.device import resolve_device
-    from autoseg.networks.throughput import machine_rates
-    from autoseg.planning.budget import MAX_VALIDATION_SHARE, validation_seconds
+#: The validation may take at most this share of a ``train --time-budget``; beyond it the fold
+#: overruns the budget, and says so before training.
+MAX_RESERVE_SHARE = 0.8
+
+
+def validation_reserve(plans: plans_io.Plans, configuration: str, cases: int, device: str,
+                       share: float = 1.0) -> float | None:
+    """Seconds a fold's validation is estimated to take (:func:`autoseg.planning.budget.validation_seconds`):
+    on the rates plans.yaml was planned for (``autoseg plan --time-budget``), else on this
+    machine's cached rate times ``share`` (the share of the machine one process gets). None under
+    torchrun without planned rates: each node would measure its own and the ranks' budgets differ."""
+    from autoseg.distributed import from_torchrun_env
+    from autoseg.planning.budget import validation_seconds
     from autoseg.planning.compute import Throughput, config_cost
 
-    dev = resolve_device(device)
-    train, infer, key, source = machine_rates("cuda" if dev.type == "cuda" else "cpu")
+    if plans.throughput_gflops is not None:
+        rates = Throughput(*plans.throughput_gflops, "planned", "plans.yaml")
+    elif from_torchrun_env() is not None:
+        return None
+    else:
+        from autoseg.device import resolve_device
+        from autoseg.networks.throughput import machine_rates
+
+        train, infer, key, source = machine_rates("cuda" if resolve_device(device).type == "cuda" else "cpu")
+        rates = Throughput(train * share, infer * share, key, source)
     config = plans.configurations[configuration]
-    cost = config_cost(config, plans.num_classes, Throughput(train, infer, key, source))
-    return min(validation_seconds(config, cost, cases), MAX_VALIDATION_SHARE * budget_s)
+    return validation_seconds(config, config_cost(config, plans.num_classes, rates), cases)
 
 
 def run(
@@ -117,7 +136,7 @@ def run(
     data_config = DATA_OF.get(configuration, configuration)
     data_folder = work / "preprocessed" / data_config
     case_ids = case_ids_of(work)
-    if not _preprocessed(data_folder, case_ids):
+    if not _preprocessed(data_folder, case_ids, plans, data_config):
         from autoseg.distributed import from_torchrun_env
 
         if from_torchrun_env() is not None:
@@ -131,12 +150,7 @@ def run(
         preprocessing.run(work, [data_config], cfg.workers, None)
     splits = crossval.load_or_create(work, case_ids, splits_file)
     if cfg.time_budget_s is not None and validate and not validate_only:
-        cases = max(len(splits[f]["val"]) for f in parse_folds(folds, len(splits)))
-        reserve = validation_reserve(plans, configuration, cases, cfg.device, cfg.time_budget_s)
-        if on_budget:
-            on_budget(f"time budget {cfg.time_budget_s / 60:.1f} min per fold: {(cfg.time_budget_s - reserve) / 60:.1f} "
-                      f"min training, ~{reserve / 60:.1f} min reserved for validating {cases} case(s) with TTA")
-        cfg = replace(cfg, time_budget_s=cfg.time_budget_s - reserve)
+        cfg = _reserve_validation(plans, configuration, folds, splits, cfg, launch, on_budget or (lambda line: None))
     from autoseg import distributed
 
     torchrun = distributed.from_torchrun_env()
@@ -316,5 +330,37 @@ def _run_torchrun(work: Path, plans: plans_io.Plans, configuration: str, folds: 
     return results
 
 
-def _preprocessed(folder: Path, case_ids: list[str]) -> bool:
-    return folder.is_dir() and all((folder / f"{case_id}.json").is_file() for case_id in case_ids)
+def _reserve_validation(plans: plans_io.Plans, configuration: str, folds: str, splits: list, cfg: TrainConfig,
+                        launch: Launch | None, say: Callable[[str], None]) -> TrainConfig:
+    """``cfg`` with the fold's estimated validation taken out of its time budget (said in a line)."""
+    assert cfg.time_budget_s is not None
+    budget = cfg.time_budget_s
+    cases = max(len(splits[f]["val"]) for f in parse_folds(folds, len(splits)))
+    # Folds trained side by side on the CPU share its cores, so each validates that much slower.
+    share = 1.0 / launch.processes if launch is not None and launch.mode == "folds" and \
+        all(d == "cpu" for d in launch.devices) else 1.0
+    estimate = validation_reserve(plans, configuration, cases, cfg.device, share)
+    if estimate is None:
+        say(f"time budget {budget / 60:.1f} min per fold covers training only under torchrun (the plan records no "
+            "throughput to estimate the validation on every rank alike: autoseg plan --time-budget)")
+        return cfg
+    reserve = min(estimate, MAX_RESERVE_SHARE * budget)
+    say(f"time budget {budget / 60:.1f} min per fold: {(budget - reserve) / 60:.1f} min training, "
+        f"~{reserve / 60:.1f} min reserved for validating {cases} case(s) with TTA")
+    if estimate > reserve:
+        say(f"warning: validating {cases} case(s) is estimated at {estimate / 60:.1f} min, more than the budget "
+            f"allows: the fold will take about {(budget - reserve + estimate) / 60:.1f} min; train with --no-validate "
+            "and validate later (--validate-only), or give a larger budget")
+    return replace(cfg, time_budget_s=budget - reserve)
+
+
+def _preprocessed(folder: Path, case_ids: list[str], plans: plans_io.Plans, data_config: str) -> bool:
+    """Every case preprocessed with the current plan (a re-plan, e.g. with ``--time-budget``, that
+    changed the spacing or patch makes the folder stale: it is preprocessed again)."""
+    from autoseg.preprocessing.pipeline import plan_digest
+    from autoseg.preprocessing.run import is_finished
+
+    if not folder.is_dir():
+        return False
+    digest = plan_digest(plans, data_config)
+    return all(is_finished(folder, case_id, digest) for case_id in case_ids)

@@ -86,8 +86,9 @@ def validate_fold(
     selections, _ = select_models(work, [configuration], [fold], checkpoint)
     cases = {case.case_id: case for case in load_work_cases(work)}
     val_ids = _validation_case_ids(work, fold, sorted(cases))
-    # The torch engine in fp32: cross-validation scores must not depend on which optional engines
-    # are installed (OpenVINO's bf16 moves mean Dice by ~4e-4, benchmarks/README.md).
+    # The torch engine (fp32 on the CPU, autocast on CUDA): cross-validation scores must not
+    # depend on which optional engines are installed (OpenVINO's bf16 moves mean Dice by ~4e-4,
+    # benchmarks/README.md).
     predictor = Predictor(work, selections, device=device, tta=True, engine="torch")
     folder = validation_folder(work, configuration, fold)
     per_case: dict[str, dict[str, dict]] = {}

@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import phantoms
 import pytest
-from test_model_file import _members, _rewritten, _same_outputs
+from test_model_file import _members, _rewritten, _same_outputs, images  # noqa: F401 - images: a fixture
 from test_predict import (
     TRAIN_SHAPE,
     TRAIN_SPACING,
     _assert_clean_failure,
     _experiment,
-    _image,
 )
 
 from autoseg.errors import ConfigError
@@ -114,14 +113,6 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
                        {"3d_fullres": (0, 1), "2.5d": (0,)}, shape=TRAIN_SHAPE, spacing=TRAIN_SPACING)
     preprocessing.run(work, ["3d_fullres", "2.5d"], workers=1)
     return work
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("engin")
-    _image(folder / "a.nii.gz", seed=1)
-    _image(folder / "b.nii.gz", seed=2, shape=(9, 26, 17))
-    return folder
 
 
 def _network(work: Path, configuration: str = "3d_fullres", fold: int = 0):  # noqa: ANN202

@@ -30,9 +30,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
-
 from autoseg.planning.compute import ConfigCost, Throughput, config_cost
+from autoseg.planning.planner import _topology, memory_gb, shrink_patch
 from autoseg.planning.presets import Preset
 from autoseg.planning.topology import pool_and_conv_props
 from autoseg.plans import Configuration
@@ -106,23 +105,6 @@ def _evaluate(config: Configuration, num_classes: int, budget: TimeBudget, spaci
     return BudgetFit(config, cost, validation, training, cost.iterations(training), spacing_factor, feature_factor)
 
 
-def _shrunk(patch: Sequence[int], spacing: Sequence[float], median: Sequence[float], preset: Preset) -> list[int] | None:
-    """The patch one step smaller along the axis it covers most of (as the memory fit shrinks it)."""
-    ratios = [p / m for p, m in zip(patch, median)]
-    axis = int(np.argsort(ratios, kind="stable")[-1])
-    trial = list(patch)
-    _, _, _, divisor = pool_and_conv_props(spacing, trial, preset.min_feature_map_edge)
-    trial[axis] -= divisor[axis]
-    if trial[axis] < 1:
-        return None
-    _, _, _, trial_divisor = pool_and_conv_props(spacing, trial, preset.min_feature_map_edge)
-    result = list(patch)
-    result[axis] -= trial_divisor[axis]
-    if result[axis] < 1:
-        return None
-    return pool_and_conv_props(spacing, result, preset.min_feature_map_edge)[2]
-
-
 def fit_to_budget(base: Configuration, dims_spacing: Sequence[float], median_shape: Sequence[float],
                   preset: Preset, num_classes: int, budget: TimeBudget, build) -> BudgetFit:  # noqa: ANN001
     """``base`` (the memory-fitted configuration) refitted to the budget (the module doc's order).
@@ -162,7 +144,7 @@ def fit_to_budget(base: Configuration, dims_spacing: Sequence[float], median_sha
                     fallback = candidate
                 if candidate.converges:
                     return candidate
-                smaller = _shrunk(patch, spacing, median, preset)
+                smaller = shrink_patch(patch, spacing, median, preset.min_feature_map_edge)
                 if smaller is None or math.prod(smaller) < smallest:
                     break
                 patch = smaller
@@ -205,8 +187,6 @@ def apply_budget(configs: dict[str, Configuration], budget: TimeBudget, preset: 
                  notes: list[str]) -> tuple[dict[str, Configuration], dict[str, BudgetFit]]:
     """Every configuration refitted to ``budget`` (:func:`fit_to_budget`), with a note each on
     what the budget buys. A cascade is not planned under a budget (its two stages would share it)."""
-    from autoseg.planning.planner import _topology, memory_gb
-
     fitted: dict[str, Configuration] = {}
     fits: dict[str, BudgetFit] = {}
     notes.append(f"time budget {budget.seconds / 60:g} min per fold (training and validation) on "

@@ -139,20 +139,10 @@ def fit_patch(
     units = estimate(patch, strides, kernels)
     # Shrink until a batch of 2 fits (the reference batch may differ from 2, hence the rescaling).
     while units / reference_batch * 2 > reference:
-        ratios = [p / m for p, m in zip(patch, median_shape)]
-        axis = int(np.argsort(ratios, kind="stable")[-1])
-        # Subtract the divisor of the *reduced* size, so that no valid size is skipped (256 -> 224, not 192).
-        trial = list(patch)
-        trial[axis] -= divisor[axis]
-        if trial[axis] < 1:
+        smaller = shrink_patch(patch, spacing, median_shape, preset.min_feature_map_edge)
+        if smaller is None:
             break
-        _, _, _, trial_divisor = pool_and_conv_props(spacing, trial, preset.min_feature_map_edge)
-        patch = list(patch)
-        patch[axis] -= trial_divisor[axis]
-        if patch[axis] < 1:
-            raise PlanError(f"cannot fit a patch into {preset.memory_budget_gb} GB with preset {preset.name!r}; "
-                            "raise memory_budget_gb or --gpu-memory")
-        strides, kernels, patch, divisor = pool_and_conv_props(spacing, patch, preset.min_feature_map_edge)
+        strides, kernels, patch, divisor = pool_and_conv_props(spacing, smaller, preset.min_feature_map_edge)
         units = estimate(patch, strides, kernels)
 
     batch = round(reference / units * reference_batch)
@@ -171,6 +161,26 @@ def memory_gb(patch: Sequence[int], topology: Topology, batch: int, preset: Pres
     reference_batch = preset.reference_batch_3d if dims == 3 else preset.reference_batch_2d
     units = float(estimate_feature_map_units(list(patch), topology, num_classes))
     return float(units * batch / reference_batch / reference_units * preset.reference_memory_gb)
+
+
+def shrink_patch(patch: Sequence[int], spacing: Sequence[float], median_shape: Sequence[float],
+                 min_edge: int) -> list[int] | None:
+    """The patch one step smaller along the axis with the largest patch/median ratio (the memory
+    fit's step, also the time budget's), or None when that axis cannot shrink.
+
+    The step is the divisor of the *reduced* size, so that no valid size is skipped (256 -> 224,
+    not 192).
+    """
+    ratios = [p / m for p, m in zip(patch, median_shape)]
+    axis = int(np.argsort(ratios, kind="stable")[-1])
+    trial = list(patch)
+    trial[axis] -= pool_and_conv_props(spacing, trial, min_edge)[3][axis]
+    if trial[axis] < 1:
+        return None
+    result = list(patch)
+    # Fewer pools at the reduced size: its divisor is at most the current one, so result >= trial >= 1.
+    result[axis] -= pool_and_conv_props(spacing, trial, min_edge)[3][axis]
+    return pool_and_conv_props(spacing, result, min_edge)[2]
 
 
 def normalization_for(fp: Fingerprint) -> tuple[Normalization, ...]:

@@ -24,14 +24,21 @@ from typing import Any
 from autoseg import crossval
 from autoseg import plans as plans_io
 from autoseg.atomic import write_json
-from autoseg.dataset.layout import DatasetSpec, Issue, load_dataset
-from autoseg.errors import DatasetError
 from autoseg.dataset.fingerprint import Fingerprint
+from autoseg.dataset.layout import DatasetSpec, Issue, load_dataset
+from autoseg.dataset.scan import (
+    ProgressFn,
+    build_fingerprint,
+    dataset_issues,
+    files_checksum,
+    scan_dataset,
+    write_fingerprint,
+)
+from autoseg.errors import DatasetError
 from autoseg.planning import GpuMemory, load_preset, plan, preset_for_gpu
 from autoseg.planning.budget import TimeBudget
 from autoseg.planning.compute import Throughput
 from autoseg.plans import Plans
-from autoseg.dataset.scan import ProgressFn, build_fingerprint, dataset_issues, files_checksum, scan_dataset, write_fingerprint
 
 CACHE_VERSION = 1
 

@@ -279,3 +279,18 @@ def test_a_large_2d_image_under_a_budget_trains_on_a_cheaper_patch() -> None:
     assert cost.s_per_iteration * TARGET_ITERATIONS < budget.seconds
     assert math.prod(fit.patch_size) >= 0.25 * math.prod(fit.median_shape[1:])  # at least half of each side
     assert fitted.recommended[0] == "2d"
+
+
+def test_train_says_when_the_validation_alone_overruns_the_budget() -> None:
+    from autoseg.training.config import TrainConfig
+    from autoseg.training.run import MAX_RESERVE_SHARE, _reserve_validation
+
+    # Planned for a machine this slow, validating 10 cases takes far longer than the minute asked for.
+    plans = plan(isotropic_mri(), load_preset("cpu"), budget=_budget(1, given_throughput(0.01)))
+    assert plans_io.from_dict(plans_io.to_dict(plans)) == plans  # a small rate survives the round trip
+    splits = [{"train": ["t"], "val": [f"v{i}" for i in range(10)]}]
+    lines: list[str] = []
+    cfg = _reserve_validation(plans, "3d_fullres", "0", splits, TrainConfig(time_budget_s=60.0), None, lines.append)
+    assert cfg.time_budget_s == pytest.approx(60.0 * (1 - MAX_RESERVE_SHARE))
+    assert lines[0].startswith("time budget 1.0 min per fold: 0.2 min training")
+    assert lines[1].startswith("warning: validating 10 case(s) is estimated at") and "--no-validate" in lines[1]

@@ -103,7 +103,7 @@ class Predictor:
         self.stats = PredictorStats()
         #: The engine and precision the networks run with, and why.
         self.engine = choose_engine(engine, precision, device_type=self.device.type,
-                                    has_int8=all(self._fresh_graph(c, "int8") for s in selections for c in s.checkpoints),
+                                    has_int8=all(self._graph_file(c, "int8") for s in selections for c in s.checkpoints),
                                     available=installed, bf16_units=has_bf16_units(cpu_flags()))
         self._autocast = None
         if amp and self.device.type == "cuda" and self.engine.precision == "amp":
@@ -179,7 +179,7 @@ class Predictor:
         return _ConfigModels(selection.configuration, plans, config, nets, selection.folds, memory_format), meta
 
     @staticmethod
-    def _fresh_graph(checkpoint: Path, kind: str) -> Path | None:
+    def _graph_file(checkpoint: Path, kind: str) -> Path | None:
         """The checkpoint's ONNX graph of ``kind`` if there is one
         (:func:`autoseg.inference.models.graph_path`; whether it belongs to the checkpoint's
         weights is checked when it is loaded)."""
@@ -201,7 +201,7 @@ class Predictor:
         kind = "int8" if self.engine.precision == "int8" else "fp32"
         checks = dict(input_channels=config.input_channels, num_classes=num_classes, dims=config.dims)
         checked = None
-        source = self._fresh_graph(path, kind)
+        source = self._graph_file(path, kind)
         if source is not None:
             checked = check_onnx_graph(source.read_bytes(), str(source), **checks)
             where = str(source)

@@ -332,8 +332,9 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
         notes=tuple(notes),
         fingerprint_sha256=fingerprint_digest(fp),
         time_budget_s=None if budget is None else float(budget.seconds),
-        throughput_gflops=None if budget is None else (round(budget.throughput.train_gflops, 1),
-                                                      round(budget.throughput.infer_gflops, 1)),
+        # 4 significant digits: a slow machine's (or a small --throughput's) rate must not round to 0.
+        throughput_gflops=None if budget is None else (float(f"{budget.throughput.train_gflops:.4g}"),
+                                                      float(f"{budget.throughput.infer_gflops:.4g}")),
     )
     return plans
 

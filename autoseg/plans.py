@@ -99,6 +99,9 @@ class Configuration:
         context_slices: 2.5d only: k neighbouring slices on each side fed as extra channels.
         estimated_memory_gb: the planner's estimate of training memory at this batch size.
         previous_stage / next_stage: cascade links (3d_lowres -> 3d_cascade_fullres).
+        previous_stage_channels: a cascade stage's extra input channels: the previous stage's
+            segmentation, one-hot, one channel per foreground label value (0 elsewhere; not
+            written when 0).
     """
 
     dims: int
@@ -113,10 +116,13 @@ class Configuration:
     estimated_memory_gb: float = 0.0
     previous_stage: str | None = None
     next_stage: str | None = None
+    previous_stage_channels: int = 0
 
     @property
     def input_channels(self) -> int:
-        return len(self.normalization) * (2 * self.context_slices + 1)
+        """The network's input channels: the image's (with 2.5D neighbours), then the previous
+        stage's one-hot segmentation for a cascade stage."""
+        return len(self.normalization) * (2 * self.context_slices + 1) + self.previous_stage_channels
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,9 @@ def to_dict(plans: Plans) -> dict[str, Any]:
     for key in ("time_budget_s", "throughput_gflops"):
         if data.get(key) is None:
             data.pop(key, None)  # plans without a budget stay byte-identical to before
+    for config in data["configurations"].values():
+        if not config.get("previous_stage_channels"):
+            config.pop("previous_stage_channels", None)  # only cascade stages have them
     return {"schema_version": data.pop("schema_version"), **data}
 
 
@@ -401,9 +410,46 @@ def _validate(plans: Plans) -> None:
         for link in (config.previous_stage, config.next_stage):
             if link is not None and link not in plans.configurations:
                 raise PlanError(f"{where}: cascade link {link!r} is not a planned configuration")
+        expected = len(foreground_label_values(plans.labels)) if config.previous_stage else 0
+        if config.previous_stage_channels != expected:
+            raise PlanError(f"{where}.previous_stage_channels: must be {expected} "
+                            + ("(one per foreground label value of the previous stage's segmentation)"
+                               if config.previous_stage else "without a previous_stage")
+                            + f", got {config.previous_stage_channels}")
+        if config.previous_stage and (config.dims != 3 or plans.configurations[config.previous_stage].dims != 3):
+            raise PlanError(f"{where}: a cascade links two 3D configurations")
+
+
+def with_configuration(data: dict[str, Any], name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Plans data (:func:`to_dict`) holding one configuration, e.g. a checkpoint's own, in place of
+    the planned ones, ready for :func:`from_dict`.
+
+    A cascade stage keeps its previous stage (the planned one: only its link is checked here, the
+    stage predicts with its own checkpoints); a stage followed by another loses that link, which
+    does not change how it predicts.
+
+    Raises:
+        PlanError: the configuration follows a previous stage the plans do not have.
+    """
+    config = {**config, "next_stage": None}
+    configurations = {name: config}
+    previous = config.get("previous_stage")
+    if previous:
+        planned = data.get("configurations") or {}
+        if previous not in planned:
+            raise PlanError(f"configuration {name!r} follows {previous!r}, which the plans do not have; restore "
+                            "the plans the model was trained with")
+        configurations[previous] = {**planned[previous], "next_stage": None}
+    return {**data, "configurations": configurations, "recommended": [name]}
+
+
+def foreground_label_values(labels: dict[str, list[int]]) -> list[int]:
+    """Every foreground label value, sorted (regions contribute their values): what a label map
+    holds besides background 0."""
+    return sorted({int(v) for values in labels.values() for v in values if v != 0})
 
 
 __all__ = [
-    "Configuration", "Normalization", "Plans", "Resampling", "Topology", "dumps", "from_dict",
-    "load", "save", "to_dict",
+    "Configuration", "Normalization", "Plans", "Resampling", "Topology", "dumps", "foreground_label_values", "from_dict",
+    "load", "save", "to_dict", "with_configuration",
 ]

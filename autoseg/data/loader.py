@@ -43,6 +43,7 @@ from autoseg.data.augment import (
     deep_supervision_strides,
     downsample_seg,
 )
+from autoseg.data.cascade import one_hot_previous, perturb_previous
 from autoseg.data.sampler import Case, check_sampling_options, sample_batch
 from autoseg.errors import ConfigError
 
@@ -139,9 +140,19 @@ class BatchProducer:
             final_patch_size=self.patch_size, context_slices=self.config.context_slices,
         )
         image, seg = patches.image, patches.seg
+        if patches.previous is not None:
+            # A cascade stage: the previous stage's labels move with the target through the spatial
+            # transforms and mirroring (as a second label channel), untouched by the intensity ones.
+            seg = np.concatenate([seg, patches.previous], axis=1)
         if self.augmenter is not None:
             with self.global_random:
                 image, seg = self.augmenter(image, seg)
+        if patches.previous is not None:
+            seg, previous = seg[:, :1], seg[:, 1]
+            onehot = np.stack([one_hot_previous(p, list(self.cases[0].previous_values)) for p in previous])
+            if self.augmenter is not None:
+                perturb_previous(onehot, self.rng)
+            image = np.concatenate([image, onehot], axis=1)
         return {"image": image, "target": downsample_seg(seg, self.strides), "case_ids": patches.case_ids}
 
 

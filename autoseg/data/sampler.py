@@ -22,6 +22,8 @@ Images smaller than the patch are padded with 0 (the mean after normalisation) a
 
 from __future__ import annotations
 
+import copy
+
 import json
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -54,6 +56,9 @@ class Case:
         seg: ``(Z, Y, X)`` integer label map, 0 = background.
         class_locations: label -> ``(n, 3)`` voxel coordinates ``(z, y, x)`` of that label (a
             label absent from the case is absent or has no rows); default: computed from ``seg``.
+        previous: a cascade stage's input: the previous stage's ``(Z, Y, X)`` label map on this
+            case's grid (see :meth:`with_previous`); None otherwise.
+        previous_values: the label values one-hot encoded from ``previous`` as extra input channels.
 
     Raises:
         DatasetError: the arrays' shapes do not fit together.
@@ -65,12 +70,20 @@ class Case:
         image: np.ndarray,
         seg: np.ndarray,
         class_locations: Mapping[int, np.ndarray] | None = None,
+        *,
+        previous: np.ndarray | None = None,
+        previous_values: Sequence[int] = (),
     ) -> None:
         _check_shapes(case_id, image, seg)
         self.case_id = case_id
         self._folder: Path | None = None
         self._image: np.ndarray | None = image
         self._seg: np.ndarray | None = seg
+        self._previous: np.ndarray | None = previous
+        self._previous_path: Path | None = None
+        self.previous_values: tuple[int, ...] = tuple(int(v) for v in previous_values)
+        if previous is not None:
+            _check_shapes(case_id, image, previous)
         self._shape = tuple(int(v) for v in seg.shape)
         self._channels = int(image.shape[0])
         self._locations: dict[int, np.ndarray] | None = (
@@ -97,7 +110,9 @@ class Case:
         case = cls.__new__(cls)
         case.case_id = case_id
         case._folder = Path(folder)
-        case._image = case._seg = None
+        case._image = case._seg = case._previous = None
+        case._previous_path = None
+        case.previous_values = ()
         case._locations = None
         image, seg = case.image, case.seg  # opened for the check only, closed on return
         _check_shapes(case_id, image, seg)
@@ -116,6 +131,26 @@ class Case:
     def seg(self) -> np.ndarray:
         """``(Z, Y, X)`` integer label map."""
         return self._seg if self._seg is not None else _open_npy(self._path("_seg.npy"))
+
+    def with_previous(self, path: Path, values: Sequence[int]) -> Case:
+        """This case as a cascade stage's input: ``path`` holds the previous stage's ``(Z, Y, X)``
+        label map on this case's grid (an ``.npy``, memory-mapped on access like the image).
+
+        Raises:
+            DatasetError: the file is unreadable or its shape differs from the case's.
+        """
+        case = copy.copy(self)
+        case._previous, case._previous_path = None, Path(path)
+        case.previous_values = tuple(int(v) for v in values)
+        _check_shapes(self.case_id, self.image, case.previous)  # type: ignore[arg-type]
+        return case
+
+    @property
+    def previous(self) -> np.ndarray | None:
+        """The previous stage's ``(Z, Y, X)`` label map (a cascade stage's input), or None."""
+        if self._previous is not None:
+            return self._previous
+        return _open_npy(self._previous_path) if self._previous_path is not None else None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -250,12 +285,14 @@ class PatchBatch(NamedTuple):
         case_ids: the case of every patch.
         forced_class: the label a forced patch is centred on; ``None`` for a random patch or a
             forced one whose case has no foreground.
+        previous: ``(B, 1, *patch)`` int16 previous stage's labels (cascade cases), else None.
     """
 
     image: np.ndarray
     seg: np.ndarray
     case_ids: tuple[str, ...]
     forced_class: tuple[int | None, ...]
+    previous: np.ndarray | None = None
 
 
 def num_forced(batch_size: int, oversample: float) -> int:
@@ -304,6 +341,7 @@ def sample_batch(
     channels = cases[0].channels * (2 * context_slices + 1)
     image = np.zeros((batch_size, channels, *patch), dtype=np.float32)
     seg = np.zeros((batch_size, 1, *patch), dtype=np.int16)
+    previous = np.zeros((batch_size, 1, *patch), dtype=np.int16) if cases[0].previous is not None else None
     first_forced = batch_size - num_forced(batch_size, oversample)
     case_ids: list[str] = []
     forced: list[int | None] = []
@@ -314,18 +352,26 @@ def sample_batch(
         if case_image.shape[0] * (2 * context_slices + 1) != channels:
             raise DatasetError(f"case {case.case_id!r} has {case_image.shape[0]} channel(s), "
                                f"case {cases[0].case_id!r} {cases[0].channels}; re-run 'autoseg preprocess'")
+        case_previous = case.previous if previous is not None else None
+        if previous is not None and case_previous is None:
+            raise DatasetError(f"case {case.case_id!r} has no previous stage's segmentation, case "
+                               f"{cases[0].case_id!r} has; re-run the cascade's training")
         if dims == 3:
             start = _patch_start(shape, patch, final, voxel, rng)
             image[i] = crop_padded(case_image, start, patch)
             seg[i, 0] = crop_padded(case_seg, start, patch)
+            if previous is not None:
+                previous[i, 0] = crop_padded(case_previous, start, patch)
         else:
             z = int(voxel[0]) if voxel is not None else int(rng.integers(shape[0]))
             start = _patch_start(shape[1:], patch, final, None if voxel is None else voxel[1:], rng)
             image[i] = stack_context(case_image, z, context_slices, start, patch)
             seg[i, 0] = crop_padded(case_seg[z], start, patch)
+            if previous is not None:
+                previous[i, 0] = crop_padded(case_previous[z], start, patch)
         case_ids.append(case.case_id)
         forced.append(label)
-    return PatchBatch(image, seg, tuple(case_ids), tuple(forced))
+    return PatchBatch(image, seg, tuple(case_ids), tuple(forced), previous)
 
 
 def crop_padded(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:

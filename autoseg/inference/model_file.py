@@ -568,10 +568,10 @@ def _check_graphs(model: ModelFile, weights: FoldWeights, channels: int, num_cla
 def _plans_dict(model: ModelFile, weights: FoldWeights) -> dict[str, Any]:
     import yaml
 
+    from autoseg.plans import with_configuration
+
     data = yaml.safe_load(model.members["plans.yaml"].decode("utf-8"))
-    data["configurations"] = {weights.configuration: weights.meta["configuration"]}
-    data["recommended"] = [weights.configuration]
-    return data
+    return with_configuration(data, weights.configuration, weights.meta["configuration"])
 
 
 __all__ = [

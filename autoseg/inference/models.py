@@ -189,6 +189,26 @@ def select_models(
     return selections, best
 
 
+def previous_stage_selection(selection: ModelSelection, previous: str | None,
+                             selections: Sequence[ModelSelection]) -> ModelSelection | None:
+    """A cascade configuration's previous stage: the same folds and checkpoint kind, beside the
+    cascade's fold folders; None when ``previous`` is None or requested itself with those folds.
+
+    Raises:
+        ConfigError: a fold of the previous stage is not trained.
+    """
+    if not previous or any(s.configuration == previous and s.folds == selection.folds for s in selections):
+        return None
+    paths = tuple(c.parent.parent.parent / previous / c.parent.name / c.name for c in selection.checkpoints)
+    missing = [f for f, path in zip(selection.folds, paths) if not path.is_file()]
+    if missing:
+        raise ConfigError(f"{selection.configuration} predicts from {previous}'s segmentation, and {previous} "
+                          f"fold(s) {', '.join(str(f) for f in missing)} are not trained "
+                          f"({paths[selection.folds.index(missing[0])]} missing); train them with "
+                          f"'autoseg train WORK -c {previous} -f {','.join(str(f) for f in missing)}'")
+    return ModelSelection(previous, selection.folds, paths)
+
+
 def _planned_configurations(plans_path: Path) -> list[str]:
     # Only the names: a hand-edited plans file with an unrelated error still lets -c report typos.
     import yaml

@@ -16,7 +16,7 @@ from autoseg.device import resolve_device
 from autoseg.errors import ConfigError, DatasetError, PlanError
 from autoseg.imageio import Geometry
 from autoseg.inference.inputs import is_2d_plans
-from autoseg.inference.models import ModelSelection, build_inference_network
+from autoseg.inference.models import ModelSelection, build_inference_network, previous_stage_selection
 from autoseg.plans import Configuration, Plans
 from autoseg.tasks import DEFAULT_TASK, ConfigPrediction, Task, get_task
 
@@ -115,14 +115,25 @@ class Predictor:
         work_plans = plans_io.load(self.work / "plans.yaml")
         self.models: list[_ConfigModels] = []
         meta: dict[str, Any] | None = None
-        for selection in selections:
+        #: Previous stages of cascade configurations that were not requested themselves: run for
+        #: their segmentation, which the cascade stage takes as input, never averaged into the output.
+        self.previous_stages: dict[str, _ConfigModels] = {}
+        pending = list(selections)
+        while pending:
+            selection = pending.pop(0)
             models, ckpt_meta = self._load_configuration(work_plans, selection)
+            previous = previous_stage_selection(selection, models.config.previous_stage, selections)
+            if previous is not None and previous not in pending:
+                pending.append(previous)
             if meta is not None and (ckpt_meta["labels"], ckpt_meta.get("task")) != (meta["labels"], meta.get("task")):
                 raise ConfigError(f"{selection.configuration} predicts labels {ckpt_meta['labels']}, "
                                   f"{self.models[0].name} {meta['labels']}: configurations of one "
                                   "prediction must share their task and labels")
             meta = meta or ckpt_meta
-            self.models.append(models)
+            if selection in selections:
+                self.models.append(models)
+            else:
+                self.previous_stages[models.name] = models
         assert meta is not None
         self.labels: dict[str, list[int]] = {str(k): [int(v) for v in vals] for k, vals in meta["labels"].items()}
         self.num_classes = int(meta["num_classes"])
@@ -222,9 +233,10 @@ class Predictor:
     @staticmethod
     def _plans_with(work_plans: Plans, name: str, config: dict[str, Any], meta: dict[str, Any], path: Path) -> Plans:
         """WORK's plans with the checkpoint's configuration, labels, channels and transpose."""
-        data = plans_io.to_dict(work_plans)
-        data["configurations"] = {name: config}
-        data["recommended"] = [name]
+        try:
+            data = plans_io.with_configuration(plans_io.to_dict(work_plans), name, config)
+        except PlanError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         data["labels"] = {str(k): [int(v) for v in vals] for k, vals in meta["labels"].items()}
         data["channel_names"] = list(meta["channel_names"])
         data["transpose"] = list(meta["transpose"])
@@ -244,7 +256,7 @@ class Predictor:
     def mirror_axes(self, configuration: str) -> tuple[int, ...]:
         """The TTA mirror axes of a configuration: the axes mirrored in training (every spatial
         axis of the patch, :func:`autoseg.data.augment.mirror_axes`); empty without TTA."""
-        config = next(m.config for m in self.models if m.name == configuration)
+        config = next(m.config for m in [*self.models, *self.previous_stages.values()] if m.name == configuration)
         return tuple(range(config.dims)) if self.tta else ()
 
     def _net_fn(self, models: _ConfigModels, nets: Sequence["torch.nn.Module"] | None = None,
@@ -303,7 +315,9 @@ class Predictor:
         self._check_image(image, geometry)
         prepared: dict[str, tuple[np.ndarray, Props]] = {}
         jobs = []
-        for models in self.models:
+        # Previous stages before the cascade stages that take their segmentation.
+        ordered = sorted([*self.previous_stages.values(), *self.models], key=lambda m: bool(m.config.previous_stage))
+        for models in ordered:
             # 2d and 2.5d (and 3d_cascade_fullres / 3d_fullres) share their preprocessing.
             digest = plan_digest(models.plans, models.name)
             if digest not in prepared:
@@ -314,7 +328,7 @@ class Predictor:
             jobs.append((models, *prepared[digest]))
         totals = [count_windows(data.shape[1:], m.config.patch_size, self.step) for m, data, _ in jobs]
         self.stats.windows += sum(totals)
-        results = []
+        predicted: dict[str, ConfigPrediction] = {}
         for index, (models, data, props) in enumerate(jobs):
             done_before = sum(totals[:index])
 
@@ -322,6 +336,9 @@ class Predictor:
                 if progress is not None:
                     progress(offset + done, sum(totals))
 
+            if models.config.previous_stage:
+                data = self._with_previous_stage(data, props, models, predicted[models.config.previous_stage],
+                                                 geometry)
             disagreement = None
             with torch.inference_mode():
                 tensor = torch.from_numpy(data).to(self.device)
@@ -337,9 +354,26 @@ class Predictor:
                         disagreement = np.zeros(tuple(logits.shape[1:]), dtype=np.float32)
                 del tensor
                 probabilities = self.task.activate_(logits).cpu().numpy()
-            results.append(ConfigPrediction(models.name, probabilities, props, disagreement, len(models.nets)))
+            predicted[models.name] = ConfigPrediction(models.name, probabilities, props, disagreement,
+                                                      len(models.nets))
+        results = [predicted[models.name] for models in self.models]
         self.stats.predict_s += time.perf_counter() - started
         return results
+
+    def _with_previous_stage(self, data: np.ndarray, props: "Props", models: _ConfigModels,
+                             previous: ConfigPrediction, geometry: Geometry) -> np.ndarray:
+        """A cascade stage's input: the image on its grid, then the previous stage's segmentation
+        one-hot. That segmentation is exported to the image's geometry and brought to the cascade's
+        grid like a label map (:func:`autoseg.preprocessing.pipeline.previous_stage_labels`), the
+        path its training data took from the previous stage's cross-validation label maps."""
+        from autoseg.data.cascade import one_hot_previous
+        from autoseg.plans import foreground_label_values
+        from autoseg.preprocessing.pipeline import previous_stage_labels
+
+        labels = self.task.export([previous], geometry)
+        on_grid = previous_stage_labels(labels, props, models.plans, models.name)
+        onehot = one_hot_previous(on_grid, foreground_label_values(models.plans.labels))
+        return np.concatenate([data, onehot], axis=0)
 
     def _fold_logits(self, models: _ConfigModels, tensor: "torch.Tensor",
                      progress: Callable[[int, int], None]) -> tuple["torch.Tensor", np.ndarray]:

@@ -27,7 +27,7 @@ from autoseg.planning.topology import (
     features_per_stage,
     pool_and_conv_props,
 )
-from autoseg.plans import Configuration, Normalization, Plans, Resampling, Topology
+from autoseg.plans import Configuration, Normalization, Plans, Resampling, Topology, foreground_label_values
 from autoseg.regions import (
     indistinguishable_values,
     is_region_based,
@@ -292,11 +292,15 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
                                   normalization, resampling)
             if lowres is not None and "3d_fullres" in configs:
                 configs["3d_lowres"] = Configuration(**{**lowres.__dict__, "next_stage": "3d_cascade_fullres"})
-                configs["3d_cascade_fullres"] = Configuration(**{**fullres.__dict__, "previous_stage": "3d_lowres"})
+                configs["3d_cascade_fullres"] = Configuration(**{
+                    **fullres.__dict__, "previous_stage": "3d_lowres",
+                    "previous_stage_channels": len(foreground_label_values(fp.labels))})
                 notes.append(f"3d_lowres: fullres patch covers "
                              f"{100 * np.prod(fullres.patch_size) / np.prod(median_shape):.0f}% of the median image "
                              f"(< {100 * preset.lowres_threshold:.0f}%); lowres at spacing "
                              f"{[round(s, 3) for s in lowres.spacing]}")
+            elif "3d_fullres" in configs:
+                notes.append(lowres_absent_note(fullres, median_shape, preset))
 
     if not configs:
         raise PlanError(f"preset {preset.name!r} plans no configuration for a {fp.dims}D dataset; "
@@ -351,6 +355,18 @@ def region_notes(labels: dict[str, list[int]]) -> list[str]:
     for group in indistinguishable_values(output_regions(labels)):
         notes.append(f"label values {list(group)} lie in the same regions: predictions write {group[0]} for all")
     return notes
+
+
+def lowres_absent_note(fullres: Configuration, median_shape: np.ndarray, preset: Preset) -> str:
+    """Why the plan has no cascade (said in the plan table, as the issue of users asking for
+    ``3d_lowres`` on data that does not need it shows)."""
+    covered = float(np.prod(fullres.patch_size, dtype=np.float64) / np.prod(median_shape, dtype=np.float64))
+    if covered >= preset.lowres_threshold:
+        return (f"3d_lowres / 3d_cascade_fullres: not planned: the 3d_fullres patch covers "
+                f"{min(100 * covered, 100):.0f}% of the median image (a cascade starts below "
+                f"{100 * preset.lowres_threshold:.0f}%)")
+    return ("3d_lowres / 3d_cascade_fullres: not planned: a coarser spacing that lets the patch see "
+            f"{100 * preset.lowres_threshold:.0f}% of the image would not halve the median image")
 
 
 def _plan_lowres(

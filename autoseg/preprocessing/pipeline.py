@@ -24,7 +24,7 @@ import numpy as np
 
 from autoseg.dataset.fingerprint import bbox_of, nonzero_mask
 from autoseg.imageio import Geometry
-from autoseg.plans import Configuration, Plans
+from autoseg.plans import Configuration, Plans, foreground_label_values
 from autoseg.preprocessing.normalization import normalize_channel
 from autoseg.preprocessing.resample import (
     compute_new_shape,
@@ -84,7 +84,7 @@ def plan_digest(plans: Plans, config_name: str) -> str:
 
 def foreground_values(plans: Plans) -> list[int]:
     """Every foreground label value the plans declare (regions contribute their values)."""
-    return sorted({int(v) for values in plans.labels.values() for v in values if v != 0})
+    return foreground_label_values(plans.labels)
 
 
 def label_dtype(plans: Plans) -> np.dtype:
@@ -251,6 +251,34 @@ def preprocess_case(
         "class_locations": locations,
     }
     return np.ascontiguousarray(data), seg, props
+
+
+def previous_stage_labels(labels: np.ndarray, props: Props, plans: Plans, config_name: str) -> np.ndarray:
+    """A previous stage's label map, in the original geometry, on a cascade stage's grid.
+
+    The same transpose, crop and label resampling as :func:`preprocess_case` gives the case's
+    reference segmentation (nnU-Net v2 preprocesses ``seg_from_prev_stage`` alike), so the lowres
+    stage's prediction lines up voxel for voxel with the full-resolution image.
+
+    Args:
+        labels: ``(Z, Y, X)`` integer label map in the image's original grid.
+        props: the case's props for ``config_name`` (:func:`preprocess_case`).
+        plans: the dataset's plans.
+        config_name: the cascade stage.
+
+    Returns:
+        The label map on ``props["shape_after_resample"]``, of the plans' label dtype.
+
+    Raises:
+        ValueError: the label map does not have the original image's shape.
+    """
+    if tuple(labels.shape) != tuple(props["shape_original"]):
+        raise ValueError(f"previous stage's label map has shape {labels.shape}; the image has "
+                         f"{tuple(props['shape_original'])}")
+    resampling = plans.configuration(config_name).resampling
+    cropped = np.array(labels.transpose(tuple(props["transpose"]))[_crop_slices(props)], dtype=label_dtype(plans))
+    return np.ascontiguousarray(resample_labels(cropped, props["shape_after_resample"], resampling.label_order,
+                                                props["separate_axis"], resampling.order_z, foreground_values(plans)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -130,9 +130,6 @@ def run(
     work = Path(work)
     plans = plans_io.load(WorkPaths(work).plans)
     plans.configuration(configuration)  # raises with a did-you-mean for an unknown name
-    if plans.configurations[configuration].previous_stage:
-        raise ConfigError(f"{configuration}: cascade training (needs the 3d_lowres predictions) is not "
-                          "supported yet; train 3d_fullres or 3d_lowres")
     data_config = DATA_OF.get(configuration, configuration)
     data_folder = work / "preprocessed" / data_config
     case_ids = case_ids_of(work)
@@ -149,6 +146,12 @@ def run(
             on_preprocess(data_config)
         preprocessing.run(work, [data_config], cfg.workers, None)
     splits = crossval.load_or_create(work, case_ids, splits_file)
+    if plans.configurations[configuration].previous_stage and not validate_only:
+        from autoseg.training.cascade import prepare_previous
+
+        fold_ids = parse_folds(folds, len(splits))
+        used = sorted({c for f in fold_ids for part in crossval.fold_cases(splits, f).values() for c in part})
+        prepare_previous(work, plans, configuration, splits, used)
     if cfg.time_budget_s is not None and validate and not validate_only:
         cfg = _reserve_validation(plans, configuration, folds, splits, cfg, launch, on_budget or (lambda line: None))
     from autoseg import distributed
@@ -194,10 +197,16 @@ def fold_setup(work: Path, plans: plans_io.Plans, configuration: str, fold: int,
 
     data_folder = Path(work) / "preprocessed" / DATA_OF.get(configuration, configuration)
     split = crossval.fold_cases(splits, fold)
+    train_cases, val_cases = load_cases(data_folder, split["train"]), load_cases(data_folder, split["val"])
+    if plans.configuration(configuration).previous_stage:
+        # A cascade stage: each case with the previous stage's cross-validation segmentation
+        # (prepared by run() before any fold starts, see autoseg.training.cascade).
+        from autoseg.training.cascade import previous_folder, with_previous
+
+        folder = previous_folder(work, configuration)
+        train_cases, val_cases = with_previous(train_cases, folder, plans), with_previous(val_cases, folder, plans)
     return FoldSetup(
-        plans=plans, configuration=configuration, fold=fold,
-        train_cases=load_cases(data_folder, split["train"]),
-        val_cases=load_cases(data_folder, split["val"]),
+        plans=plans, configuration=configuration, fold=fold, train_cases=train_cases, val_cases=val_cases,
         paths=FoldPaths(fold_folder(work, configuration, fold)),
     )
 

@@ -18,7 +18,18 @@ SCHEMES: tuple[str, ...] = ("ct", "zscore", "none", "rescale_0_1", "rgb_0_1")
 # Channel names (case-insensitive) that select a scheme. A channel may also be named after a
 # scheme directly ("zscore", "noNorm", ... as nnU-Net allows).
 _CHANNEL_TO_SCHEME: dict[str, str] = {
-    **{name: "ct" for name in ("ct", "cta", "cbct", "ct_normalization", "ctnormalization")},
+    **{
+        name: "ct"
+        for name in (
+            "ct", "cta", "cbct", "ct_normalization", "ctnormalization",
+            # Usual CT abbreviations (non-contrast, contrast-enhanced, low-dose, high-resolution,
+            # multi-detector): otherwise near misses of "cbct", refused with a did-you-mean that names
+            # cone-beam CT. Three-letter ones (pCT, sCT) are left out: every name on this list is also
+            # a spelling whose near misses are refused, and "PT" (PET) or "PC" (phase-contrast MRI)
+            # would be near misses of them.
+            "ncct", "cect", "ldct", "hrct", "mdct",
+        )
+    },
     **{
         name: "zscore"
         for name in (

@@ -156,8 +156,9 @@ class DemoResult:
     Attributes:
         paths: the output folders.
         labels: the foreground label names, in order.
-        dice: case -> label -> Dice on the held-out cases (None: undefined).
-        case_mean: case -> mean Dice over the labels.
+        dice: case -> label -> Dice on the held-out cases (None: the label is absent from both
+            prediction and reference, left out as in ``autoseg evaluate``'s means).
+        case_mean: case -> mean Dice over the labels scored in that case (None: none is).
         mean_dice: mean foreground Dice over the held-out cases (nnU-Net's foreground mean).
         overlays: the PNG files written.
         seconds: wall time per stage.
@@ -436,8 +437,13 @@ def _copy_progress_png(paths: DemoPaths) -> Path | None:
 
 
 def _dice_of(report: EvaluationReport) -> tuple[list[str], dict[str, dict[str, float | None]], dict[str, float | None]]:
+    from autoseg.metrics import is_both_empty
+
     labels = [name for name in report.labels if name in next(iter(report.cases.values()), {})]
-    dice = {case: {name: metrics[name].get("dice") for name in labels} for case, metrics in report.cases.items()}
+    # A label absent from both prediction and reference is not scored (None), as the summary's
+    # mean leaves it out: a case mean of 1.0 from absences alone would contradict the table's total.
+    dice = {case: {name: None if is_both_empty(metrics[name]) else metrics[name].get("dice") for name in labels}
+            for case, metrics in report.cases.items()}
     means: dict[str, float | None] = {}
     for case, values in dice.items():
         defined = [v for v in values.values() if v is not None]

@@ -191,11 +191,21 @@ def case_metrics(
     }
 
 
-def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels: Mapping[str, Sequence[int]]) -> dict[str, float]:
-    """Dice of every foreground label only (no distances): the fast path for postprocessing decisions."""
-    return {name: float(mask_metrics(label_mask(pred, values), label_mask(ref, values), (1.0,) * pred.ndim,
-                                     distances=False)["dice"])
-            for name, values in foreground_labels(labels).items()}
+def dice_per_label(pred: np.ndarray, ref: np.ndarray,
+                   labels: Mapping[str, Sequence[int]]) -> dict[str, float | None]:
+    """Dice of every foreground label only (no distances): the fast path for postprocessing decisions.
+
+    Returns:
+        Label name -> Dice, ``None`` for a label absent from both masks: such a pair is left out of
+        the means that decide postprocessing, as :func:`summarize` leaves it out by default, so that
+        find-best's choice and its postprocessing judge by the same numbers.
+    """
+    result: dict[str, float | None] = {}
+    for name, values in foreground_labels(labels).items():
+        metrics = mask_metrics(label_mask(pred, values), label_mask(ref, values), (1.0,) * pred.ndim,
+                               distances=False)
+        result[name] = None if is_both_empty(metrics) else float(metrics["dice"])  # type: ignore[arg-type]
+    return result
 
 
 def _stats(values: list[float | int | None]) -> dict[str, float | int | None]:
@@ -231,8 +241,9 @@ def summarize(per_case: dict[str, dict[str, dict]], both_empty: str = "exclude")
         metric: {"mean", "median", "n", "n_undefined"}}}, "mean_foreground_dice": float | None}``.
         ``None`` values (HD95 with one empty mask) are left out of mean and median and counted in
         ``n_undefined``; ``mean_foreground_dice`` is the mean over labels of each label's mean Dice
-        (nnU-Net's ``foreground_mean``; a label absent from every pair has none and is left out),
-        ``None`` without labels.
+        (nnU-Net's ``foreground_mean``). A label whose every pair is excluded still has every
+        metric, with ``mean``/``median`` ``None`` and ``n`` 0, and is left out of
+        ``mean_foreground_dice`` (``None`` when no label has a mean).
 
     Raises:
         ValueError: ``both_empty`` is not a policy.
@@ -246,9 +257,11 @@ def summarize(per_case: dict[str, dict[str, dict]], both_empty: str = "exclude")
     for name in label_names:
         records = [metrics[name] for metrics in per_case.values() if name in metrics]
         empty = sum(is_both_empty(r) for r in records)
+        # Taken before the exclusion: a label absent from every pair still reports every metric,
+        # as None over 0 pairs ("n/a"), never 0 or 1.
+        metric_names = [m for m in METRIC_NAMES if any(m in r for r in records)]
         if both_empty == "exclude":
             records = [r for r in records if not is_both_empty(r)]
-        metric_names = [m for m in METRIC_NAMES if any(m in r for r in records)]
         labels[name] = {"n_both_empty": empty, **{m: _stats([r.get(m) for r in records]) for m in metric_names}}
     dice_means = [s["dice"]["mean"] for s in labels.values() if "dice" in s and s["dice"]["mean"] is not None]
     return {

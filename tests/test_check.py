@@ -267,6 +267,31 @@ def test_binary_mask_saved_as_255_gets_the_mapping_hint(cli, nn: Path) -> None:
     assert_errors(run_check(cli, nn), "labelsTr/case_000.nii.gz", "values found: [0, 255]", "map 255 → 1")
 
 
+def test_lossy_binary_mask_gets_the_threshold_hint_not_a_class_per_grey_level(cli, nn: Path) -> None:
+    """A 0/255 mask that went through JPEG (saved again losslessly) holds grey levels around 0 and
+    255: declaring them would make a class of each; the fix is a threshold."""
+    _, label = phantoms.ellipsoid()
+    mask = (label > 0).astype(np.uint8) * 255
+    mask[0, 0, :4] = [3, 8, 250, 247]
+    phantoms.write_case_image(label_path(nn), mask)
+    result = run_check(cli, nn)
+    assert_errors(result, "labelsTr/case_000.nii.gz", "values found: [0, 3, 8, 247, 250, 255]")
+    text = " ".join(result.output.split())
+    assert "look like a 0/255 mask saved lossily (JPEG)" in text and "--threshold 128" in text, result.output
+
+
+def test_ct_abbreviations_are_ct_and_dicom_modality_codes_are_never_refused() -> None:
+    """NCCT used to get "did you mean 'cbct'?"; two-letter DICOM modality codes (PT for PET) must not
+    be near misses of a CT spelling."""
+    from autoseg.channels import scheme_for_channel
+
+    assert {scheme_for_channel(n) for n in ("NCCT", "CECT", "LDCT", "HRCT", "MDCT")} == {"ct"}
+    for code in ("CR", "DX", "ES", "IO", "MG", "MR", "NM", "OCT", "OP", "OT", "PT", "PX", "RF", "SC", "SM", "US",
+                 "XA", "XC"):
+        assert scheme_for_channel(code) == "zscore", code
+    assert scheme_for_channel("IR") == "zscore"
+
+
 def test_non_integer_label_values(cli, nn: Path) -> None:
     _, label = phantoms.ellipsoid()
     label = label.astype(np.float32)

@@ -71,3 +71,13 @@ def test_version_imports_neither_torch_nor_simpleitk() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fold_validation_line_prints_zero_as_zero_and_no_score_as_na() -> None:
+    """A model that finds nothing scores 0.0000 (it used to print "nan", as if nothing was scored)."""
+    from autoseg.cli.train import validation_line
+
+    cases = {"a": {}, "b": {}}
+    assert "Dice 0.0000 →" in validation_line(0, {"per_case": cases, "summary": {"mean_foreground_dice": 0.0}})
+    assert "Dice n/a →" in validation_line(1, {"per_case": cases, "summary": {"mean_foreground_dice": None}})
+    assert "(2 cases, TTA)" in validation_line(1, {"per_case": cases, "summary": {"mean_foreground_dice": 0.5}})

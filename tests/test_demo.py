@@ -28,6 +28,20 @@ def _assert_png(path: Path) -> None:
 # The held-out split and the OUT folder (no training)
 
 
+def test_case_mean_leaves_out_labels_absent_from_both() -> None:
+    """As in evaluate's means, a label absent from both prediction and reference adds no 1.0 to a case's mean."""
+    from types import SimpleNamespace
+
+    absent = {"dice": 1.0, "n_ref": 0, "n_pred": 0}
+    report = SimpleNamespace(labels={"background": [0], "organ": [1], "tumour": [2]}, cases={
+        "a": {"organ": {"dice": 0.5, "n_ref": 9, "n_pred": 9}, "tumour": absent},
+        "b": {"organ": absent, "tumour": absent},
+    })
+    labels, dice, means = demo._dice_of(report)  # type: ignore[arg-type]
+    assert labels == ["organ", "tumour"]
+    assert dice["a"] == {"organ": 0.5, "tumour": None} and means == {"a": 0.5, "b": None}
+
+
 def test_split_holds_out_six_cases_and_trains_on_nearly_all_others() -> None:
     ids = [f"hippocampus_{i:03d}" for i in range(24)]
     train, val, test = demo.split_cases(ids, 24)

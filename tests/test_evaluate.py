@@ -182,3 +182,21 @@ def test_label_absent_from_both_is_excluded_from_the_mean_by_default(cli, tmp_pa
 
     bad = cli("evaluate", pred, raw / "labelsTr", "-j", "1", "--both-empty", "one")
     one_line_error(bad, "--both-empty", "'one'")
+
+
+def test_label_absent_from_every_pair_is_na_not_a_score(cli, tmp_path: Path) -> None:
+    """A declared structure no case has and no prediction finds: no mean (None, "n/a"), left out of
+    the overall mean; the table used to fail on it."""
+    raw, pred = _often_absent(tmp_path)
+    (raw / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1, "tumour": 2}}))
+    report = evaluate.run(pred, raw / "labelsTr", workers=1)
+    tumour = report.summary["labels"]["tumour"]
+    assert tumour["n_both_empty"] == 4 and tumour["dice"]["mean"] is None and tumour["dice"]["n"] == 0
+    assert report.summary["mean_foreground_dice"] == 0.0  # organ's, not (0 + 1) / 2
+    saved = json.loads(report.json_path.read_text())
+    assert saved["summary"]["labels"]["tumour"]["dice"]["mean"] is None
+
+    result = cli("evaluate", pred, raw / "labelsTr", "-j", "1")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    row = next(line for line in result.output.splitlines() if "tumour" in line)
+    assert "0 (+4 absent, excluded)" in " ".join(row.split()) and "n/a" in row, result.output

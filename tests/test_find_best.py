@@ -167,3 +167,20 @@ def test_ensemble_errors_name_the_case(cli, tmp_path: Path) -> None:
     assert "'b'" in result.output and "shape" in result.output
     result = cli("ensemble", tmp_path / "A", "-o", tmp_path / "out")
     assert result.exit_code != 0 and "at least two" in result.output
+
+
+def test_a_label_no_case_has_is_na_not_a_score(cli, tmp_path: Path) -> None:
+    """A declared label absent from every reference and prediction has no Dice (it used to fail the
+    table); the choice and the postprocessing are judged on the labels that occur."""
+    work, refs, folds = make_work(tmp_path)
+    meta = phantoms.read_dataset_json(work)
+    phantoms.write_json(work / "dataset.json", {**meta, "labels": {**phantoms.LABELS, "cyst": 3}})
+    probabilities = {case: np.concatenate([class_probabilities(ref), np.zeros((1, *ref.shape), np.float32)])
+                     for case, ref in refs.items()}
+    write_validation(work, "3d_fullres", folds, probabilities)
+    result = cli("find-best", work, "-j", "1")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "n/a" in result.output
+    best = yaml.safe_load((work / "best.yaml").read_text())
+    assert best["scores"]["3d_fullres"] == pytest.approx(1.0)
+    assert best["postprocessing"]["label_dice_before"]["cyst"] is None

@@ -5,12 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autoseg.metrics import case_metrics, mask_metrics, mean_foreground_dice, summarize, surface_distances
 from autoseg.evaluation.postprocess import (
     PostprocessingDecision,
     apply_postprocessing,
     decide_postprocessing,
     keep_largest_component,
+)
+from autoseg.metrics import (
+    case_metrics,
+    dice_per_label,
+    mask_metrics,
+    mean_foreground_dice,
+    summarize,
+    surface_distances,
 )
 
 LABELS = {"background": [0], "fg": [1]}
@@ -168,6 +175,30 @@ def test_summarize_ignores_undefined_and_counts_them() -> None:
     assert summarize({})["mean_foreground_dice"] is None
 
 
+def test_summarize_label_absent_from_every_pair_is_none_not_a_score() -> None:
+    """Excluded in every case, a label reports every metric as None over 0 pairs and is left out of the
+    overall mean; with ``perfect`` it averages in as 1."""
+    absent = {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "nsd": 1.0, "tp": 0, "fp": 0, "fn": 0, "n_ref": 0, "n_pred": 0}
+    found = {"dice": 0.6, "iou": 0.4, "hd95": 2.0, "nsd": 0.7, "tp": 3, "fp": 2, "fn": 2, "n_ref": 5, "n_pred": 5}
+    per_case = {"a": {"fg": found, "rare": absent}, "b": {"fg": found, "rare": absent}}
+    summary = summarize(per_case)
+    rare = summary["labels"]["rare"]
+    assert rare["n_both_empty"] == 2
+    assert rare["dice"] == {"mean": None, "median": None, "n": 0, "n_undefined": 0}
+    assert rare["hd95"]["mean"] is None and rare["nsd"]["mean"] is None
+    assert summary["mean_foreground_dice"] == pytest.approx(0.6)
+    assert summarize(per_case, "perfect")["mean_foreground_dice"] == pytest.approx(0.8)
+    assert summarize({"a": {"rare": absent}})["mean_foreground_dice"] is None
+
+
+def test_dice_per_label_leaves_a_label_absent_from_both_unscored() -> None:
+    pred, ref = np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8)
+    pred[1:3, 1:3, 1:3] = 1
+    ref[1:3, 1:3, 1:4] = 1
+    dice = dice_per_label(pred, ref, {"background": [0], "fg": [1], "rare": [2]})
+    assert dice == {"fg": pytest.approx(2 * 8 / 20), "rare": None}
+
+
 # ----------------------------------------------------------------------------------------------
 # Postprocessing
 
@@ -226,3 +257,41 @@ def test_per_label_lcc_accepted_when_all_foreground_is_not() -> None:
     round_trip = PostprocessingDecision.from_dict(decision.to_dict())
     assert round_trip == decision
     assert np.array_equal(apply_postprocessing(pred, round_trip), ref)
+
+
+def test_postprocessing_scores_absences_as_evaluate_does() -> None:
+    """A label absent from both prediction and reference is left out of the Dice that decides
+    postprocessing, as it is left out of evaluate's and find-best's means (it used to count as 1)."""
+    labels = {"background": [0], "liver": [1], "lesion": [2], "cyst": [3]}
+    cases = []
+    for index in range(3):
+        ref = cube((10, 20, 20), (1, 1 + index, 1), 6)
+        pred = cube((10, 20, 20), (1, 2 + index, 1), 6)
+        if index == 0:
+            ref[1:4, 14:17, 14:17] = 2  # the only case with a lesion, predicted half right
+            pred[1:4, 14:17, 15:18] = 2
+        if index == 1:
+            pred[8, 18, 18] = 2  # a spurious lesion voxel where there is none
+        cases.append((pred, ref))
+    per_case = {str(i): case_metrics(p, r, (1.0, 1.0, 1.0), labels) for i, (p, r) in enumerate(cases)}
+    summary = summarize(per_case)
+    decision = decide_postprocessing(_cv(cases), labels)
+    for name in ("liver", "lesion"):
+        assert decision.label_dice_before[name] == pytest.approx(summary["labels"][name]["dice"]["mean"])
+    assert decision.label_dice_before["cyst"] is None  # absent everywhere: no score, not 1
+    assert decision.dice_before == pytest.approx(summary["mean_foreground_dice"])
+    assert PostprocessingDecision.from_dict(decision.to_dict()) == decision
+
+
+def test_removing_the_only_predictions_of_a_label_no_reference_has_is_accepted() -> None:
+    """The stray lesion is the only lesion anywhere: after keeping the largest component the label is
+    absent from every pair (no mean), which is no worse than Dice 0 and lifts the overall mean."""
+    labels = {"background": [0], "liver": [1], "lesion": [2]}
+    ref = cube((10, 20, 20), (1, 1, 1), 6)
+    pred = ref.copy()
+    pred[8, 18, 18] = 2
+    decision = decide_postprocessing(_cv([(pred, ref), (ref.copy(), ref)]), labels)
+    assert decision.all_foreground
+    assert decision.label_dice_before == {"liver": 1.0, "lesion": 0.0}
+    assert decision.label_dice_after == {"liver": 1.0, "lesion": None}
+    assert decision.dice_before == pytest.approx(0.5) and decision.dice_after == pytest.approx(1.0)

@@ -18,6 +18,14 @@ _BOTH_EMPTY_HEADER = {
 }
 
 
+def _cell(stats: dict, metric: str, key: str) -> str:
+    """One statistic of one label; "n/a" for a label scored in no pair (absent from every pair and
+    excluded), so that no number stands where there is no score."""
+    if stats.get("dice", {}).get("n", 0) == 0:
+        return "n/a"
+    return fmt_metric(stats.get(metric, {}).get(key))
+
+
 def _summary_table(summary: dict, title: str) -> object:
     """Mean and median of Dice, IoU, HD95 and NSD per label (HD95: how many were undefined), with the
     number of cases each mean is over and how pairs absent from both were treated."""
@@ -32,17 +40,17 @@ def _summary_table(summary: dict, title: str) -> object:
     for name, stats in summary["labels"].items():
         undefined = stats.get("hd95", {}).get("n_undefined", 0)
         empty = stats.get("n_both_empty", 0)
-        scored = stats["dice"]["n"] if "dice" in stats else 0
+        scored = stats.get("dice", {}).get("n", 0)
         cases = f"{scored}" + (f" (+{empty} absent, excluded)" if empty and policy == "exclude" else
                                f" ({empty} absent, as 1)" if empty else "")
         table.add_row(
             escape_markup(name), cases,
-            fmt_metric(stats["dice"]["mean"]), fmt_metric(stats["dice"]["median"]), fmt_metric(stats["iou"]["mean"]),
-            fmt_metric(stats["hd95"]["mean"]) + (f" ({undefined} undefined)" if undefined else ""),
-            fmt_metric(stats["hd95"]["median"]), fmt_metric(stats["nsd"]["mean"]),
-            fmt_metric(stats["nsd"]["median"]),
+            _cell(stats, "dice", "mean"), _cell(stats, "dice", "median"), _cell(stats, "iou", "mean"),
+            _cell(stats, "hd95", "mean") + (f" ({undefined} undefined)" if undefined else ""),
+            _cell(stats, "hd95", "median"), _cell(stats, "nsd", "mean"), _cell(stats, "nsd", "median"),
         )
-    table.add_row("[bold]mean foreground Dice[/]", "", fmt_metric(summary["mean_foreground_dice"]), *[""] * 6)
+    overall = summary["mean_foreground_dice"]
+    table.add_row("[bold]mean foreground Dice[/]", "", "n/a" if overall is None else fmt_metric(overall), *[""] * 6)
     return table
 
 
@@ -112,7 +120,7 @@ def find_best_cmd(
             nsd = [s["nsd"]["mean"] for s in per_label.values() if s["nsd"]["mean"] is not None]
             mark = "[bold green]★ [/]" if name == chosen else "  "
             table.add_row(mark + escape_markup(name), fmt_metric(summary["mean_foreground_dice"]),
-                          *[fmt_metric(per_label.get(n, {}).get("dice", {}).get("mean")) for n in label_names],
+                          *[_cell(per_label.get(n, {}), "dice", "mean") for n in label_names],
                           fmt_metric(sum(hd95) / len(hd95) if hd95 else None),
                           fmt_metric(sum(nsd) / len(nsd) if nsd else None))
         console.print(table)

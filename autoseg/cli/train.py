@@ -10,6 +10,18 @@ import typer
 from autoseg.cli._render import make_console, training_progress, user_errors
 
 
+def validation_line(fold: int, metrics: dict) -> str:
+    """The line printed after a fold's validation (``metrics`` as metrics.json holds it).
+
+    A mean foreground Dice of 0 is printed as 0 (a model that finds nothing), and a missing one
+    (every label absent from every validation case) as "n/a" — never as each other or as "nan".
+    """
+    mean = metrics["summary"].get("mean_foreground_dice")
+    shown = "n/a" if mean is None else f"{mean:.4f}"
+    cases = len(metrics["per_case"])
+    return f"fold {fold} validation ({cases} cases, TTA): mean foreground Dice {shown} → metrics.json"
+
+
 def train_cmd(
     work: Annotated[Path, typer.Argument(help="Experiment folder (WORK) written by 'autoseg plan'.")],
     configuration: Annotated[str, typer.Option("--config", "-c", help="Configuration to train (2d, 2.5d, "
@@ -87,9 +99,7 @@ def train_cmd(
                 on_preprocess=lambda name: console.print(f"{name} is not preprocessed yet: preprocessing it first"),
                 validate=validate, validate_only=validate_only, launch=launch,
                 on_budget=lambda line: console.print(line),
-                on_validated=lambda fold, m: console.print(
-                    f"fold {fold} validation ({len(m['per_case'])} cases, TTA): mean foreground Dice "
-                    f"{m['summary'].get('mean_foreground_dice') or float('nan'):.4f} → metrics.json"),
+                on_validated=lambda fold, m: console.print(validation_line(fold, m)),
             )
         import os
 

@@ -17,7 +17,8 @@ Conventions:
 * **Lossy masks** (JPEG, as Kvasir-SEG ships them: a 0/255 mask holds 0-8 and 247-255): with
   ``threshold=T`` (``--threshold 128``) a mask value ``>= T`` is foreground 1, anything else
   background 0, before the map (which then defaults to ``1=1``). Without it, values in that
-  pattern are recognised and the error says to threshold instead of mapping every grey level.
+  pattern are recognised (:func:`autoseg.dataset.check.looks_lossy_binary`, which ``autoseg check``
+  uses for the same advice) and the error says to threshold instead of mapping every grey level.
 * **Output**: ``imagesTr/{case}_{CCCC}{ending}``, ``labelsTr/{case}{ending}`` with the case id from
   the image's file name; ``.png`` (default; 8/16-bit images) or ``.nii.gz``. A colour image becomes
   one file per channel (``R``, ``G``, ``B``). Geometry (pixel spacing) is kept as read; the mask is
@@ -43,6 +44,7 @@ from autoseg.convert.common import (
     short_list,
     write_dataset_json,
 )
+from autoseg.dataset.check import looks_lossy_binary
 from autoseg.errors import ConfigError, DatasetError
 from autoseg.imageio import ENDINGS_2D, read_image, strip_ending, write_image
 
@@ -79,19 +81,6 @@ def parse_value_map(items: Sequence[str], threshold: int | None = None) -> dict[
         raise ConfigError("--map is required: say which mask value is which label, e.g. --map 255=1 "
                           "(or --threshold 128 for lossy 0/255 masks)")
     return mapping
-
-
-#: Lossy binary masks: every value within this distance of 0 or 255 (JPEG moves a 0/255 edge by a
-#: few grey levels; Kvasir-SEG's masks hold 0-8 and 247-255).
-LOSSY_MARGIN = 32
-
-
-def looks_lossy_binary(values: Sequence[int]) -> bool:
-    """True for the values of a 0/255 mask saved lossily: more than two, all near 0 or near 255."""
-    values = sorted(set(int(v) for v in values))
-    near_low = [v for v in values if 0 <= v <= LOSSY_MARGIN]
-    near_high = [v for v in values if 255 - LOSSY_MARGIN <= v <= 255]
-    return len(values) > 2 and bool(near_low) and bool(near_high) and len(near_low) + len(near_high) == len(values)
 
 
 def parse_label_names(items: Sequence[str]) -> dict[int, str]:

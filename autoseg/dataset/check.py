@@ -24,6 +24,24 @@ ORIGIN_WARN_VOXELS = 0.5
 #: Direction-cosine difference below which directions match, and up to which it is a warning.
 DIRECTION_ATOL = 1e-5
 DIRECTION_WARN = 1e-2
+#: Lossy binary masks: every value within this distance of 0 or 255 (JPEG moves a 0/255 edge by a
+#: few grey levels; Kvasir-SEG's masks hold 0-8 and 247-255).
+LOSSY_MARGIN = 32
+
+
+def looks_lossy_binary(values: Sequence[int]) -> bool:
+    """True for the values of a 0/255 mask saved lossily: more than two, all near 0 or near 255.
+
+    Args:
+        values: the distinct values found in one or more masks.
+
+    Returns:
+        Whether they cluster around 0 and 255 only (with at least one value near each).
+    """
+    distinct = sorted({int(v) for v in values})
+    near_low = [v for v in distinct if 0 <= v <= LOSSY_MARGIN]
+    near_high = [v for v in distinct if 255 - LOSSY_MARGIN <= v <= 255]
+    return len(distinct) > 2 and bool(near_low) and bool(near_high) and len(near_low) + len(near_high) == len(distinct)
 
 
 def compare_geometry(
@@ -109,6 +127,10 @@ def check_label_values(label: np.ndarray, declared: frozenset[int], *, case: str
     found = sorted(int(v) for v in values)
     if set(found) == {0, 255} or (set(found) <= {0, 255} and 255 in found):
         fix = "binary mask saved as 0/255: map 255 → 1 (e.g. 'autoseg convert png-masks --map 255=1')"
+    elif looks_lossy_binary(found):
+        # Declaring every grey level would make as many classes; the mask needs thresholding.
+        fix = ("these look like a 0/255 mask saved lossily (JPEG): threshold it, e.g. 'autoseg convert png-masks "
+               "IMAGES MASKS -o RAW --threshold 128'")
     else:
         fix = f"declare them in dataset.json 'labels' (declared: {sorted(declared)}) or fix the label map"
     return [Issue("error", "label-undeclared",

@@ -7,6 +7,13 @@ The decision follows nnU-Net (``determine_postprocessing``):
 2. Then, on top of the accepted state, try each foreground label alone (keep only that label's
    largest component), accepted under the same rule.
 
+A case where a label is absent from both prediction and reference is left out of that label's mean,
+as ``autoseg evaluate`` and find-best's choice leave it out (:func:`autoseg.metrics.summarize`), and
+as nnU-Net (Dice NaN, ``nanmean``): counted as Dice 1 it would dilute every change on often-absent
+structures. Removing components only removes voxels, so a label scored in no case before is scored
+in none after; a label whose every prediction was removed where the reference has none has no mean
+after (``None``), which counts as no worse.
+
 Components use full connectivity (26 neighbours in 3D, as ``skimage.measure.label``'s default that
 nnU-Net v2 uses): a component touching another only by an edge or corner is the same object.
 Removed voxels become background (0).
@@ -86,7 +93,8 @@ class PostprocessingDecision:
         labels: foreground label name -> values, so the decision applies without other context.
         dice_before: mean foreground Dice on the cross-validation predictions as they are.
         dice_after: the same after the decided postprocessing.
-        label_dice_before, label_dice_after: per-label mean Dice, before and after.
+        label_dice_before, label_dice_after: per-label mean Dice, before and after (``None`` for a
+            label absent from both prediction and reference in every case).
     """
 
     all_foreground: bool
@@ -94,8 +102,8 @@ class PostprocessingDecision:
     labels: dict[str, list[int]]
     dice_before: float | None = None
     dice_after: float | None = None
-    label_dice_before: dict[str, float] = field(default_factory=dict)
-    label_dice_after: dict[str, float] = field(default_factory=dict)
+    label_dice_before: dict[str, float | None] = field(default_factory=dict)
+    label_dice_after: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def is_noop(self) -> bool:
@@ -150,18 +158,29 @@ def apply_postprocessing(seg: np.ndarray, decision: PostprocessingDecision) -> n
     return out if out is not seg else seg.copy()
 
 
-def _mean(values: list[float]) -> float:
-    return float(np.mean(values)) if values else float("nan")
+def _mean(values: Iterable[float | None]) -> float | None:
+    """Mean of the defined values; None when there is none (a label absent from every pair)."""
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
 
 
-def _accept(before: dict[str, float], after: dict[str, float]) -> bool:
-    """nnU-Net's rule: mean foreground Dice improves and no label gets worse."""
-    improves = _mean(list(after.values())) > _mean(list(before.values()))
-    return improves and all(after[name] >= before[name] for name in before)
+def _accept(before: dict[str, float | None], after: dict[str, float | None]) -> bool:
+    """nnU-Net's rule: mean foreground Dice improves and no label gets worse.
+
+    Components are only removed, so a mean can only go from defined to None, never back: that
+    happens when every prediction of the label was removed from cases whose reference has none of
+    it, which is no worse (and, for the overall mean, better).
+    """
+    mean_before, mean_after = _mean(before.values()), _mean(after.values())
+    if mean_before is None:
+        return False  # nothing scored before: nothing to improve
+    improves = mean_after is None or mean_after > mean_before
+    worse = any(a is not None and b is not None and a < b for a, b in ((after[n], before[n]) for n in before))
+    return improves and not worse
 
 
 def candidate_dice(pred: np.ndarray, ref: np.ndarray,
-                   labels: Mapping[str, Sequence[int]]) -> dict[str, dict[str, float]]:
+                   labels: Mapping[str, Sequence[int]]) -> dict[str, dict[str, float | None]]:
     """One case's Dice per foreground label in every state the decision compares.
 
     States: ``"baseline"`` (as predicted), ``"all"`` (largest component of all foreground), and,
@@ -169,7 +188,7 @@ def candidate_dice(pred: np.ndarray, ref: np.ndarray,
     largest component on top of either).
 
     Returns:
-        State -> label name -> Dice.
+        State -> label name -> Dice (``None`` where the label is absent from both masks).
     """
     foreground = foreground_labels(labels)
     all_values = [v for values in foreground.values() for v in values]
@@ -184,7 +203,7 @@ def candidate_dice(pred: np.ndarray, ref: np.ndarray,
     return states
 
 
-def decide_from_dice(per_case: Iterable[dict[str, dict[str, float]]],
+def decide_from_dice(per_case: Iterable[dict[str, dict[str, float | None]]],
                      labels: Mapping[str, Sequence[int]]) -> PostprocessingDecision:
     """The decision from every case's :func:`candidate_dice` (see the module docstring).
 
@@ -200,7 +219,7 @@ def decide_from_dice(per_case: Iterable[dict[str, dict[str, float]]],
     if not names:
         return PostprocessingDecision(False, (), {})
     # state -> label -> per-case Dice
-    scores: dict[str, dict[str, list[float]]] = {}
+    scores: dict[str, dict[str, list[float | None]]] = {}
     n_cases = 0
     for states in per_case:
         n_cases += 1
@@ -211,7 +230,7 @@ def decide_from_dice(per_case: Iterable[dict[str, dict[str, float]]],
     if n_cases == 0:
         raise ValueError("a postprocessing decision needs at least one case")
 
-    def means(state: str) -> dict[str, float]:
+    def means(state: str) -> dict[str, float | None]:
         return {name: _mean(values) for name, values in scores[state].items()}
 
     before = means("baseline")
@@ -227,8 +246,8 @@ def decide_from_dice(per_case: Iterable[dict[str, dict[str, float]]],
         all_foreground=all_foreground,
         per_label=tuple(per_label),
         labels={name: list(values) for name, values in foreground.items()},
-        dice_before=_mean(list(before.values())),
-        dice_after=_mean(list(after.values())),
+        dice_before=_mean(before.values()),
+        dice_after=_mean(after.values()),
         label_dice_before=before,
         label_dice_after=after,
     )

@@ -19,7 +19,7 @@ import phantoms
 from autoseg import plans as plans_io
 from autoseg.checkpoint import CHECKPOINT_FORMAT
 from autoseg.errors import ConfigError, DatasetError, UnknownNameError
-from autoseg.imageio import Geometry, read_image, write_image
+from autoseg.imageio import Geometry, read_image, read_info, write_image
 from autoseg.plans import Configuration
 from autoseg.tasks.base import ConfigPrediction
 from autoseg.inference.predictor import Predictor
@@ -469,6 +469,24 @@ def test_input_discovery_groups_channels(tmp_path: Path) -> None:
         find_input_cases([tmp_path / "b.nii.gz", tmp_path / "b.nii.gz", tmp_path], num_channels=2)
     with pytest.raises(DatasetError, match="input not found"):
         find_input_cases([tmp_path / "missing.nii.gz"], num_channels=1)
+
+
+def test_input_discovery_takes_one_rgb_file_for_a_multichannel_2d_model(tmp_path: Path) -> None:
+    """nnU-Net's natural-image convention (imagesTs/{case}_0000.png in RGB) is one case, as in training;
+    its channel count is checked from the header, so a grey file is refused there."""
+    import SimpleITK as sitk
+
+    grey = np.arange(9 * 13, dtype=np.uint8).reshape(9, 13)
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([grey] * 3, -1), isVector=True), str(tmp_path / "x_0000.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(grey), str(tmp_path / "g_0000.png"))
+    for given in ([tmp_path], [tmp_path / "x_0000.png", tmp_path / "g_0000.png"]):
+        cases = find_input_cases(given, num_channels=3)
+        assert [(c.case_id, [p.name for p in c.images], c.ending) for c in cases] == \
+            [("g", ["g_0000.png"], ".png"), ("x", ["x_0000.png"], ".png")]
+    assert [read_info(c.images[0]).channels for c in cases] == [1, 3]
+    (tmp_path / "z_0000.nii.gz").write_bytes(b"")
+    with pytest.raises(DatasetError, match="case 'z' lacks z_0001.nii.gz"):  # 3D files: one per channel
+        find_input_cases([tmp_path / "z_0000.nii.gz"], num_channels=3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -724,6 +724,32 @@ def test_validation_of_a_png_dataset_writes_png_like_predict(work_png: Path, tmp
     assert np.array_equal(read_image(folder / f"{val_cases[0]}.png")[0], predicted)
 
 
+def test_find_best_postprocessing_and_ensemble_read_png_fold_validations(tmp_path: Path, cli) -> None:
+    """What reads fold validations finds the PNG label maps: find-best scores and postprocesses them,
+    ensemble writes PNG again (the label map's format, as predict would)."""
+    import shutil
+
+    from autoseg.evaluation import find_best
+    from autoseg.training.validation import validate_fold, validation_folder
+
+    work = _experiment(tmp_path / "exp", phantoms.write_png_dataset, {"2d": (0, 1, 2, 3, 4)})
+    splits = json.loads((work / "splits.json").read_text())
+    for fold in range(len(splits)):
+        validate_fold(work, "2d", fold, device="cpu")
+    assert not list((work / "models").rglob("*.nii.gz"))
+    result = find_best.run(work, workers=1)
+    assert result.best.configurations == ("2d",) and set(result.best.scores) == {"2d"}
+    assert result.best.postprocessing.dice_before == pytest.approx(result.best.scores["2d"])
+    first = validation_folder(work, "2d", 0)
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    out = tmp_path / "ensembled"
+    ensembled = cli("ensemble", first, copy, "-o", out, "-j", "1")
+    assert ensembled.exit_code == 0, ensembled.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in first.glob("*.png"))
+    assert all(np.array_equal(read_image(p)[0], read_image(out / p.name)[0]) for p in first.glob("*.png"))
+
+
 def test_validate_fold_writes_predictions_and_metrics(work3d: Path) -> None:
     from autoseg.training.validation import validate_fold
 

@@ -120,6 +120,9 @@ def test_rgb_png_carries_every_channel_in_one_file(tmp_path: Path) -> None:
     assert spec is not None and [len(c.images) for c in spec.cases] == [1, 1]
     assert read_image(spec.cases[0].images[0])[0].shape == (3, 1, *phantoms.SHAPE_2D)
     assert _scan_issues(spec) == []
+    # The same files given to predict (imagesTs is named alike): one case each, not "lacks x_0001.png".
+    found = discover_images(root / "imagesTr", num_channels=3)
+    assert [(c.case_id, c.images) for c in found] == [(c.case_id, c.images) for c in spec.cases]
 
 
 def test_gray_png_with_three_declared_channels_is_an_error(tmp_path: Path) -> None:

@@ -176,15 +176,20 @@ def test_ddp_user_error_in_every_rank_is_one_clear_error(work: Path) -> None:
 def test_folds_parallel_trains_each_fold_once(work: Path) -> None:
     seen: dict[int, list[int]] = {}
     validated: list[int] = []
+    validating: dict[int, list[tuple[int, int]]] = {}  # the children's validation progress, relayed
 
     def callbacks_for(fold: int) -> Callbacks:
-        return Callbacks(on_epoch_end=lambda record: seen.setdefault(fold, []).append(record["epoch"]))
+        return Callbacks(on_epoch_end=lambda record: seen.setdefault(fold, []).append(record["epoch"]),
+                         on_validation=lambda done, total: validating.setdefault(fold, []).append((done, total)))
 
     results = training.run(work, "3d_fullres", "1,2", _cfg(2), launch=Launch("folds", ("cpu", "cpu")),
                            callbacks_for=callbacks_for, on_validated=lambda fold, m: validated.append(fold))
     assert [r.fold for r in results] == [1, 2]
     assert seen == {1: [0, 1], 2: [0, 1]}
     assert sorted(validated) == [1, 2]
+    for fold in (1, 2):
+        total = len(json.loads((_fold(work, fold) / "metrics.json").read_text())["per_case"])
+        assert validating[fold] == [(done, total) for done in range(total + 1)]
     for fold in (1, 2):
         assert (_fold(work, fold) / "checkpoint_final.pt").is_file()
         metrics = json.loads((_fold(work, fold) / "metrics.json").read_text())

@@ -19,7 +19,7 @@ import phantoms
 from autoseg import plans as plans_io
 from autoseg.checkpoint import CHECKPOINT_FORMAT
 from autoseg.errors import ConfigError, DatasetError, UnknownNameError
-from autoseg.imageio import Geometry, read_image, write_image
+from autoseg.imageio import Geometry, read_image, read_info, write_image
 from autoseg.plans import Configuration
 from autoseg.tasks.base import ConfigPrediction
 from autoseg.inference.predictor import Predictor
@@ -471,6 +471,24 @@ def test_input_discovery_groups_channels(tmp_path: Path) -> None:
         find_input_cases([tmp_path / "missing.nii.gz"], num_channels=1)
 
 
+def test_input_discovery_takes_one_rgb_file_for_a_multichannel_2d_model(tmp_path: Path) -> None:
+    """nnU-Net's natural-image convention (imagesTs/{case}_0000.png in RGB) is one case, as in training;
+    its channel count is checked from the header, so a grey file is refused there."""
+    import SimpleITK as sitk
+
+    grey = np.arange(9 * 13, dtype=np.uint8).reshape(9, 13)
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([grey] * 3, -1), isVector=True), str(tmp_path / "x_0000.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(grey), str(tmp_path / "g_0000.png"))
+    for given in ([tmp_path], [tmp_path / "x_0000.png", tmp_path / "g_0000.png"]):
+        cases = find_input_cases(given, num_channels=3)
+        assert [(c.case_id, [p.name for p in c.images], c.ending) for c in cases] == \
+            [("g", ["g_0000.png"], ".png"), ("x", ["x_0000.png"], ".png")]
+    assert [read_info(c.images[0]).channels for c in cases] == [1, 3]
+    (tmp_path / "z_0000.nii.gz").write_bytes(b"")
+    with pytest.raises(DatasetError, match="case 'z' lacks z_0001.nii.gz"):  # 3D files: one per channel
+        find_input_cases([tmp_path / "z_0000.nii.gz"], num_channels=3)
+
+
 # ----------------------------------------------------------------------------------------------
 # Predictor and export
 
@@ -704,6 +722,32 @@ def test_validation_of_a_png_dataset_writes_png_like_predict(work_png: Path, tmp
     run(work_png, [image], tmp_path / "pred", ["2d"], device="cpu")
     predicted = read_image(tmp_path / "pred" / f"{val_cases[0]}.png")[0]
     assert np.array_equal(read_image(folder / f"{val_cases[0]}.png")[0], predicted)
+
+
+def test_find_best_postprocessing_and_ensemble_read_png_fold_validations(tmp_path: Path, cli) -> None:
+    """What reads fold validations finds the PNG label maps: find-best scores and postprocesses them,
+    ensemble writes PNG again (the label map's format, as predict would)."""
+    import shutil
+
+    from autoseg.evaluation import find_best
+    from autoseg.training.validation import validate_fold, validation_folder
+
+    work = _experiment(tmp_path / "exp", phantoms.write_png_dataset, {"2d": (0, 1, 2, 3, 4)})
+    splits = json.loads((work / "splits.json").read_text())
+    for fold in range(len(splits)):
+        validate_fold(work, "2d", fold, device="cpu")
+    assert not list((work / "models").rglob("*.nii.gz"))
+    result = find_best.run(work, workers=1)
+    assert result.best.configurations == ("2d",) and set(result.best.scores) == {"2d"}
+    assert result.best.postprocessing.dice_before == pytest.approx(result.best.scores["2d"])
+    first = validation_folder(work, "2d", 0)
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    out = tmp_path / "ensembled"
+    ensembled = cli("ensemble", first, copy, "-o", out, "-j", "1")
+    assert ensembled.exit_code == 0, ensembled.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in first.glob("*.png"))
+    assert all(np.array_equal(read_image(p)[0], read_image(out / p.name)[0]) for p in first.glob("*.png"))
 
 
 def test_validate_fold_writes_predictions_and_metrics(work3d: Path) -> None:

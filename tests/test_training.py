@@ -216,7 +216,8 @@ def test_leftover_temporary_files_of_a_killed_run_are_removed(tmp_path: Path) ->
 
 
 def test_train_prints_progress_lines_when_output_is_not_a_terminal(tmp_path: Path, cli, monkeypatch) -> None:
-    """Redirected to a log file, training says which iteration it is at, not only whole epochs."""
+    """Redirected to a log file, training says which iteration it is at, not only whole epochs, and
+    the fold's validation after it which case (it was silent until its summary)."""
     import phantoms
 
     from autoseg.cli import _render
@@ -227,6 +228,9 @@ def test_train_prints_progress_lines_when_output_is_not_a_terminal(tmp_path: Pat
     phantoms.write_nnunet_dataset(raw, n_cases=5)
     plan_dataset(raw, work, planner="tiny", workers=1)
     result = cli("train", work, "-c", "3d_fullres", "-f", "0", "--epochs", "1", "--iters-per-epoch", "2",
-                 "--val-iters", "1", "-j", "0", "--device", "cpu", "--no-validate")
+                 "--val-iters", "1", "-j", "0", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "fold 0 epoch 0: iteration 2/2, loss " in result.output, result.output
+    assert "fold 0 validation: case 0/1, elapsed " in result.output, result.output
+    assert "fold 0 validation: case 1/1, elapsed " in result.output, result.output
+    assert result.output.index("fold 0 validation: case 1/1") < result.output.index("fold 0 validation (1 cases")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -26,36 +26,55 @@ Workers = Annotated[
 
 
 #: Output to a file or a pipe gets no live bars (nothing would show until the end: a 31-minute
-#: prediction redirected to a log stayed silent); instead a plain progress line at most this often.
+#: prediction redirected to a log stayed silent); instead a plain progress line at most this often,
+#: and a closing one when the work took at least that long.
 LINE_EVERY_S = 10.0
+
+#: A clock for elapsed times: seconds from an arbitrary start (tests pass a fake one).
+Clock = Callable[[], float]
 
 
 class ProgressLines:
     """Throttled plain progress lines (with elapsed time and ETA) for a console that is no terminal.
 
+    Every command's non-terminal progress goes through this one class (:func:`progress_bar`,
+    :func:`predict_progress`, :func:`training_progress`), so all say the same things the same way.
+
     Args:
         console: where the lines go.
+        clock: monotonic seconds (``time.monotonic``; a fake clock in tests).
     """
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, clock: Clock = time.monotonic) -> None:
         self.console = console
-        self.started = self.last = time.monotonic()
+        self.clock = clock
+        self.started = self.last = clock()
 
     def due(self) -> bool:
         """True at most once per :data:`LINE_EVERY_S` (read at each call, so tests may lower it)."""
-        now = time.monotonic()
+        now = self.clock()
         if now - self.last < LINE_EVERY_S:
             return False
         self.last = now
         return True
 
+    def long_running(self) -> bool:
+        """True once the work has taken :data:`LINE_EVERY_S` or more: it deserves a closing line
+        (shorter work stays quiet, as it did on a terminal)."""
+        return self.clock() - self.started >= LINE_EVERY_S
+
+    def elapsed(self) -> str:
+        """``elapsed 1:02`` since this object was made."""
+        return f"elapsed {_clock(self.clock() - self.started)}"
+
     def timing(self, fraction: float) -> str:
         """``elapsed 1:02, ETA 3:10`` for ``fraction`` of the work done (ETA ``?`` before any)."""
-        elapsed = time.monotonic() - self.started
+        elapsed = self.clock() - self.started
         eta = _clock(elapsed * (1 - fraction) / fraction) if fraction > 0 else "?"
         return f"elapsed {_clock(elapsed)}, ETA {eta}"
 
     def say(self, text: str) -> None:
+        """Print ``text`` as it is: no markup, no highlighting, never folded."""
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -92,20 +111,34 @@ def user_errors() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str) -> Iterator[object]:
-    """A rich progress bar with ETA; yields a ``progress(done, total)`` callback. Not on a terminal:
-    a plain line ``description: done/total (p%), elapsed, ETA`` every :data:`LINE_EVERY_S` instead."""
+def progress_bar(description: str, *, console: Console | None = None,
+                 clock: Clock = time.monotonic) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar with ETA; yields a ``progress(done, total)`` callback.
+
+    Not on a terminal: a plain line ``description: done/total (p%), elapsed, ETA`` every
+    :data:`LINE_EVERY_S` instead, and ``description: finished done/total, elapsed`` at the end of
+    work that took that long.
+
+    Args:
+        description: what is being done ("preprocessing").
+        console: where it goes (default: stderr, so that stdout stays clean).
+        clock: monotonic seconds, for the plain lines (a fake clock in tests).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    console = make_console(stderr=True)
+    console = console or make_console(stderr=True)
     if not console.is_terminal:
-        lines = ProgressLines(console)
+        lines = ProgressLines(console, clock)
+        last = {"done": 0, "total": 0}
 
         def line(done: int, total: int) -> None:
+            last.update(done=done, total=total)
             if total and lines.due():
                 lines.say(f"{description}: {done}/{total} ({100 * done / total:.0f}%), {lines.timing(done / total)}")
 
         yield line
+        if lines.long_running():  # so that a log shows when a long step ended (not after an error)
+            lines.say(f"{description}: finished {last['done']}/{last['total']}, {lines.elapsed()}")
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
@@ -129,8 +162,18 @@ def progress_bar(description: str) -> Iterator[object]:
 
 
 @contextlib.contextmanager
-def training_progress(console: Console) -> Iterator[object]:
-    """Per fold: a bar per epoch with ETA, and one summary line per finished epoch."""
+def training_progress(console: Console, *, clock: Clock = time.monotonic) -> Iterator[Callable[[int], object]]:
+    """Per fold: a bar per epoch with ETA, one summary line per finished epoch, and a bar over the
+    cases of the fold's validation after training. Not on a terminal the bars are off and a line
+    every :data:`LINE_EVERY_S` says where the epoch, or the validation, is.
+
+    Args:
+        console: where it goes.
+        clock: monotonic seconds, for the plain lines (a fake clock in tests).
+
+    Yields:
+        ``callbacks_for(fold)``, making the fold's ``autoseg.training.trainer.Callbacks``.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from autoseg.training.trainer import Callbacks
@@ -138,8 +181,7 @@ def training_progress(console: Console) -> Iterator[object]:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
                         disable=not console.is_terminal)
-    # Not on a terminal the bars are off and a line every LINE_EVERY_S says where the epoch is.
-    lines = None if console.is_terminal else ProgressLines(console)
+    lines = None if console.is_terminal else ProgressLines(console, clock)
 
     def callbacks_for(fold: int) -> Callbacks:
         task: dict = {"id": None, "epoch": None}
@@ -161,6 +203,23 @@ def training_progress(console: Console) -> Iterator[object]:
                 of = f"/{int(total)}" if total else ""
                 lines.say(f"fold {fold} epoch {task['epoch']}: iteration {it + 1}{of}, loss {loss:.4f}")
 
+        def validating(done: int, total: int) -> None:
+            if task["id"] is not None:  # training is over: the last epoch's bar makes way
+                progress.remove_task(task["id"])
+                task["id"] = None
+            if "validation" not in task:
+                # Its own clock: the ETA is over the validation cases, not since training began.
+                task["validation"] = progress.add_task(f"fold {fold} validation (cases)", total=total, loss="-")
+                task["validation_lines"] = None if console.is_terminal else ProgressLines(console, clock)
+            progress.update(task["validation"], completed=done, total=total)
+            validation_lines = task["validation_lines"]
+            if validation_lines is not None and total and validation_lines.due():
+                validation_lines.say(f"fold {fold} validation: case {done}/{total}, "
+                                     f"{validation_lines.timing(done / total)}")
+            if done == total:
+                progress.remove_task(task["validation"])
+                del task["validation"]
+
         def end(record: dict) -> None:
             dice = ", ".join("-" if d is None else f"{d:.3f}" for d in record["pseudo_dice"])
             progress.console.print(
@@ -169,27 +228,32 @@ def training_progress(console: Console) -> Iterator[object]:
                 f"{record['epoch_time_s']:.1f} s ({record['s_per_it']:.2f} s/it, data wait "
                 f"{100 * record['data_wait_fraction']:.0f}%)")
 
-        return Callbacks(on_epoch_start=start, on_iteration=step, on_epoch_end=end)
+        return Callbacks(on_epoch_start=start, on_iteration=step, on_epoch_end=end, on_validation=validating)
 
     with progress:
         yield callbacks_for
 
 
 @contextlib.contextmanager
-def predict_progress() -> Iterator[object]:
+def predict_progress(*, console: Console | None = None, clock: Clock = time.monotonic) -> Iterator[object]:
     """A bar per case over its sliding windows, with ETA; yields ``autoseg.inference.run.PredictCallbacks``.
 
     Not on a terminal: a line ``predicting CASE (k/n): windows i/m, elapsed, ETA`` (ETA over all
-    cases) every :data:`LINE_EVERY_S` instead of the bars.
+    cases) every :data:`LINE_EVERY_S` instead of the bars, and ``predicting: finished n case(s),
+    elapsed`` at the end of a prediction that took that long.
+
+    Args:
+        console: where it goes (default: stderr, so that stdout stays clean).
+        clock: monotonic seconds, for the plain lines (a fake clock in tests).
     """
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from autoseg.inference.run import PredictCallbacks
 
-    console = make_console(stderr=True)
+    console = console or make_console(stderr=True)
     if not console.is_terminal:
-        lines = ProgressLines(console)
+        lines = ProgressLines(console, clock)
         case: dict = {"index": 0, "total": 1, "id": ""}
 
         def case_line(index: int, total: int, case_id: str) -> None:
@@ -204,6 +268,8 @@ def predict_progress() -> Iterator[object]:
                           f"{lines.timing(fraction)}")
 
         yield PredictCallbacks(case_line, windows_line)
+        if lines.long_running() and case["id"]:  # so that a log shows when it ended (not after an error)
+            lines.say(f"predicting: finished {case['total']} case(s), {lines.elapsed()}")
         return
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)

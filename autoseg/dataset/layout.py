@@ -472,8 +472,11 @@ def _discover_msd(root: Path, meta: dict[str, Any], issues: list[Issue]) -> tupl
 def group_channel_files(files: list[Path], num_channels: int) -> tuple[list[Case], list[Path]]:
     """Group ``{case}_{CCCC}{ending}`` files into the channels of cases (nnU-Net's naming).
 
-    A group whose channels are exactly ``0 .. num_channels - 1`` is a case. A group that has a
-    channel 0 but other channels than that is refused: extra files would otherwise become cases
+    A group whose channels are exactly ``0 .. num_channels - 1`` is a case, and so is a lone
+    ``{case}_0000`` 2D file (PNG, TIF, ...) for a multi-channel model: nnU-Net's natural-image
+    convention, one RGB file carrying every channel, as training reads it (its channel count is
+    checked from the header later, :func:`autoseg.inference.inputs.check_inputs`). A group that has
+    a channel 0 but other channels than that is refused: extra files would otherwise become cases
     of their own (``x_0001`` predicted as a second case), missing ones a case that fails later
     with a less clear message. For a one-channel model, ``{name}_{CCCC}`` files without a
     ``_0000`` beside them are not channels of anything: each stands alone under its full name.
@@ -507,6 +510,9 @@ def group_channel_files(files: list[Path], num_channels: int) -> tuple[list[Case
     for (folder, case_id), channels in sorted(groups.items()):
         if set(channels) == expected:
             cases.append(Case(case_id, tuple(channels[c] for c in range(num_channels)), None))
+        elif num_channels > 1 and set(channels) == {0} and \
+                strip_ending(channels[0].name)[1].lower() in ENDINGS_2D:
+            cases.append(Case(case_id, (channels[0],), None))  # one RGB file, as _discover_nnunet reads it
         elif 0 not in channels and num_channels == 1:
             rest.extend(channels.values())
         else:

@@ -172,7 +172,8 @@ def run(
         from autoseg.training.validation import validate_fold
 
         for fold in parse_folds(folds, len(splits)):
-            metrics = validate_fold(work, configuration, fold, "final", cfg.device)
+            callbacks = callbacks_for(fold) if callbacks_for else Callbacks()
+            metrics = validate_fold(work, configuration, fold, "final", cfg.device, progress=callbacks.on_validation)
             if on_validated:
                 on_validated(fold, metrics)
             results.append(FoldResult(fold, TrainState(), fold_folder(work, configuration, fold)))
@@ -184,7 +185,8 @@ def run(
         if validate:
             from autoseg.training.validation import validate_fold
 
-            metrics = validate_fold(work, configuration, fold, "final", cfg.device)
+            metrics = validate_fold(work, configuration, fold, "final", cfg.device,
+                                    progress=callbacks.on_validation if callbacks else None)
             if on_validated:
                 on_validated(fold, metrics)
         results.append(FoldResult(fold, state, setup.paths.root))
@@ -234,6 +236,7 @@ def _event_callbacks(child: ChildContext, fold: int) -> Callbacks:
         on_epoch_start=lambda epoch, iters: child.post(Event(fold, "epoch_start", (epoch, iters))),
         on_iteration=lambda it, loss: child.post(Event(fold, "iteration", (it, loss))),
         on_epoch_end=lambda record: child.post(Event(fold, "epoch_end", (record,))),
+        on_validation=lambda done, total: child.post(Event(fold, "validation", (done, total))),
     )
 
 
@@ -253,7 +256,7 @@ def _dispatcher(callbacks_for: Callable[[int], Callbacks] | None,
             made[event.fold] = callbacks_for(event.fold)
         callbacks = made[event.fold]
         {"epoch_start": callbacks.on_epoch_start, "iteration": callbacks.on_iteration,
-         "epoch_end": callbacks.on_epoch_end}[event.name](*event.args)
+         "epoch_end": callbacks.on_epoch_end, "validation": callbacks.on_validation}[event.name](*event.args)
 
     return on_event
 
@@ -267,11 +270,13 @@ def _train_child(child: ChildContext, job: _Job) -> list[tuple[int, TrainState]]
     states = []
     for fold in job.folds:
         setup = fold_setup(job.work, plans, job.configuration, fold, job.splits)
-        state = train_fold(setup, cfg, resume=job.resume, callbacks=_event_callbacks(child, fold), dist=child.dist)
+        callbacks = _event_callbacks(child, fold)
+        state = train_fold(setup, cfg, resume=job.resume, callbacks=callbacks, dist=child.dist)
         if job.validate and not child.dist.enabled:
             from autoseg.training.validation import validate_fold
 
-            metrics = validate_fold(job.work, job.configuration, fold, "final", child.device)
+            metrics = validate_fold(job.work, job.configuration, fold, "final", child.device,
+                                    progress=callbacks.on_validation)
             child.post(Event(fold, "validated", (metrics,)))
         states.append((fold, state))
     return states
@@ -301,7 +306,10 @@ def _run_launched(work: Path, configuration: str, folds: list[int], splits: list
         if validate:
             from autoseg.training.validation import validate_fold
 
-            metrics = validate_fold(work, configuration, fold, "final", launch.devices[0])
+            def validating(done: int, total: int, fold: int = fold) -> None:
+                on_event(Event(fold, "validation", (done, total)))  # to the fold's callbacks, like the ranks' events
+
+            metrics = validate_fold(work, configuration, fold, "final", launch.devices[0], progress=validating)
             on_event(Event(fold, "validated", (metrics,)))
         results.append(FoldResult(fold, state, fold_folder(work, configuration, fold)))
     return results
@@ -321,9 +329,10 @@ def _run_torchrun(work: Path, plans: plans_io.Plans, configuration: str, folds: 
         cfg = distributed.replace_device(cfg, f"cuda:{ctx.local_rank}")
     distributed.init_process_group(ctx, "nccl" if use_cuda else "gloo")
     results = []
+    callbacks_of: dict[int, Callbacks] = {}  # the fold's validation reports to its training's callbacks
     for fold in folds:
         setup = fold_setup(work, plans, configuration, fold, splits)
-        callbacks = callbacks_for(fold) if (callbacks_for and ctx.is_main) else None
+        callbacks = callbacks_of[fold] = callbacks_for(fold) if (callbacks_for and ctx.is_main) else Callbacks()
         state = train_fold(setup, cfg, resume=resume, callbacks=callbacks, dist=ctx)
         results.append(FoldResult(fold, state, setup.paths.root))
     # Only after success: on an error, destroying an NCCL group can wait forever for peers stuck in
@@ -333,7 +342,8 @@ def _run_torchrun(work: Path, plans: plans_io.Plans, configuration: str, folds: 
         from autoseg.training.validation import validate_fold
 
         for result in results:
-            metrics = validate_fold(work, configuration, result.fold, "final", cfg.device)
+            metrics = validate_fold(work, configuration, result.fold, "final", cfg.device,
+                                    progress=callbacks_of[result.fold].on_validation)
             if on_validated:
                 on_validated(result.fold, metrics)
     return results

@@ -101,11 +101,21 @@ class FoldPaths:
 
 @dataclass
 class Callbacks:
-    """Progress reporting hooks (the CLI draws rich bars with them; tests leave them empty)."""
+    """Progress reporting hooks (the CLI draws rich bars with them; tests leave them empty).
+
+    Attributes:
+        on_epoch_start: ``(epoch, iterations or None)`` as an epoch starts (again once a time
+            budget has sized it).
+        on_iteration: ``(iteration, loss)`` after each training step.
+        on_epoch_end: the epoch's record (losses, pseudo-Dice, timings) once it is logged.
+        on_validation: ``(cases done, cases)`` during the fold's full validation after training
+            (:func:`autoseg.training.validation.validate_fold`), from ``(0, cases)`` on.
+    """
 
     on_epoch_start: Callable[[int, int | None], None] = lambda epoch, iters: None
     on_iteration: Callable[[int, float], None] = lambda it, loss: None
     on_epoch_end: Callable[[dict[str, Any]], None] = lambda record: None
+    on_validation: Callable[[int, int], None] = lambda done, total: None
 
 
 # ----------------------------------------------------------------------------------------------

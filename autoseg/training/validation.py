@@ -61,7 +61,8 @@ def validate_fold(
         checkpoint: ``final``, ``best`` or ``latest``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         nsd_tolerance_mm: NSD tolerance (2 mm: autoseg's default).
-        progress: ``progress(done, total)`` over the validation cases.
+        progress: ``progress(done, total)`` over the validation cases: ``(0, total)`` first, then
+            after each case.
 
     Returns:
         What ``metrics.json`` holds: ``configuration``, ``fold``, ``checkpoint``, ``tta``,
@@ -92,6 +93,8 @@ def validate_fold(
     predictor = Predictor(work, selections, device=device, tta=True, engine="torch")
     folder = validation_folder(work, configuration, fold)
     per_case: dict[str, dict[str, dict]] = {}
+    if progress is not None:
+        progress(0, len(val_ids))  # before the first case, which can take minutes on its own
     for index, case_id in enumerate(val_ids):
         case = cases[case_id]
         if case.label is None:

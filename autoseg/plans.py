@@ -259,8 +259,21 @@ def from_dict(data: Any) -> Plans:
     if version != SCHEMA_VERSION:
         raise PlanError(f"schema_version is {version!r}, this autoseg reads {SCHEMA_VERSION}; re-run 'autoseg plan'")
     plans = _build(Plans, data, "")
+    plans = _fill_previous_stage_channels(plans, data)
     _validate(plans)
     return plans
+
+
+def _fill_previous_stage_channels(plans: Plans, data: dict[str, Any]) -> Plans:
+    """Plans written before ``previous_stage_channels`` existed (autoseg did not train cascades
+    then, so no network disagrees): a cascade stage gets one channel per foreground label value."""
+    configurations = dict(plans.configurations)
+    for name, config in plans.configurations.items():
+        raw = data["configurations"].get(name) or {}
+        if config.previous_stage and "previous_stage_channels" not in raw:
+            configurations[name] = dataclasses.replace(
+                config, previous_stage_channels=len(foreground_label_values(plans.labels)))
+    return dataclasses.replace(plans, configurations=configurations) if configurations != plans.configurations else plans
 
 
 _NESTED = {

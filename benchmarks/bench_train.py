@@ -48,6 +48,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--keep", action="store_true",
+                        help="train into WORK/models (fold 0's checkpoints kept, e.g. to predict with) instead of a scratch copy")
+    parser.add_argument("--json-line", action="store_true",
+                        help="also print the result as one 'BENCH_RESULT {json}' line (benchmarks/bench_vs_nnunet.py)")
     args = parser.parse_args()
 
     from autoseg import plans as plans_io
@@ -70,7 +74,8 @@ def main() -> None:
         import autoseg.training.run as run_module
 
         original = run_module.fold_folder
-        run_module.fold_folder = lambda work, c, f: Path(tmp) / c / f"fold_{f}"
+        if not args.keep:
+            run_module.fold_folder = lambda work, c, f: Path(tmp) / c / f"fold_{f}"
         try:
             start = time.perf_counter()
             results = training.run(args.work, args.config, "0", cfg, callbacks_for=lambda fold: callbacks,
@@ -84,7 +89,7 @@ def main() -> None:
     forward = conv_flops(config.topology, config.patch_size, config.input_channels, plans.num_classes)
     flops_per_it = 3 * forward * batch
     gflops = conv_throughput_gflops(channels_last=not args.no_channels_last and config.dims == 3)
-    print(json.dumps({
+    result = {
         "benchmark": "training throughput",
         "configuration": args.config,
         "patch_size": list(config.patch_size),
@@ -102,7 +107,10 @@ def main() -> None:
         "arithmetic_floor_s_per_it": round(flops_per_it / (gflops * 1e9), 3),
         "wall_s_including_setup": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }, indent=2))
+    }
+    print(json.dumps(result, indent=2))
+    if args.json_line:
+        print("BENCH_RESULT " + json.dumps(result))
 
 
 if __name__ == "__main__":

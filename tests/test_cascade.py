@@ -76,6 +76,14 @@ def test_a_plan_without_a_cascade_says_why(tmp_path: Path) -> None:
                for n in plans.notes)
 
 
+def test_plans_from_before_previous_stage_channels_still_load(experiment) -> None:
+    _, work, _ = experiment
+    text = (work / "plans.yaml").read_text()
+    older = "\n".join(line for line in text.splitlines() if "previous_stage_channels" not in line)
+    plans = plans_io.from_dict(__import__("yaml").safe_load(older))
+    assert plans.configurations["3d_cascade_fullres"].previous_stage_channels == 2
+
+
 def test_plans_check_the_cascade_input_channels(experiment) -> None:
     _, work, _ = experiment
     data = plans_io.to_dict(plans_io.load(work / "plans.yaml"))
@@ -161,7 +169,10 @@ def test_lowres_then_cascade_trains_predicts_and_exports(experiment, tmp_path: P
     train(work, "3d_lowres", "0", FAST)
     with pytest.raises(ConfigError, match=r"2 case\(s\) have none \(fold\(s\) 1 of 3d_lowres"):
         train(work, "3d_cascade_fullres", "0", FAST)
-    train(work, "3d_lowres", "1", FAST)
+    train(work, "3d_lowres", "1", FAST, validate=False)
+    with pytest.raises(ConfigError, match=r"fold\(s\) 1 of 3d_lowres are trained but .* -f 1 --validate-only"):
+        train(work, "3d_cascade_fullres", "0", FAST)
+    train(work, "3d_lowres", "1", FAST, validate_only=True)
 
     # Make the lowres cross-validation label maps recognisable: each case's map marks its fold.
     plans = plans_io.load(work / "plans.yaml")

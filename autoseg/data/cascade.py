@@ -23,10 +23,12 @@ P_REMOVE_COMPONENT = 0.2
 MAX_COMPONENT_SHARE = 0.15
 
 
-def one_hot_previous(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
+def one_hot_previous(labels: np.ndarray, values: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
     """``(len(values), *labels.shape)`` float32 one-hot channels of a previous stage's labels, one
-    per foreground value (background has none: it is the absence of every other)."""
-    out = np.empty((len(values), *labels.shape), dtype=np.float32)
+    per foreground value (background has none: it is the absence of every other); written into
+    ``out`` when given (e.g. the channels after the image's in the network input, without a copy)."""
+    if out is None:
+        out = np.empty((len(values), *labels.shape), dtype=np.float32)
     for i, value in enumerate(values):
         np.equal(labels, value, out=out[i], casting="unsafe")
     return out
@@ -53,7 +55,7 @@ def perturb_previous(onehot: np.ndarray, rng: np.random.Generator) -> None:
                 if not mask.any():
                     continue
                 operator = operators[int(rng.integers(len(operators)))]
-                size = int(rng.integers(STRUCTURE_SIZE[0], STRUCTURE_SIZE[1]))
+                size = int(rng.integers(STRUCTURE_SIZE[0], STRUCTURE_SIZE[1] + 1))
                 changed = operator(mask, structure=structure, iterations=size)
                 gained = changed & ~mask
                 sample[:, gained] = 0

@@ -129,8 +129,11 @@ class BatchProducer:
         self.sample_size = self.augmenter.initial_patch_size if self.augmenter else self.patch_size
         strides = deep_supervision_strides(config.topology)
         self.strides = strides if deep_supervision else strides[:1]
-        sampler_seed, global_seed = seed_sequence.spawn(2)
+        # A third stream for the cascade's perturbation (spawn keys 0 and 1 are unchanged by it),
+        # so a cascade samples the same patches as its plain configuration with the same seed.
+        sampler_seed, global_seed, cascade_seed = seed_sequence.spawn(3)
         self.rng = np.random.default_rng(sampler_seed)
+        self.cascade_rng = np.random.default_rng(cascade_seed)
         self.global_random = GlobalRandomState(int(global_seed.generate_state(1)[0]))
 
     def next(self) -> dict[str, Any]:
@@ -151,7 +154,7 @@ class BatchProducer:
             seg, previous = seg[:, :1], seg[:, 1]
             onehot = np.stack([one_hot_previous(p, list(self.cases[0].previous_values)) for p in previous])
             if self.augmenter is not None:
-                perturb_previous(onehot, self.rng)
+                perturb_previous(onehot, self.cascade_rng)
             image = np.concatenate([image, onehot], axis=1)
         return {"image": image, "target": downsample_seg(seg, self.strides), "case_ids": patches.case_ids}
 

@@ -138,6 +138,10 @@ def export_model(
     stages = [p for s in selections if (p := previous_stage_selection(
         s, plans.configurations[s.configuration].previous_stage if s.configuration in plans.configurations else None,
         selections)) is not None]
+    for stage in stages:
+        if any(s.configuration == stage.configuration for s in selections):
+            raise ConfigError(f"{stage.configuration} is exported with other folds than the cascade's own "
+                              f"({list(stage.folds)}); export both with the same folds (-f)")
     if graph_kinds:
         cascades = [s.configuration for s in selections if plans.configurations.get(s.configuration) is not None
                     and plans.configurations[s.configuration].previous_stage]

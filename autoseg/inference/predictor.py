@@ -328,7 +328,7 @@ class Predictor:
             jobs.append((models, *prepared[digest]))
         totals = [count_windows(data.shape[1:], m.config.patch_size, self.step) for m, data, _ in jobs]
         self.stats.windows += sum(totals)
-        predicted: dict[str, ConfigPrediction] = {}
+        predicted: dict[tuple[str, tuple[int, ...]], ConfigPrediction] = {}
         for index, (models, data, props) in enumerate(jobs):
             done_before = sum(totals[:index])
 
@@ -337,8 +337,8 @@ class Predictor:
                     progress(offset + done, sum(totals))
 
             if models.config.previous_stage:
-                data = self._with_previous_stage(data, props, models, predicted[models.config.previous_stage],
-                                                 geometry)
+                data = self._with_previous_stage(data, props, models,
+                                                 predicted[(models.config.previous_stage, models.folds)], geometry)
             disagreement = None
             with torch.inference_mode():
                 tensor = torch.from_numpy(data).to(self.device)
@@ -354,9 +354,10 @@ class Predictor:
                         disagreement = np.zeros(tuple(logits.shape[1:]), dtype=np.float32)
                 del tensor
                 probabilities = self.task.activate_(logits).cpu().numpy()
-            predicted[models.name] = ConfigPrediction(models.name, probabilities, props, disagreement,
-                                                      len(models.nets))
-        results = [predicted[models.name] for models in self.models]
+            # Keyed by folds too: a requested 3d_lowres may have other folds than the cascade's own.
+            predicted[(models.name, models.folds)] = ConfigPrediction(models.name, probabilities, props,
+                                                                      disagreement, len(models.nets))
+        results = [predicted[(models.name, models.folds)] for models in self.models]
         self.stats.predict_s += time.perf_counter() - started
         return results
 
@@ -372,8 +373,14 @@ class Predictor:
 
         labels = self.task.export([previous], geometry)
         on_grid = previous_stage_labels(labels, props, models.plans, models.name)
-        onehot = one_hot_previous(on_grid, foreground_label_values(models.plans.labels))
-        return np.concatenate([data, onehot], axis=0)
+        del labels
+        values = foreground_label_values(models.plans.labels)
+        # One allocation for the network input (image channels, then the one-hot ones): no
+        # concatenation copy of a (C + K)-channel volume.
+        out = np.empty((data.shape[0] + len(values), *data.shape[1:]), dtype=np.float32)
+        out[: data.shape[0]] = data
+        one_hot_previous(on_grid, values, out=out[data.shape[0]:])
+        return out
 
     def _fold_logits(self, models: _ConfigModels, tensor: "torch.Tensor",
                      progress: Callable[[int, int], None]) -> tuple["torch.Tensor", np.ndarray]:

@@ -90,7 +90,12 @@ def validation_reserve(plans: plans_io.Plans, configuration: str, cases: int, de
         train, infer, key, source = machine_rates("cuda" if resolve_device(device).type == "cuda" else "cpu")
         rates = Throughput(train * share, infer * share, key, source)
     config = plans.configurations[configuration]
-    return validation_seconds(config, config_cost(config, plans.num_classes, rates), cases)
+    seconds = validation_seconds(config, config_cost(config, plans.num_classes, rates), cases)
+    if config.previous_stage:
+        # A cascade stage's validation predicts every case with the previous stage first.
+        previous = plans.configurations[config.previous_stage]
+        seconds += validation_seconds(previous, config_cost(previous, plans.num_classes, rates), cases)
+    return seconds
 
 
 def run(

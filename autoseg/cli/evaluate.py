@@ -54,10 +54,70 @@ def _summary_table(summary: dict, title: str) -> object:
     return table
 
 
+def _restoration_table(report: object) -> object:
+    """Per case and mean: PSNR, SSIM 2D, SSIM 3D, RMSE; with the input as baseline, its row and the PSNR gain."""
+    from rich.table import Table
+
+    from autoseg.evaluation.restoration import (
+        METRIC_KEYS,
+        SSIM_GAUSSIAN_WEIGHTS,
+        SSIM_WIN_SIZE,
+    )
+
+    with_input = "input" in report.summary
+    kind = "Gaussian" if SSIM_GAUSSIAN_WEIGHTS else "uniform"
+    lines = [f"{len(report.cases)} case(s), restoration{f' ({report.dataset_task})' if report.dataset_task else ''}",
+             f"window {report.window.describe()}",
+             (f"SSIM: {kind} {SSIM_WIN_SIZE}×{SSIM_WIN_SIZE} window, 2D = mean of axial slices, 3D = "
+              f"{SSIM_WIN_SIZE}×{SSIM_WIN_SIZE}×{SSIM_WIN_SIZE}")]
+    # As wide as the header's longest line, so that the window is never folded (short column
+    # headers keep the baseline's seven columns within 80 characters).
+    table = Table(title=escape_markup("\n".join(lines)), title_justify="left", min_width=max(map(len, lines)))
+    table.add_column("case", overflow="fold")
+    if with_input:
+        table.add_column("image", no_wrap=True)
+    for column in ("PSNR dB", "SSIM 2D", "SSIM 3D", "RMSE HU"):
+        table.add_column(column, justify="right", no_wrap=True)
+    if with_input:
+        table.add_column("gain dB", justify="right", no_wrap=True)
+
+    def cells(scores: dict) -> list[str]:
+        return ["n/a" if scores.get(k) is None else fmt_metric(scores[k]) for k in METRIC_KEYS]
+
+    def gain(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:+.2f}"
+
+    for case, record in report.cases.items():
+        if with_input:
+            table.add_row(escape_markup(case), "restored", *cells(record["restored"]), gain(record.get("psnr_gain_db")))
+            table.add_row("", "input (baseline)", *cells(record["input"]), "")
+        else:
+            table.add_row(escape_markup(case), *cells(record["restored"]))
+    means = {name: {k: stats["mean"] for k, stats in report.summary[name].items()}
+             for name in ("restored", "input") if name in report.summary}
+    table.add_section()
+    if with_input:
+        table.add_row("[bold]mean[/]", "restored", *cells(means["restored"]),
+                      gain(report.summary["psnr_gain_db"]["mean"]))
+        table.add_row("", "input (baseline)", *cells(means["input"]), "")
+    elif "restored" in means:
+        table.add_row("[bold]mean[/]", *cells(means["restored"]))
+    return table
+
+
+def _print_warnings(console: object, warnings: tuple[str, ...], json_path: object) -> None:
+    for warning in warnings[:20]:
+        console.print(f"[yellow]warning:[/] {escape_markup(warning)}")
+    if len(warnings) > 20:
+        console.print(f"... and {len(warnings) - 20} more warning(s) in {json_path}")
+
+
 def evaluate_cmd(
-    pred: Annotated[Path, typer.Argument(help="Folder of predicted label maps (case id = file name without "
-                                              "its ending).")],
-    ref: Annotated[Path, typer.Argument(help="Folder of reference label maps, or a raw dataset (its labelsTr).")],
+    pred: Annotated[Path, typer.Argument(help="Folder of predictions: label maps, or restored images (case id = "
+                                              "file name without its ending).")],
+    ref: Annotated[Path, typer.Argument(help="Folder of reference label maps, or a raw dataset (its labelsTr); for "
+                                             "restoration the clean (full-dose) images, or a restoration dataset "
+                                             "(its targetsTr).")],
     labels: Annotated[Optional[Path], typer.Option(
         "--labels", "-l", help="dataset.json, or a folder holding one (raw dataset or WORK), that declares the "
                                "labels (default: REF's dataset.json, else every value found).")] = None,
@@ -70,18 +130,54 @@ def evaluate_cmd(
         help="A label absent from both prediction and reference: left out of the means and counted (exclude, "
              "as nnU-Net), or averaged in as Dice 1 (perfect, which flatters models on often-absent "
              "structures).")] = "exclude",
+    task: Annotated[str, typer.Option(
+        "--task", metavar="auto|segmentation|restoration",
+        help="What to score: auto = restoration when REF is (or is the targetsTr of) a dataset whose dataset.json "
+             "says \"task\": \"denoise\" or \"super-resolution\", else segmentation.")] = "auto",
+    window: Annotated[Optional[str], typer.Option(
+        "--window", metavar="L,H|full",
+        help="Restoration: the HU window both images are clipped to, data range H-L (default -160,240, the AAPM "
+             "low-dose CT convention); 'full': no clipping, data range = the reference's max-min per case.")] = None,
+    baseline_input: Annotated[Optional[Path], typer.Option(
+        "--baseline-input", help="Restoration: folder of the degraded (low-dose) inputs (<case> or <case>_0000 "
+                                 "files, e.g. RAW/imagesTr), scored against the same references as a baseline.")] = None,
+    panels: Annotated[bool, typer.Option(
+        "--panels/--no-panels", help="Restoration: write panels/<case>.png beside the report ([input |] restored | "
+                                     "reference | difference).")] = True,
 ) -> None:
-    """Score predictions against references: Dice, IoU, HD95, NSD per case and label -> JSON, CSV, table."""
+    """Score predictions against references -> JSON, CSV, table: segmentation (Dice, IoU, HD95, NSD per case and
+    label) or restoration (PSNR, SSIM, RMSE in a HU window per case), chosen from REF's dataset.json or --task."""
     with user_errors():
+        from autoseg.errors import ConfigError
+        from autoseg.evaluation import restoration
+
+        if restoration.detect_task(ref, task) == "restoration":
+            if labels is not None:
+                raise ConfigError("--labels: restoration is scored on images, not labels; leave it out (or pass "
+                                  "--task segmentation to score label maps)")
+            chosen = restoration.parse_window(window)
+            with progress_bar("evaluating") as progress:
+                result = restoration.run(pred, ref, output, chosen, baseline_input, workers, progress, panels)
+            console = make_console()
+            _print_warnings(console, result.warnings, result.json_path)
+            console.print(_restoration_table(result))
+            where = f", panels in {escape_markup(str(result.panels))}" if result.panels is not None else ""
+            console.print(f"[green]✓[/] {escape_markup(str(result.json_path))}, "
+                          f"{escape_markup(str(result.csv_path))}{where}")
+            return
+        given = [name for name, value in (("--window", window), ("--baseline-input", baseline_input))
+                 if value is not None]
+        if given:
+            why = "--task segmentation" if task == "segmentation" else "its dataset.json names no restoration task"
+            raise ConfigError(f"{', '.join(given)}: restoration options, but {ref} is scored as segmentation ({why}); "
+                              "pass --task restoration to score images")
+
         from autoseg.evaluation import evaluate
 
         with progress_bar("evaluating") as progress:
             report = evaluate.run(pred, ref, labels, output, tolerance, workers, progress, both_empty)
         console = make_console()
-        for warning in report.warnings[:20]:
-            console.print(f"[yellow]warning:[/] {escape_markup(warning)}")
-        if len(report.warnings) > 20:
-            console.print(f"... and {len(report.warnings) - 20} more warning(s) in {report.json_path}")
+        _print_warnings(console, report.warnings, report.json_path)
         console.print(_summary_table(report.summary, f"{len(report.cases)} case(s), labels from "
                                                      f"{escape_markup(report.labels_source)}"))
         console.print(f"[green]✓[/] {escape_markup(str(report.json_path))}, {escape_markup(str(report.csv_path))}")

@@ -3,6 +3,9 @@
 * :mod:`~autoseg.evaluation.evaluate` — ``autoseg evaluate PRED REF``: per case and label metrics
   (the task's :meth:`~autoseg.tasks.base.Task.score_case`; the metric functions themselves are the
   leaf :mod:`autoseg.metrics`) -> JSON, CSV and a summary (:func:`~autoseg.evaluation.evaluate.run`).
+* :mod:`~autoseg.evaluation.restoration` — ``autoseg evaluate`` for denoising and super-resolution:
+  PSNR, SSIM and RMSE in a HU window per case, a baseline row for the degraded input, and a panel
+  picture per case (:func:`~autoseg.evaluation.restoration.run`).
 * :mod:`~autoseg.evaluation.postprocess` — keep-largest-component decisions and their application.
 * :mod:`~autoseg.evaluation.find_best` — ``autoseg find-best``: configurations and ensembles
   compared on the cross-validation predictions -> ``best.yaml``.

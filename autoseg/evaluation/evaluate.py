@@ -106,15 +106,18 @@ class EvaluationReport:
 # Finding files and labels
 
 
-def label_files(folder: Path) -> dict[str, Path]:
-    """Case id -> label-map file for every supported image file in ``folder`` (hidden files skipped).
+def label_files(folder: Path, what: str = "label maps") -> dict[str, Path]:
+    """Case id -> file for every supported image file in ``folder`` (hidden files skipped).
+
+    Args:
+        what: what the files are, for the error message (restoration scoring passes "images").
 
     Raises:
         DatasetError: the folder does not exist, or two files map to one case id.
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise DatasetError(f"{folder}: folder not found; pass a folder of label maps")
+        raise DatasetError(f"{folder}: folder not found; pass a folder of {what}")
     files: dict[str, Path] = {}
     for name in sorted(os.listdir(folder)):
         stem, ending = strip_ending(name)
@@ -364,17 +367,20 @@ def evaluate_pairs(pairs: dict[str, tuple[Path, Path]], labels: dict[str, list[i
 
 
 def match_cases(pred_files: dict[str, Path], ref_files: dict[str, Path], pred: Path,
-                ref: Path) -> tuple[dict[str, tuple[Path, Path]], list[str]]:
+                ref: Path, what: str = "label maps") -> tuple[dict[str, tuple[Path, Path]], list[str]]:
     """Pair predictions with references.
+
+    Args:
+        what: what the predictions are, for the error message (restoration passes "images").
 
     Returns:
         Case id -> ``(prediction, reference)``, and the reference cases without a prediction.
 
     Raises:
-        DatasetError: PRED holds no label map, or a prediction has no reference (names the cases).
+        DatasetError: PRED holds no file, or a prediction has no reference (names the cases).
     """
     if not pred_files:
-        raise DatasetError(f"{pred}: no label maps found (expected files such as case.nii.gz)")
+        raise DatasetError(f"{pred}: no {what} found (expected files such as case.nii.gz)")
     orphans = sorted(set(pred_files) - set(ref_files))
     if orphans:
         more = f" and {len(orphans) - 5} more" if len(orphans) > 5 else ""

@@ -43,12 +43,15 @@ DATASET_ID = 501
 #: prints the steady-state seconds per iteration (data wait included, iteration 0 skipped).
 BENCH_TRAINER = '''
 import os, time, json
+import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
 class nnUNetTrainer_bench(nnUNetTrainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    # nnU-Net records its constructor's arguments by name: the signature must be spelled out.
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_iterations_per_epoch = int(os.environ.get("BENCH_ITERS", "6"))
         self.num_val_iterations_per_epoch = 1
         self.num_epochs = 1
@@ -152,7 +155,9 @@ def setup_nnunet(nnunet_python: Path, dataset: Path, out: Path) -> str:
             link.symlink_to((dataset / item).resolve())
     site = subprocess.run([str(nnunet_python), "-c", "import nnunetv2, os; print(os.path.dirname(nnunetv2.__file__))"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    trainer = Path(site) / "training" / "nnUNetTrainer" / "variants" / "nnUNetTrainer_bench.py"
+    # In the top folder: nnU-Net searches its modules before its subpackages, so the lookup never
+    # imports the Primus trainers (timm, which needs torchvision; not installed with CPU torch here).
+    trainer = Path(site) / "training" / "nnUNetTrainer" / "nnUNetTrainer_bench.py"
     trainer.write_text(BENCH_TRAINER)
     return name
 
@@ -272,6 +277,8 @@ def main() -> None:
             "nnunet_plans": nnunet_plan_summary(nn_plans),
         }
 
+    save = lambda: (out / "report.json").write_text(json.dumps(report, indent=1))  # noqa: E731 - after every stage
+    save()
     if "preprocess" in stages:
         shutil.rmtree(work / "preprocessed", ignore_errors=True)
         shutil.rmtree(out / "nnunet_preprocessed" / name / "nnUNetPlans_3d_fullres", ignore_errors=True)
@@ -283,6 +290,7 @@ def main() -> None:
                                            "wall_ratio": round(ours["wall_s"] / theirs["wall_s"], 3),
                                            "rss_ratio": round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3)}
 
+    save()
     if "train" in stages:
         adopt_nnunet_plan(work, nn_plans)
         shutil.rmtree(work / "models", ignore_errors=True)
@@ -297,6 +305,7 @@ def main() -> None:
             "s_per_it_ratio": round(ours["s_per_it"] / theirs["s_per_it"], 3) if "s_per_it" in ours else None,
         }
 
+    save()
     if "predict" in stages:
         inputs = out / "big_ct_input"
         inputs.mkdir(exist_ok=True)

@@ -3,8 +3,8 @@
 A synthetic low-dose CT dataset: 6 int16 phantoms of 12×32×32 voxels — air -1000 HU, a body of
 soft tissue (40 HU) around a bone disc (1000 HU), scanner padding -2048 outside a circular field of
 view — whose degraded input adds signal-dependent Gaussian noise (a Poisson-like σ growing with
-density: 40 HU in air, 100 HU in soft tissue, 125 HU in bone). Networks are the ``tiny`` preset's; one 2d fold is trained for a few iterations and
-shared by the prediction tests.
+density: 40 HU in air, 100 HU in soft tissue, 125 HU in bone). Networks are the ``tiny`` preset's;
+one 2d fold is trained for a few iterations and shared by the prediction tests.
 """
 
 from __future__ import annotations
@@ -152,7 +152,8 @@ def test_noise_below_air_is_fine_in_the_input_but_said_in_a_clean_target() -> No
     padded = np.full(SHAPE, AIR, dtype=np.int16)
     padded[:, :4] = -3024  # GE padding is no implausible HU
     padded[0, 5, 5] = 5000
-    assert [(i.severity, i.code) for i in check_ct_values(padded, case="c", file="f")] == [("warning", "implausible-hu")]
+    issues = check_ct_values(padded, case="c", file="f")
+    assert [(i.severity, i.code) for i in issues] == [("warning", "implausible-hu")]
 
 
 def test_layout_problems_are_said_in_one_line(raw: Path, tmp_path: Path, cli) -> None:
@@ -182,7 +183,8 @@ def test_layout_problems_are_said_in_one_line(raw: Path, tmp_path: Path, cli) ->
         load_dataset_strict(root)
     assert "\n" not in str(caught.value) and "more; run 'autoseg check" in str(caught.value)
     # A restoration dataset whose dataset.json forgot "task": a hint towards it.
-    (root / "dataset.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "task"} | {"labels": {"a": 0}}))
+    segmentation = {k: v for k, v in meta.items() if k != "task"} | {"labels": {"a": 0}}
+    (root / "dataset.json").write_text(json.dumps(segmentation))
     shutil.rmtree(root / "labelsTr")
     _, issues = load_dataset(root)
     missing = [i for i in issues if i.code == "missing-folder"]
@@ -266,7 +268,7 @@ def test_preprocessing_keeps_input_and_target_aligned(work: Path, raw: Path) -> 
     config = replace(plans.configurations["3d_fullres"], spacing=(2.0, 0.6, 1.0))
     shifted = replace(plans, configurations={**plans.configurations, "3d_fullres": config})
     geometry = Geometry(SPACING, (0.0, 0.0, 0.0), IDENTITY, 3)
-    same_data, same_target, same_props = preprocess_pair(noisy, noisy.copy(), geometry, shifted, "3d_fullres")
+    same_data, same_target, _ = preprocess_pair(noisy, noisy.copy(), geometry, shifted, "3d_fullres")
     assert same_data.shape[1:] != noisy.shape[1:]
     np.testing.assert_array_equal(same_data, same_target)
 
@@ -320,7 +322,7 @@ def test_fold_trains_lowers_its_loss_and_validates(work: Path, cli) -> None:
     assert metrics["task"] == "denoise" and metrics["summary"]["window"] == [-160.0, 240.0]
     case_id, scores = next(iter(metrics["per_case"].items()))
     assert set(scores["CT"]) == {"psnr", "ssim", "rmse", "window"} and scores["CT"]["psnr"] > 10
-    restored, geometry = read_image(fold / "validation" / f"{case_id}.nii.gz")
+    restored, _ = read_image(fold / "validation" / f"{case_id}.nii.gz")
     assert restored.dtype == np.int16 and not list(fold.glob("validation/*.npz"))
     from autoseg.cli.train import validation_line
 
@@ -328,7 +330,8 @@ def test_fold_trains_lowers_its_loss_and_validates(work: Path, cli) -> None:
 
 
 def test_resume_continues_exactly_and_mse_is_an_option(work: Path, tmp_path: Path) -> None:
-    from autoseg import crossval, plans as plans_io
+    from autoseg import crossval
+    from autoseg import plans as plans_io
     from autoseg.training.config import TrainConfig
     from autoseg.training.run import case_ids_of, fold_setup
     from autoseg.training.trainer import FoldPaths, load_checkpoint, train_fold

@@ -45,6 +45,7 @@ def _engine_for_task(task: str, engine: str) -> str:
                           "use --engine torch or leave --engine out")
     return "torch"
 
+
 @dataclass
 class _ConfigModels:
     """What one configuration needs at prediction time."""

@@ -189,7 +189,8 @@ def _check_task_outputs(task: str, save_probabilities: bool, save_uncertainty: b
 
     if TASKS[task].extra_outputs:
         return
-    asked = [flag for flag, on in (("--save-probabilities", save_probabilities), ("--save-uncertainty", save_uncertainty),
+    asked = [flag for flag, on in (("--save-probabilities", save_probabilities),
+                                   ("--save-uncertainty", save_uncertainty),
                                    ("--output-format dicom-seg", "dicom-seg" in formats)) if on]
     if asked:
         raise ConfigError(f"{asked[0]}: not available for a {task} model, which writes restored images only; "

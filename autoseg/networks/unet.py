@@ -212,7 +212,8 @@ class UNet(nn.Module):
         residual: input channels ``[start, stop)`` added to the full-resolution head's output
             (residual learning for restoration: the head predicts a correction of the input); None
             for a plain head. The sum is taken in float32, so that autocast's bf16 never rounds
-            the input (bf16 keeps 8 bits: ~7 HU at 1000 HU). No parameters: the state dict is a
+            the input (bf16 keeps 8 significant bits: 1000 HU normalised by σ 270 HU falls on a grid of
+            4 HU steps). No parameters: the state dict is a
             plain U-Net's. The full-resolution head starts small (:data:`RESIDUAL_HEAD_SCALE`):
             an untrained network returns nearly its input.
     """

@@ -70,7 +70,7 @@ class Denoise(Task):
     deep_supervision: ClassVar[bool] = False
     extra_outputs: ClassVar[bool] = False
     # The residual's channel slice is no operator of autoseg's checked ONNX graphs, and a bf16
-    # engine would round the input it adds back (8 bits: ~7 HU at 1000 HU): torch only.
+    # engine would round the input it adds back (8 significant bits: 4 HU steps at 1000 HU): torch only.
     onnx_engines: ClassVar[bool] = False
 
     def __init__(self, labels: Mapping[str, Sequence[int]] | None = None, channel_names: Sequence[str] = (),

@@ -12,8 +12,10 @@ import re
 
 from autoseg.errors import UnknownNameError
 
-#: Scheme names that may be written in plans.yaml.
-SCHEMES: tuple[str, ...] = ("ct", "zscore", "none", "rescale_0_1", "rgb_0_1")
+#: Scheme names that may be written in plans.yaml. ``linear`` (``(x - mean) / std`` with the plan's
+#: numbers, no clipping) is the planners' choice for restoration, where the normalisation must be
+#: inverted exactly; no channel name selects it.
+SCHEMES: tuple[str, ...] = ("ct", "zscore", "none", "rescale_0_1", "rgb_0_1", "linear")
 
 # Channel names (case-insensitive) that select a scheme. A channel may also be named after a
 # scheme directly ("zscore", "noNorm", ... as nnU-Net allows).

@@ -166,8 +166,8 @@ class Plans:
     @property
     def num_classes(self) -> int:
         """Output channels of the network: every label (background included), or, region-based,
-        one per label except background."""
-        return num_outputs(self.labels)
+        one per label except background; without labels (restoration), one per input channel."""
+        return num_outputs(self.labels) if self.labels else len(self.channel_names)
 
     def configuration(self, name: str) -> Configuration:
         if name not in self.configurations:
@@ -420,6 +420,10 @@ def _validate(plans: Plans) -> None:
                                 f"{did_you_mean(norm.scheme, SCHEMES)}")
             if norm.scheme == "ct" and (norm.clip is None or norm.mean is None or norm.std is None):
                 raise PlanError(f"{where}.normalization[{i}]: scheme 'ct' needs clip, mean and std")
+            if norm.scheme == "linear" and (norm.clip is not None or norm.mean is None or norm.std is None
+                                            or not norm.std > 0):
+                raise PlanError(f"{where}.normalization[{i}]: scheme 'linear' needs mean and a positive std, and "
+                                "no clip (it must stay invertible)")
         for link in (config.previous_stage, config.next_stage):
             if link is not None and link not in plans.configurations:
                 raise PlanError(f"{where}: cascade link {link!r} is not a planned configuration")

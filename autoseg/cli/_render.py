@@ -222,9 +222,11 @@ def training_progress(console: Console, *, clock: Clock = time.monotonic) -> Ite
 
         def end(record: dict) -> None:
             dice = ", ".join("-" if d is None else f"{d:.3f}" for d in record["pseudo_dice"])
+            # A restoration task's metric (PSNR, dB) is named in the record; segmentation's is pseudo-Dice.
+            metric = record.get("metric", "pseudo-Dice")
             progress.console.print(
                 f"fold {fold} epoch {record['epoch']}: train {record['train_loss']:.4f}, val {record['val_loss']:.4f}, "
-                f"pseudo-Dice [{dice}] (EMA {record['ema_fg_dice']:.3f}), lr {record['lr']:.2e}, "
+                f"{metric} [{dice}] (EMA {record['ema_fg_dice']:.3f}), lr {record['lr']:.2e}, "
                 f"{record['epoch_time_s']:.1f} s ({record['s_per_it']:.2f} s/it, data wait "
                 f"{100 * record['data_wait_fraction']:.0f}%)")
 

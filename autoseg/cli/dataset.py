@@ -37,7 +37,10 @@ def check_cmd(
 
             write_json(output, [asdict(i) for i in report.issues])
         n_cases = len(report.spec.cases) if report.spec else 0
-        summary = f"{raw}: {n_cases} case(s), {len(report.errors)} error(s), {len(report.warnings)} warning(s)"
+        # A restoration dataset says so: its targets were checked as images, not as label maps.
+        task = f" ({report.spec.task} pairs)" if report.spec and report.spec.task != "segmentation" else ""
+        summary = (f"{raw}: {n_cases} case(s){task}, {len(report.errors)} error(s), "
+                   f"{len(report.warnings)} warning(s)")
         if report.errors:
             console.print(f"[red]✗[/] {summary}")
             raise typer.Exit(code=1)

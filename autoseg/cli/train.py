@@ -16,9 +16,16 @@ def validation_line(fold: int, metrics: dict) -> str:
     A mean foreground Dice of 0 is printed as 0 (a model that finds nothing), and a missing one
     (every label absent from every validation case) as "n/a" — never as each other or as "nan".
     """
-    mean = metrics["summary"].get("mean_foreground_dice")
-    shown = "n/a" if mean is None else f"{mean:.4f}"
     cases = len(metrics["per_case"])
+    summary = metrics["summary"]
+    if "mean_psnr" in summary:  # a restoration fold (autoseg.tasks.restoration.Denoise.summarize)
+        low, high = summary.get("window", (float("nan"), float("nan")))
+        shown = ", ".join(f"{name} {summary[f'mean_{key}']:{digits}}" for name, key, digits in
+                          (("PSNR", "psnr", ".2f"), ("SSIM", "ssim", ".4f"), ("RMSE", "rmse", ".2f"))
+                          if summary.get(f"mean_{key}") is not None)
+        return f"fold {fold} validation ({cases} cases, TTA): {shown} in [{low:g}, {high:g}] → metrics.json"
+    mean = summary.get("mean_foreground_dice")
+    shown = "n/a" if mean is None else f"{mean:.4f}"
     return f"fold {fold} validation ({cases} cases, TTA): mean foreground Dice {shown} → metrics.json"
 
 
@@ -68,6 +75,8 @@ def train_cmd(
     folds_parallel: Annotated[bool, typer.Option(
         "--folds-parallel", help="Train several folds at once, one per GPU (--gpus) or process (--procs), "
                                  "instead of DDP; usually scales better for 5-fold CV.")] = False,
+    loss: Annotated[Optional[str], typer.Option(
+        "--loss", help="Restoration tasks: l1 (default) or mse. Segmentation always trains with Dice + CE.")] = None,
 ) -> None:
     """Train a configuration's folds with 5-fold cross-validation; logs, curves and checkpoints per fold."""
     with user_errors():
@@ -91,7 +100,7 @@ def train_cmd(
             iters_per_epoch=iters_per_epoch if (iters_per_epoch or budget) else 250,
             val_iters=val_iters, time_budget_s=budget, optimizer=optimizer,
             lr=lr, batch_size=batch_size, device=device,
-            amp=amp, compile=compile_, seed=seed, workers=workers, save_every=save_every,
+            amp=amp, compile=compile_, seed=seed, workers=workers, save_every=save_every, loss=loss,
         )
         with training_progress(console) as callbacks_for:
             results = training.run(
@@ -107,7 +116,7 @@ def train_cmd(
         for result in [] if (validate_only or not rank0) else results:
             last = result.state.history[-1] if result.state.history else {}
             console.print(f"[green]✓[/] fold {result.fold}: {result.state.epoch} epoch(s), "
-                          f"pseudo-Dice {last.get('mean_fg_dice', float('nan')):.3f} "
+                          f"{last.get('metric', 'pseudo-Dice')} {last.get('mean_fg_dice', float('nan')):.3f} "
                           f"(EMA {last.get('ema_fg_dice', float('nan')):.3f}) → {result.folder}")
 
 

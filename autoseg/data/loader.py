@@ -80,7 +80,7 @@ class Batch:
         image: ``(B, C', *patch)`` float32.
         target: label maps ``(B, 1, *patch / stride)`` int64, one per deep-supervision output,
             highest resolution first (one entry without deep supervision). Squeeze axis 1 for
-            ``CrossEntropyLoss``.
+            ``CrossEntropyLoss``. Restoration: one float32 ``(B, C, *patch)`` clean target.
         case_ids: the case each patch came from.
         wait_s: seconds the consumer waited for this batch in ``next()`` (with ``workers=0``, the
             whole production time); the trainer logs ``wait_s / step time``.
@@ -176,6 +176,10 @@ class BatchLoader:
             memory to about ``workers × (queue_size + 1)`` batches).
         timeout_s: longest wait for one batch before :class:`DataLoaderWorkerError`.
         pin_memory: pin the tensors for faster, asynchronous copies to a CUDA device.
+        producer: the class that makes the numpy batches, with :class:`BatchProducer`'s arguments
+            (a task's, :meth:`autoseg.tasks.base.Task.batch_producer`; restoration:
+            :class:`autoseg.data.restoration.PairProducer`). Integer targets become int64 tensors,
+            float ones stay float32.
         start_method: ``forkserver`` (default where available) or ``spawn``. The fork server
             imports this module once; every later loader's workers then start in ~0.4–0.6 s
             instead of ~2.5 s with spawn (2 workers, 2 cores; numpy, scipy, batchgenerators
@@ -203,6 +207,7 @@ class BatchLoader:
         timeout_s: float = 300.0,
         pin_memory: bool = False,
         start_method: str | None = None,
+        producer: type | None = None,
     ) -> None:
         self._closed = True  # until the workers exist, so __del__ of a half-built loader is a no-op
         if workers < 0:
@@ -229,8 +234,9 @@ class BatchLoader:
             cases=list(cases), config=config, augment=augment, oversample=oversample, batch_size=batch_size,
             deep_supervision=deep_supervision, settings=settings,
         )
+        producer_class = producer or BatchProducer
         # Built here in every case so that bad options fail in the caller, not in a worker.
-        self._producer: BatchProducer | None = BatchProducer(
+        self._producer: BatchProducer | None = producer_class(
             seed_sequence=np.random.SeedSequence([seed, 0]), **producer_kwargs
         )
         self._processes: list[multiprocessing.process.BaseProcess] = []
@@ -249,7 +255,8 @@ class BatchLoader:
                 for worker in range(workers):
                     reader, writer = context.Pipe(duplex=False)
                     process = context.Process(
-                        target=_worker_main, args=(worker, seed, producer_kwargs, writer, self._stop, queue_size),
+                        target=_worker_main,
+                        args=(worker, seed, producer_kwargs, writer, self._stop, queue_size, producer_class),
                         name=f"autoseg-loader-{worker}", daemon=True,
                     )
                     self._readers.append(reader)
@@ -318,7 +325,9 @@ class BatchLoader:
 
         image = torch.from_numpy(arrays["image"])
         # int64 for CrossEntropyLoss / one-hot scatter; the worker ships int16 to keep pipes light.
-        target = [torch.from_numpy(t).long() for t in arrays["target"]]
+        # Float targets (restoration's clean images) stay float32.
+        target = [torch.from_numpy(t).long() if t.dtype.kind in "iub" else torch.from_numpy(t)
+                  for t in arrays["target"]]
         if self.pin_memory:
             image = image.pin_memory()
             target = [t.pin_memory() for t in target]
@@ -355,7 +364,8 @@ class BatchLoader:
 
 
 def _worker_main(
-    worker: int, seed: int, producer_kwargs: dict[str, Any], writer: Connection, stop: Any, queue_size: int
+    worker: int, seed: int, producer_kwargs: dict[str, Any], writer: Connection, stop: Any, queue_size: int,
+    producer_class: type = BatchProducer,
 ) -> None:
     """Produce batches until ``stop`` is set or the consumer is gone; report an exception once.
 
@@ -395,7 +405,7 @@ def _worker_main(
         return False
 
     try:
-        producer = BatchProducer(seed_sequence=np.random.SeedSequence([seed, worker]), **producer_kwargs)
+        producer = producer_class(seed_sequence=np.random.SeedSequence([seed, worker]), **producer_kwargs)
         while not stop.is_set() and put(("batch", producer.next())):
             pass
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the consumer

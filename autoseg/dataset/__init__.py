@@ -8,6 +8,10 @@
 * :mod:`~autoseg.dataset.check` — the per-case checks behind ``autoseg check`` (every problem, one
   row each).
 * :mod:`~autoseg.dataset.fingerprint` — spacing, shapes, intensities, class statistics.
+* :mod:`~autoseg.dataset.kinds` — what each task's raw dataset looks like (``labelsTr`` or
+  ``targetsTr``), read by the stages below the task seam.
+* :mod:`~autoseg.dataset.restoration` — a restoration target's checks and the body mask that
+  stands in for labels.
 
 Images are read and written through :mod:`autoseg.imageio`, which every stage can reach.
 """

@@ -46,9 +46,10 @@ def looks_lossy_binary(values: Sequence[int]) -> bool:
 
 def compare_geometry(
     a: Geometry, shape_a: tuple[int, ...], b: Geometry, shape_b: tuple[int, ...],
-    *, what: str, case: str, file: str,
+    *, what: str, case: str, file: str, subject: str = "label",
 ) -> list[Issue]:
-    """Issues for two files of one case that should share a voxel grid (``what`` names the pair)."""
+    """Issues for two files of one case that should share a voxel grid (``what`` names the pair,
+    ``subject`` the second file's role in the fixes: ``label``, or a restoration ``target``)."""
     issues: list[Issue] = []
     if a.ndim != b.ndim:
         issues.append(Issue("error", "dimension-mismatch", f"{what}: {a.ndim}D vs {b.ndim}D",
@@ -69,8 +70,8 @@ def compare_geometry(
         severity = "warning" if shift <= warn_limit else "error"
         issues.append(Issue(severity, "origin-mismatch",
                             f"{what}: origin {_fmt(a.origin)} vs {_fmt(b.origin)} (off by {shift:.4g} mm)",
-                            "sub-voxel: harmless, the label is used on the image grid" if severity == "warning"
-                            else "the files do not overlap voxel for voxel; re-export the label on the image grid",
+                            f"sub-voxel: harmless, the {subject} is used on the image grid" if severity == "warning"
+                            else f"the files do not overlap voxel for voxel; re-export the {subject} on the image grid",
                             case=case, file=file))
     da, db = np.array(a.direction), np.array(b.direction)
     turn = float(np.max(np.abs(da - db))) if da.shape == db.shape else float("inf")

@@ -70,6 +70,9 @@ class Fingerprint:
         cases: per-case records, sorted by case id.
         intensity: pooled foreground statistics per channel.
         files_sha256: checksum of the dataset's file list (relative paths and sizes) and dataset.json.
+        task: dataset.json's task (:mod:`autoseg.dataset.kinds`). A restoration dataset has no
+            labels: its intensity statistics come from the input's body voxels
+            (:func:`autoseg.dataset.restoration.body_mask`) and ``class_voxels`` are empty.
     """
 
     dataset_name: str
@@ -81,6 +84,7 @@ class Fingerprint:
     files_sha256: str = ""
     schema_version: int = SCHEMA_VERSION
     summary: dict[str, Any] = field(default_factory=dict, compare=False)
+    task: str = "segmentation"
 
     @property
     def num_cases(self) -> int:
@@ -116,6 +120,10 @@ class Fingerprint:
             "intensity": [asdict(s) for s in self.intensity],
             "cases": [_case_to_dict(c) for c in self.cases],
         }
+        if self.task != "segmentation":
+            # Only written for other tasks: a segmentation fingerprint (and the digest plans record
+            # of it) stays byte-identical to before tasks existed.
+            data = {"task": self.task, **data}
         return data
 
     @classmethod
@@ -144,6 +152,7 @@ class Fingerprint:
             files_sha256=data.get("files_sha256", ""),
             schema_version=int(data.get("schema_version", SCHEMA_VERSION)),
             summary=data.get("summary", {}),
+            task=str(data.get("task", "segmentation")),
         )
 
 

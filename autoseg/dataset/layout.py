@@ -7,6 +7,10 @@ Two layouts are read:
   ``labelsTr/{case}{ending}``.
 * **MSD** (Medical Segmentation Decathlon): ``dataset.json`` with ``modality``, ``labels`` and
   ``training: [{image, label}]``; a multi-channel image is one 4D file.
+* **Restoration** (nnU-Net-like, :mod:`autoseg.dataset.kinds`): ``dataset.json`` with ``"task":
+  "denoise"`` (or ``"super-resolution"``), ``channel_names``, ``file_ending`` and no ``labels``;
+  degraded images ``imagesTr/{case}_0000{ending}``, clean targets ``targetsTr/{case}{ending}``. A
+  case's target takes the :attr:`Case.label` slot.
 
 Loading collects *every* structural problem as an :class:`Issue` instead of stopping at the first,
 so that ``autoseg check`` can report them all at once. Nothing here reads pixels.
@@ -24,6 +28,7 @@ from typing import Any, Literal
 from autoseg.channels import FALLBACK_SCHEME, is_known_channel, scheme_for_channel
 from autoseg.errors import DatasetError, UnknownNameError
 from autoseg.imageio import ENDINGS_2D, LOSSY_ENDINGS, SUPPORTED_ENDINGS, strip_ending
+from autoseg.dataset.kinds import DATASET_KINDS, DEFAULT_DATASET_KIND, DatasetKind, parse_task
 
 Severity = Literal["error", "warning"]
 Layout = Literal["nnunet", "msd", "images"]
@@ -71,7 +76,8 @@ class LabelDef:
 
 @dataclass(frozen=True)
 class Case:
-    """One case: its image file(s) and, for training data, its label file.
+    """One case: its image file(s) and, for training data, its label file (a restoration
+    dataset's clean target file: :mod:`autoseg.dataset.kinds`).
 
     For the nnU-Net layout ``images`` holds one file per channel (or a single RGB image that
     carries every channel, nnU-Net's convention for natural images); for MSD it holds a single file
@@ -96,6 +102,13 @@ class DatasetSpec:
     cases: tuple[Case, ...]
     num_training_declared: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: dataset.json's ``"task"`` (:data:`autoseg.dataset.kinds.DATASET_KINDS`).
+    task: str = DEFAULT_DATASET_KIND
+
+    @property
+    def kind(self) -> DatasetKind:
+        """The layout of the dataset's task (where its targets live, whether it has labels)."""
+        return DATASET_KINDS[self.task]
 
     @property
     def num_channels(self) -> int:
@@ -171,7 +184,9 @@ def load_dataset(root: Path) -> tuple[DatasetSpec | None, list[Issue]]:
 
     layout: Layout = "msd" if "training" in meta else "nnunet"
     channel_names = _parse_channels(meta, layout, issues)
-    labels = parse_labels(meta, issues)
+    kind, problems = parse_task(meta, layout == "msd", len(channel_names))
+    issues.extend(Issue(*problem, file="dataset.json") for problem in problems)
+    labels = parse_labels(meta, issues) if kind.labels else []
     num_training = meta.get("numTraining")
     if num_training is not None and not isinstance(num_training, int):
         issues.append(Issue("warning", "invalid-num-training", f"numTraining is {num_training!r}, not an integer",
@@ -192,9 +207,13 @@ def load_dataset(root: Path) -> tuple[DatasetSpec | None, list[Issue]]:
                 issues.append(Issue("error", "unsupported-ending", f"file_ending {ending!r} is not supported",
                                     f"convert the images to one of {', '.join(SUPPORTED_ENDINGS)}",
                                     file="dataset.json"))
-            elif ending.lower() in LOSSY_ENDINGS:
+            elif ending.lower() in LOSSY_ENDINGS and kind.labels:
                 issues.append(_lossy_labels_issue(f"file_ending {ending!r}: the label maps are JPEG", "dataset.json"))
-            cases = _discover_nnunet(root, ending, len(channel_names), issues)
+            elif ending.lower() in LOSSY_ENDINGS:
+                issues.append(Issue("error", "lossy-targets", f"file_ending {ending!r}: the targets are JPEG, whose "
+                                    "block artefacts a restoration network would learn to reproduce",
+                                    "store images and targets losslessly (.png, .nii.gz, .mha)", file="dataset.json"))
+            cases = _discover_nnunet(root, ending, len(channel_names), issues, kind)
 
     if num_training is not None and num_training != len(cases):
         issues.append(Issue("warning", "num-training-mismatch",
@@ -214,6 +233,7 @@ def load_dataset(root: Path) -> tuple[DatasetSpec | None, list[Issue]]:
         cases=tuple(cases),
         num_training_declared=num_training,
         raw=meta,
+        task=kind.task,
     )
     return spec, issues
 
@@ -327,8 +347,10 @@ def parse_labels(meta: dict[str, Any], issues: list[Issue]) -> list[LabelDef]:
     return labels
 
 
-def _discover_nnunet(root: Path, ending: str, num_channels: int, issues: list[Issue]) -> list[Case]:
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+def _discover_nnunet(root: Path, ending: str, num_channels: int, issues: list[Issue],
+                     kind: DatasetKind = DATASET_KINDS[DEFAULT_DATASET_KIND]) -> list[Case]:
+    images_dir, labels_dir = root / "imagesTr", root / kind.target_folder
+    noun, folder = kind.target_noun, kind.target_folder
     if not images_dir.is_dir():
         issues.append(Issue("error", "missing-folder", "imagesTr/ is missing",
                             "put the training images in imagesTr/{case}_{CCCC}" + ending, file="imagesTr"))
@@ -357,8 +379,16 @@ def _discover_nnunet(root: Path, ending: str, num_channels: int, issues: list[Is
             issues.append(Issue("warning", "unlisted-file", f"file does not end with file_ending {ending!r}; ignored",
                                 "remove it or fix dataset.json's file_ending", file=rel(root, labels_dir / name)))
     if not labels_dir.is_dir():
-        issues.append(Issue("error", "missing-folder", "labelsTr/ is missing",
-                            "put the label maps in labelsTr/{case}" + ending, file="labelsTr"))
+        what = "the label maps" if kind.labels else "the clean targets"
+        fix = f"put {what} in {folder}/{{case}}{ending}"
+        if kind.labels and (root / "targetsTr").is_dir():
+            fix += '; targetsTr/ is there: for a restoration dataset add "task": "denoise" to dataset.json'
+        issues.append(Issue("error", "missing-folder", f"{folder}/ is missing", fix, file=folder))
+    if not kind.labels and (root / "labelsTr").is_dir():
+        issues.append(Issue("warning", "labels-ignored", f"labelsTr/ is there but the task is {kind.task!r}, which "
+                            f"reads its clean targets from {folder}/; labelsTr/ is ignored",
+                            'move the clean images to targetsTr/ (or remove "task" if this is a segmentation '
+                            "dataset)", file="labelsTr"))
 
     cases: list[Case] = []
     for case_id in sorted(channels_by_case):
@@ -379,15 +409,15 @@ def _discover_nnunet(root: Path, ending: str, num_channels: int, issues: list[Is
                                 case=case_id, file=rel(root, found[c])))
         label = label_files.pop(case_id, None)
         if label is None and labels_dir.is_dir():
-            issues.append(Issue("error", "missing-label", "label file is missing",
-                                f"add labelsTr/{case_id}{ending} or remove the case's images",
-                                case=case_id, file=f"labelsTr/{case_id}{ending}"))
+            issues.append(Issue("error", f"missing-{noun}", f"{noun} file is missing",
+                                f"add {folder}/{case_id}{ending} or remove the case's images",
+                                case=case_id, file=f"{folder}/{case_id}{ending}"))
         if missing:
             continue
         images = (found[0],) if one_file else tuple(found[c] for c in range(num_channels))
         cases.append(Case(case_id, images, label))
     for case_id, path in sorted(label_files.items()):
-        issues.append(Issue("warning", "unlisted-file", "label file has no matching image",
+        issues.append(Issue("warning", "unlisted-file", f"{noun} file has no matching image",
                             f"add imagesTr/{case_id}_0000{ending} or remove the label", case=case_id,
                             file=rel(root, path)))
     return cases

@@ -19,6 +19,7 @@ import numpy as np
 
 from autoseg.dataset import check
 from autoseg.dataset import fingerprint
+from autoseg.dataset import restoration as restoration_checks
 from autoseg.dataset.layout import Case, DatasetSpec, Issue, rel
 from autoseg.errors import DatasetError
 from autoseg.imageio import Geometry, read_image
@@ -50,6 +51,7 @@ def scan_case(case: Case, spec: DatasetSpec, want_fingerprint: bool, quota: int)
     channels: list[np.ndarray] = []
     geometries: list[tuple[Geometry, tuple[int, ...], str]] = []
     expected_per_file = spec.num_channels if len(case.images) == 1 else 1
+    restoration = not spec.kind.labels  # clean targets instead of label maps (autoseg.dataset.kinds)
     for path in case.images:
         file = rel(root, path)
         try:
@@ -67,6 +69,11 @@ def scan_case(case: Case, spec: DatasetSpec, want_fingerprint: bool, quota: int)
         for c, channel in enumerate(array):
             where = file if array.shape[0] == 1 else f"{file} [channel {c}]"
             issues.extend(check.check_image_values(channel, case=case.case_id, file=where))
+            index = len(channels) + c
+            names = spec.channel_names
+            if restoration and index < len(names) and restoration_checks.is_ct_channel(names[index]):
+                issues.extend(restoration_checks.check_ct_values(channel, case=case.case_id, file=where,
+                                                                 degraded=True))
         channels.extend(array)
         geometries.append((geometry, array.shape[1:], file))
 
@@ -75,7 +82,9 @@ def scan_case(case: Case, spec: DatasetSpec, want_fingerprint: bool, quota: int)
                                              what=f"channel file vs {geometries[0][2]}",
                                              case=case.case_id, file=file))
     label_array = None
-    if case.label is not None:
+    if case.label is not None and restoration:
+        label_array = _scan_target(case, spec, channels, geometries, issues)
+    elif case.label is not None:
         file = rel(root, case.label)
         try:
             label, label_geometry = read_image(case.label)
@@ -104,9 +113,33 @@ def scan_case(case: Case, spec: DatasetSpec, want_fingerprint: bool, quota: int)
         image = np.stack(channels)
         geometry = geometries[0][0]
         single_values = sorted(label.values[0] for label in spec.labels if not label.is_region)
+        if restoration:
+            # No labels: the intensity statistics come from the input's body voxels (their "foreground").
+            label_array = restoration_checks.body_mask(image, spec.channel_names).astype(np.uint8)
+            single_values = [0]
         record, samples = fingerprint.case_fingerprint(
             case.case_id, image, label_array, geometry.spacing, geometry.direction, single_values, quota)
     return CaseScan(case.case_id, tuple(issues), dims, record, samples)
+
+
+def _scan_target(case: Case, spec: DatasetSpec, channels: list[np.ndarray],
+                 geometries: list[tuple[Geometry, tuple[int, ...], str]], issues: list[Issue]) -> np.ndarray | None:
+    """Read and check a restoration case's clean target (:func:`autoseg.dataset.restoration.check_target`),
+    appending to ``issues``; returns the target when it was read, else None."""
+    assert case.label is not None
+    file = rel(spec.root, case.label)
+    try:
+        target, target_geometry = read_image(case.label)
+    except DatasetError as exc:
+        issues.append(_read_issue(exc, case.case_id, file))
+        return None
+    if not geometries or len(channels) != spec.num_channels:
+        return target
+    image = np.stack(channels)
+    issues.extend(restoration_checks.check_target(
+        image, geometries[0][0], geometries[0][2], target, target_geometry, same_grid=spec.kind.same_grid,
+        channel_names=spec.channel_names, case=case.case_id, file=file))
+    return target
 
 
 def _read_issue(exc: DatasetError, case_id: str, file: str) -> Issue:
@@ -245,6 +278,7 @@ def build_fingerprint(spec: DatasetSpec, results: Sequence[CaseScan]) -> fingerp
         cases=records,
         intensity=pooled,
         files_sha256=files_checksum(spec),
+        task=spec.task,
     )
     return fingerprint.Fingerprint(**{**fp.__dict__, "summary": fingerprint.summarize(fp)})
 

@@ -381,6 +381,24 @@ def choose_best(scores: dict[str, float | None], order: Sequence[str]) -> str:
     return best
 
 
+def _refuse_other_tasks(work: Path) -> None:
+    """find-best compares label maps by Dice; a restoration experiment is refused in one line.
+
+    Raises:
+        ConfigError: WORK's plans name a task other than segmentation.
+    """
+    from autoseg import plans as plans_io
+
+    path = work / "plans.yaml"
+    if not path.is_file():
+        return  # load_crossval says what is missing
+    task = plans_io.load(path).task
+    if task != "segmentation":
+        raise ConfigError(f"{work}: a {task} experiment; find-best chooses among segmentation models by Dice and does "
+                          "not take restoration models yet: compare the configurations' mean PSNR in "
+                          "models/<config>/fold_<k>/metrics.json and predict with -c")
+
+
 def run(work: Path, tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM, workers: int | None = None,
         progress: ProgressFn | None = None) -> FindBestResult:
     """Score every trained configuration and pair, choose the best, decide its postprocessing, and
@@ -399,6 +417,7 @@ def run(work: Path, tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM, workers: int
     """
     if tolerance_mm < 0:
         raise ConfigError(f"--tolerance {tolerance_mm}: the NSD tolerance must be >= 0 mm")
+    _refuse_other_tasks(Path(work))
     cv = load_crossval(Path(work))
     trained, notes = trained_configurations(cv)
     if not trained:

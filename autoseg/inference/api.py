@@ -199,7 +199,11 @@ class Segmenter:
 
         Raises:
             DatasetError: wrong shape, channel count or spacing.
+            ConfigError: the model's task has no probabilities (restoration).
         """
+        if not self.predictor.task.extra_outputs:
+            raise ConfigError(f"predict_array: a {self.predictor.task.name} model has no probabilities; call the "
+                              "Segmenter on an image (segmenter(image)) for the restored image")
         image, geometry = self._array_input(np.asarray(array), spacing, origin, direction)
         labels, probabilities, _ = self._segment(image, geometry, probabilities=True)
         assert probabilities is not None

@@ -134,6 +134,13 @@ def export_model(
     graph_kinds = ("fp32", "int8") if int8 else ("fp32",) if onnx else ()
     selections, best = select_models(work, configurations, folds, checkpoint)
     plans = plans_io.load(work / "plans.yaml")
+    from autoseg.tasks import TASKS
+
+    if not TASKS[plans.task].extra_outputs:
+        # The model file's reader and its MODEL.md describe label maps; restoration models are not
+        # packaged yet.
+        raise ConfigError(f"{work}: a {plans.task} experiment; model files hold segmentation models only for now: "
+                          "predict from the WORK folder")
     # A cascade stage travels with its previous stage (weights only: not a member of the ensemble).
     stages = [p for s in selections if (p := previous_stage_selection(
         s, plans.configurations[s.configuration].previous_stage if s.configuration in plans.configurations else None,

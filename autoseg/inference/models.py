@@ -252,12 +252,15 @@ def _without_weight_init() -> Iterator[None]:
             setattr(init, name, function)
 
 
-def build_inference_network(config: Configuration, num_classes: int, state: dict[str, Any], path: Path) -> "torch.nn.Module":
-    """The inference network of ``config`` with the weights ``state``, on the CPU, in eval mode."""
+def build_inference_network(config: Configuration, num_classes: int, state: dict[str, Any], path: Path,
+                            residual: tuple[int, int] | None = None) -> "torch.nn.Module":
+    """The inference network of ``config`` with the weights ``state``, on the CPU, in eval mode
+    (``residual``: the task's :meth:`~autoseg.tasks.base.Task.residual_channels`)."""
     from autoseg.networks import build_network
 
     with _without_weight_init():
-        net = build_network(config.topology, config.input_channels, num_classes, deep_supervision=False)
+        net = build_network(config.topology, config.input_channels, num_classes, deep_supervision=False,
+                            residual=residual)
     try:
         # assign: the module takes the checkpoint's tensors (no copy of the weights).
         net.load_state_dict(state, strict=True, assign=True)

@@ -28,6 +28,24 @@ if TYPE_CHECKING:
 # ----------------------------------------------------------------------------------------------
 # The predictor
 
+
+def _engine_for_task(task: str, engine: str) -> str:
+    """``engine``, or ``torch`` for a task whose networks must not run as ONNX graphs (``auto``).
+
+    Raises:
+        ConfigError: an ONNX engine named explicitly for such a task.
+    """
+    from autoseg.tasks import TASKS
+
+    if task not in TASKS or TASKS[task].onnx_engines or engine == "torch":
+        return engine
+    if engine != "auto":
+        raise ConfigError(f"--engine {engine}: a {task} model runs on the torch engine only (its residual output "
+                          "is no operator of autoseg's ONNX graphs, and bf16 would round the values it adds back); "
+                          "use --engine torch or leave --engine out")
+    return "torch"
+
+
 @dataclass
 class _ConfigModels:
     """What one configuration needs at prediction time."""
@@ -101,6 +119,8 @@ class Predictor:
         self.forward_batch = forward_batch
         self.profile = profile
         self.stats = PredictorStats()
+        work_plans = plans_io.load(self.work / "plans.yaml")
+        engine = _engine_for_task(work_plans.task, engine)
         #: The engine and precision the networks run with, and why.
         self.engine = choose_engine(engine, precision, device_type=self.device.type,
                                     has_int8=all(self._graph_file(c, "int8") for s in selections for c in s.checkpoints),
@@ -112,7 +132,6 @@ class Predictor:
             from autoseg.inference.cpu import keep_freed_memory
 
             keep_freed_memory()  # 10-14 % faster forward passes (autoseg.inference.cpu)
-        work_plans = plans_io.load(self.work / "plans.yaml")
         self.models: list[_ConfigModels] = []
         meta: dict[str, Any] | None = None
         #: Previous stages of cascade configurations that were not requested themselves: run for
@@ -140,7 +159,9 @@ class Predictor:
         self.channel_names: tuple[str, ...] = tuple(meta["channel_names"])
         self.plans = self.models[0].plans
         #: What the outputs are (activation, export, scores): the checkpoints' task.
-        self.task: Task = get_task(self.plans.task, self.labels, f"{selections[0].checkpoints[0]}")
+        self.task: Task = get_task(self.plans.task, self.labels, f"{selections[0].checkpoints[0]}",
+                                   channel_names=self.channel_names,
+                                   normalization=self.models[0].config.normalization)
         self.task.check_outputs(self.num_classes, self.models[0].name)
 
     # -- loading
@@ -165,7 +186,10 @@ class Predictor:
                                   f"{selection.folds[0]} of {selection.configuration}; re-train it")
             assert plans is not None
             config = plans.configurations[selection.configuration]
-            net = build_inference_network(config, int(meta["num_classes"]), data["model"], path)
+            # Residual learning (restoration): the output adds these input channels; None for segmentation.
+            residual = get_task(meta.get("task"), meta["labels"], str(path), channel_names=meta["channel_names"],
+                                normalization=config.normalization).residual_channels(config)
+            net = build_inference_network(config, int(meta["num_classes"]), data["model"], path, residual)
             memory_format = torch.contiguous_format
             if self.engine.engine != "torch":
                 from autoseg.inference.engines import weights_digest
@@ -352,11 +376,13 @@ class Predictor:
                     )
                     if uncertainty:  # one fold cannot disagree with itself
                         disagreement = np.zeros(tuple(logits.shape[1:]), dtype=np.float32)
+                # The task's output on the grid (segmentation: probabilities; restoration: the
+                # correction of the input, which it needs here).
+                probabilities = self.task.on_grid(logits, tensor).cpu().numpy()
                 del tensor
-                probabilities = self.task.activate_(logits).cpu().numpy()
             # Keyed by folds too: a requested 3d_lowres may have other folds than the cascade's own.
             predicted[(models.name, models.folds)] = ConfigPrediction(models.name, probabilities, props,
-                                                                      disagreement, len(models.nets))
+                                                                      disagreement, len(models.nets), image)
         results = [predicted[(models.name, models.folds)] for models in self.models]
         self.stats.predict_s += time.perf_counter() - started
         return results

@@ -149,6 +149,7 @@ def run(
     with open_model(Path(work), checkpoint) as source:
         selections, best = source.select(configurations, folds)
         plans = plans_io.load(source.work / "plans.yaml")
+        _check_task_outputs(plans.task, save_probabilities, save_uncertainty, formats)
         cases = find_input_cases(inputs, len(plans.channel_names))
         check_inputs(cases, plans, [s.configuration for s in selections])
         outputs = {case.case_id: case_outputs(case, output, formats, save_probabilities=save_probabilities,
@@ -176,6 +177,24 @@ def run(
             written, used_device, stats = _predict_cases(job, devices[0] if devices else device, callbacks)
     return PredictSummary(written=tuple(written), seconds=time.perf_counter() - started, device=used_device,
                           postprocessing=best is not None and postprocessor(best) is not None, stats=stats, **done)
+
+
+def _check_task_outputs(task: str, save_probabilities: bool, save_uncertainty: bool, formats: Sequence[str]) -> None:
+    """Refuse the outputs a task does not make (restoration writes restored images only).
+
+    Raises:
+        ConfigError: naming the option.
+    """
+    from autoseg.tasks import TASKS
+
+    if TASKS[task].extra_outputs:
+        return
+    asked = [flag for flag, on in (("--save-probabilities", save_probabilities),
+                                   ("--save-uncertainty", save_uncertainty),
+                                   ("--output-format dicom-seg", "dicom-seg" in formats)) if on]
+    if asked:
+        raise ConfigError(f"{asked[0]}: not available for a {task} model, which writes restored images only; "
+                          "leave it out")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ from autoseg.plans import Topology
 NEGATIVE_SLOPE = 1e-2
 #: InstanceNorm epsilon (nnU-Net: 1e-5, affine).
 NORM_EPS = 1e-5
+#: A residual (restoration) network's full-resolution head starts at He's initialisation times this.
+RESIDUAL_HEAD_SCALE = 1e-2
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _TRANSPOSED_CONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -207,22 +209,44 @@ class UNet(nn.Module):
         deep_supervision: ``forward`` returns one logit tensor per decoder level (highest
             resolution first) when true, only the highest-resolution tensor when false. Switch it
             off for inference: the lower heads are then not computed at all.
+        residual: input channels ``[start, stop)`` added to the full-resolution head's output
+            (residual learning for restoration: the head predicts a correction of the input); None
+            for a plain head. The sum is taken in float32, so that autocast's bf16 never rounds
+            the input (bf16 keeps 8 significant bits: 1000 HU normalised by σ 270 HU falls on a grid of
+            4 HU steps). No parameters: the state dict is a
+            plain U-Net's. The full-resolution head starts small (:data:`RESIDUAL_HEAD_SCALE`):
+            an untrained network returns nearly its input.
     """
 
-    def __init__(self, topology: Topology, in_channels: int, num_classes: int, deep_supervision: bool = True) -> None:
+    def __init__(self, topology: Topology, in_channels: int, num_classes: int, deep_supervision: bool = True,
+                 residual: tuple[int, int] | None = None) -> None:
         super().__init__()
         validate_topology(topology)
         if in_channels < 1 or num_classes < 1:
             raise ValueError(f"in_channels ({in_channels}) and num_classes ({num_classes}) must be at least 1")
+        if residual is not None and not (0 <= residual[0] and residual[1] <= in_channels
+                                         and residual[1] - residual[0] == num_classes):
+            raise ValueError(f"residual channels {tuple(residual)} must be {num_classes} of the {in_channels} inputs")
         self.topology = topology
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.deep_supervision = deep_supervision
+        self.residual = None if residual is None else (int(residual[0]), int(residual[1]))
         self.encoder = Encoder(topology, in_channels)
         self.decoder = Decoder(topology, num_classes)
         self.apply(_init_he)
         if topology.residual_encoder:
             self.apply(_zero_last_norm)
+        if self.residual is not None:
+            # A residual network starts close to the identity (its input channels): the first
+            # updates refine a correction instead of undoing a random one, which with He's scale
+            # cost 6 dB of PSNR at the start (17.7 vs 23.8 dB on the test phantoms). Not exactly
+            # zero: a zero head passes no gradient to the layers before it, so they wait for it to
+            # grow (test phantoms, 2d, AdamW 1e-2: 24.0 dB after 120 iterations from a zero head,
+            # 24.4 dB after 90 from this one).
+            with torch.no_grad():
+                self.decoder.heads[-1].weight.mul_(RESIDUAL_HEAD_SCALE)
+            nn.init.zeros_(self.decoder.heads[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Logits for ``x`` of shape ``(batch, in_channels, *spatial)``.
@@ -237,6 +261,9 @@ class UNet(nn.Module):
                              f"for this {dims}D network, got {tuple(x.shape)}")
         check_spatial_size(x.shape[2:], self.topology)
         outputs = self.decoder(self.encoder(x), self.deep_supervision)
+        if self.residual is not None:
+            start, stop = self.residual
+            outputs[0] = outputs[0].float() + x[:, start:stop].float()
         return outputs if self.deep_supervision else outputs[0]
 
 
@@ -256,7 +283,8 @@ def _zero_last_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.conv2.norm.bias)
 
 
-def build_network(topology: Topology, in_channels: int, num_classes: int, deep_supervision: bool = True) -> UNet:
+def build_network(topology: Topology, in_channels: int, num_classes: int, deep_supervision: bool = True,
+                  residual: tuple[int, int] | None = None) -> UNet:
     """Build the U-Net a configuration's topology describes.
 
     Args:
@@ -265,6 +293,7 @@ def build_network(topology: Topology, in_channels: int, num_classes: int, deep_s
         num_classes: output channels (labels including background, or regions).
         deep_supervision: ``forward`` returns a list of logits, highest resolution first, one
             per decoder level; set ``net.deep_supervision = False`` later for inference.
+        residual: input channels added to the output (:meth:`autoseg.tasks.base.Task.residual_channels`).
 
     Returns:
         The network, He-initialised, on the CPU in float32.
@@ -272,4 +301,4 @@ def build_network(topology: Topology, in_channels: int, num_classes: int, deep_s
     Raises:
         ValueError: the topology is inconsistent, or ``in_channels``/``num_classes`` < 1.
     """
-    return UNet(topology, in_channels, num_classes, deep_supervision)
+    return UNet(topology, in_channels, num_classes, deep_supervision, residual)

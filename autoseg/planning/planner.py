@@ -17,8 +17,10 @@ import numpy as np
 
 from autoseg.channels import FALLBACK_SCHEME, is_known_channel, scheme_for_channel
 from autoseg.dataset.fingerprint import Fingerprint
+from autoseg.dataset.kinds import DATASET_KINDS
 from autoseg.errors import PlanError
 from autoseg.planning.presets import Preset
+from autoseg.planning.restoration import restoration_normalization, restoration_notes
 
 if TYPE_CHECKING:
     from autoseg.planning.budget import TimeBudget
@@ -243,7 +245,15 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
         raise PlanError("the fingerprint has no cases; nothing to plan")
     gpu = gpu_memory or GpuMemory(preset.memory_budget_gb, f"preset {preset.name}")
     spacings, shapes = fp.spacings, fp.shapes_after_crop
-    num_classes = fp.num_classes
+    # A restoration dataset (no labels, autoseg.dataset.kinds) has one output per input channel, an
+    # invertible normalisation and no cascade (autoseg.planning.restoration); the memory model,
+    # spacing, patch and configurations are the same for every task.
+    kind = DATASET_KINDS.get(fp.task)
+    if kind is None or not kind.plannable:
+        raise PlanError(f"task {fp.task!r}: not supported yet by the planner (it plans "
+                        f"{', '.join(k for k, v in DATASET_KINDS.items() if v.plannable)})")
+    restoration = not kind.labels
+    num_classes = len(fp.channel_names) if restoration else fp.num_classes
     notes: list[str] = []
 
     if fp.dims == 2:
@@ -259,7 +269,7 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
     median_shape = np.median(new_shapes, axis=0)[list(transpose)]
     spacing_t = np.asarray(full_spacing)[list(transpose)]
     n_voxels_dataset = float(np.prod(median_shape, dtype=np.float64)) * fp.num_cases
-    normalization = normalization_for(fp)
+    normalization = restoration_normalization(fp) if restoration else normalization_for(fp)
     wanted = set(preset.configurations)
     configs: dict[str, Configuration] = {}
     resampling = _resampling(preset)
@@ -287,7 +297,7 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
                                 resampling, 0, round(mem, 3))
         if "3d_fullres" in wanted:
             configs["3d_fullres"] = fullres
-        if "3d_lowres" in wanted:
+        if "3d_lowres" in wanted and not restoration:
             lowres = _plan_lowres(fullres, spacing_t, median_shape, preset, num_classes, n_voxels_dataset,
                                   normalization, resampling)
             if lowres is not None and "3d_fullres" in configs:
@@ -299,7 +309,7 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
                              f"{100 * np.prod(fullres.patch_size) / np.prod(median_shape):.0f}% of the median image "
                              f"(< {100 * preset.lowres_threshold:.0f}%); lowres at spacing "
                              f"{[round(s, 3) for s in lowres.spacing]}")
-            elif "3d_fullres" in configs:
+            elif "3d_fullres" in configs and not restoration:
                 notes.append(lowres_absent_note(fullres, median_shape, preset))
 
     if not configs:
@@ -311,6 +321,7 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
 
         configs, fits = apply_budget(configs, budget, preset, num_classes, notes)
     notes.extend(region_notes(fp.labels))
+    notes.extend(restoration_notes(fp, normalization) if restoration else [])
     notes.extend(f"channel {index} ({name!r}): no modality autoseg knows; normalised with {FALLBACK_SCHEME} "
                  "(nnU-Net's fallback) — name it in dataset.json to choose" for index, name in
                  enumerate(fp.channel_names) if not is_known_channel(name))
@@ -333,6 +344,7 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
         original_median_spacing=tuple(float(v) for v in np.median(spacings, axis=0)),
         original_median_shape=tuple(float(v) for v in np.median(shapes, axis=0)),
         anisotropic=aniso_axis is not None,
+        task=fp.task,
         notes=tuple(notes),
         fingerprint_sha256=fingerprint_digest(fp),
         time_budget_s=None if budget is None else float(budget.seconds),

@@ -34,7 +34,7 @@ from autoseg.dataset.scan import (
     scan_dataset,
     write_fingerprint,
 )
-from autoseg.errors import DatasetError
+from autoseg.errors import DatasetError, PlanError
 from autoseg.planning import GpuMemory, load_preset, plan, preset_for_gpu
 from autoseg.planning.budget import TimeBudget
 from autoseg.planning.compute import Throughput
@@ -155,8 +155,11 @@ def _load_cache(paths: WorkPaths, spec: DatasetSpec) -> tuple[Fingerprint, list[
 
 
 def _dataset_record(spec: DatasetSpec) -> dict[str, Any]:
-    """The normalised copy of dataset.json kept in WORK."""
+    """The normalised copy of dataset.json kept in WORK (a restoration dataset's ``label`` entries
+    are its clean targets, and it records its ``task``)."""
+    task = {} if spec.task == "segmentation" else {"task": spec.task}
     return {
+        **task,
         "name": spec.name,
         "source": os.fspath(spec.root.resolve()),
         "layout": spec.layout,
@@ -203,6 +206,11 @@ def plan_dataset(
     ``throughput``) sizes every configuration for that much time per fold
     (:mod:`autoseg.planning.budget`); the plans then depend on the throughput, which they note.
     """
+    spec, _ = load_dataset(Path(root))
+    if spec is not None and not spec.kind.plannable:
+        raise PlanError(f"{root}: task {spec.task!r} is not supported yet: 'autoseg check' validates such a "
+                        "dataset, but autoseg cannot plan or train it; denoising pairs on one grid use "
+                        '"task": "denoise"')
     preset = load_preset(planner)
     if gpu_memory_gb is not None:
         preset = preset_for_gpu(preset, gpu_memory_gb)

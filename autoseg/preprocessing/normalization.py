@@ -17,6 +17,15 @@ def normalize_ct(image: np.ndarray, clip_low: float, clip_high: float, mean: flo
     return out
 
 
+def normalize_linear(image: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """``(image - mean) / std`` with the dataset's numbers and no clipping: exactly invertible
+    (restoration's scheme; its inverse is :func:`autoseg.preprocessing.restoration.denormalize`)."""
+    out = image.astype(np.float32, copy=True)
+    out -= np.float32(mean)
+    out /= np.float32(max(std, 1e-8))
+    return out
+
+
 def normalize_zscore(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Per-image z-score; statistics (and output) restricted to ``mask`` when given."""
     out = image.astype(np.float32, copy=True)
@@ -52,6 +61,7 @@ NORMALIZERS: dict[str, Callable[..., np.ndarray]] = {
     "none": lambda image: image.astype(np.float32, copy=False),
     "rescale_0_1": normalize_rescale,
     "rgb_0_1": normalize_rgb,
+    "linear": normalize_linear,
 }
 
 
@@ -73,14 +83,15 @@ def normalize_channel(
         mask: the nonzero region of the case (same shape as ``channel``); used by ``zscore`` when
             ``use_mask`` is set (nnU-Net: only its z-score honours ``use_mask_for_norm``).
         use_mask: restrict the z-score statistics (and output) to ``mask``.
-        clip, mean, std: the dataset's foreground window and statistics, for ``ct``.
+        clip, mean, std: the dataset's foreground window and statistics, for ``ct``; ``linear``
+            takes mean and std only.
 
     Returns:
         A float32 array of ``channel``'s shape.
 
     Raises:
         UnknownNameError: ``scheme`` is not a known scheme.
-        ValueError: ``ct`` without clip/mean/std, or ``use_mask`` without a mask (plans validation
+        ValueError: ``ct`` without clip/mean/std, ``linear`` without mean/std, or ``use_mask`` without a mask (plans validation
             rules both out, so this is a bug in the caller).
     """
     if scheme not in NORMALIZERS:
@@ -89,6 +100,10 @@ def normalize_channel(
         if clip is None or mean is None or std is None:
             raise ValueError("scheme 'ct' needs clip, mean and std")
         return normalize_ct(channel, clip[0], clip[1], mean, std)
+    if scheme == "linear":
+        if mean is None or std is None:
+            raise ValueError("scheme 'linear' needs mean and std")
+        return normalize_linear(channel, mean, std)
     if scheme == "zscore":
         if use_mask and mask is None:
             raise ValueError("z-score with use_mask needs the nonzero mask")

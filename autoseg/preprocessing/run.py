@@ -4,7 +4,12 @@ Layout (DESIGN §2)::
 
     WORK/preprocessed/<config>/<case>.npy        float32 (C, z, y, x), memory-mappable
     WORK/preprocessed/<config>/<case>_seg.npy    int8/int16 (z, y, x)
+    WORK/preprocessed/<config>/<case>_target.npy float32 (C, z, y, x): restoration's clean target instead
     WORK/preprocessed/<config>/<case>.json       props (geometry, crop box, class locations, plan digest)
+
+Segmentation saves the label map; restoration (plans without labels) the clean target on the
+input's grid, as its own file: a float ``(C, z, y, x)`` image is no label map, and every reader of
+``_seg.npy`` (sampler, cascade, find-best) expects one.
 
 Each file is written atomically and the ``.json`` last, after its old copy was removed: a case is
 finished exactly when its ``.json`` exists with the current plan digest. A rerun skips finished
@@ -35,11 +40,13 @@ import numpy as np
 
 from autoseg import plans as plans_io
 from autoseg.atomic import atomic_path, folder_lock, remove_stale_temp, write_text
+from autoseg.dataset.kinds import DATASET_KINDS
 from autoseg.dataset.layout import Case
 from autoseg.errors import DatasetError, PlanError, did_you_mean
 from autoseg.imageio import Geometry, read_image
 from autoseg.plans import Plans
 from autoseg.preprocessing.pipeline import Props, plan_digest, preprocess_case
+from autoseg.preprocessing.restoration import preprocess_pair
 from autoseg.dataset.scan import ProgressFn, available_memory_bytes, choose_workers, estimate_case_bytes
 
 #: Fraction of the available memory the workers may plan to use (the same margin as the scan).
@@ -52,14 +59,15 @@ _MEMORY_FRACTION = 0.7
 
 @dataclass(frozen=True)
 class CaseFiles:
-    """The three files of a preprocessed case."""
+    """The files of a preprocessed case (``seg`` for a label map, ``target`` for a restoration target)."""
 
     data: Path
     seg: Path
     props: Path
+    target: Path
 
-    def all(self) -> tuple[Path, Path, Path]:
-        return (self.data, self.seg, self.props)
+    def all(self) -> tuple[Path, Path, Path, Path]:
+        return (self.data, self.seg, self.target, self.props)
 
 
 def preprocessed_dir(work: Path, config_name: str) -> Path:
@@ -70,7 +78,8 @@ def preprocessed_dir(work: Path, config_name: str) -> Path:
 def case_files(folder: Path, case_id: str) -> CaseFiles:
     """Where a case's arrays and props live in a configuration folder."""
     folder = Path(folder)
-    return CaseFiles(folder / f"{case_id}.npy", folder / f"{case_id}_seg.npy", folder / f"{case_id}.json")
+    return CaseFiles(folder / f"{case_id}.npy", folder / f"{case_id}_seg.npy", folder / f"{case_id}.json",
+                     folder / f"{case_id}_target.npy")
 
 
 def read_props(path: Path) -> Props | None:
@@ -83,12 +92,13 @@ def read_props(path: Path) -> Props | None:
 
 
 def is_finished(folder: Path, case_id: str, digest: str, with_seg: bool = True) -> bool:
-    """True when the case's props carry ``digest`` and its arrays exist (the props are written last)."""
+    """True when the case's props carry ``digest`` and its arrays exist (the props are written last);
+    ``with_seg``: its training target too (a label map, or a restoration target)."""
     files = case_files(folder, case_id)
     props = read_props(files.props)
     if props is None or props.get("plan_digest") != digest:
         return False
-    return files.data.is_file() and (files.seg.is_file() or not with_seg)
+    return files.data.is_file() and (files.seg.is_file() or files.target.is_file() or not with_seg)
 
 
 def load_case(folder: Path, case_id: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray | None, Props]:
@@ -127,18 +137,21 @@ def _write_props(path: Path, props: Props) -> None:
     write_text(path, json.dumps(props, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n")
 
 
-def save_case(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray | None, props: Props) -> None:
+def save_case(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray | None, props: Props,
+              target: np.ndarray | None = None) -> None:
     """Write a case's files atomically, props last (its presence marks the case finished).
 
     The old props go first, so a crash in between never leaves old props beside new arrays.
+    ``target``: a restoration case's clean target (``<case>_target.npy``).
     """
     files = case_files(folder, case_id)
     files.props.unlink(missing_ok=True)
     _save_array(files.data, data)
-    if seg is not None:
-        _save_array(files.seg, seg)
-    else:
-        files.seg.unlink(missing_ok=True)
+    for path, array in ((files.seg, seg), (files.target, target)):
+        if array is not None:
+            _save_array(path, array)
+        else:
+            path.unlink(missing_ok=True)
     _write_props(files.props, props)
 
 
@@ -189,16 +202,20 @@ def load_work_cases(work: Path) -> list[Case]:
     return cases
 
 
-def read_case(case: Case, num_channels: int) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+def read_case(case: Case, num_channels: int,
+              target_channels: int | None = None) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
     """Read a case's image files (stacked as channels) and label.
 
     Args:
         case: the case's files (one per channel, or one multi-channel file).
         num_channels: channels the plans expect.
+        target_channels: None: the label file is a label map; else it is a restoration target
+            with that many channels, returned whole.
 
     Returns:
-        The image ``(C, Z, Y, X)``, the label ``(Z, Y, X)`` (None without a label file) and the
-        geometry of the first image file (the dataset check made the others agree with it).
+        The image ``(C, Z, Y, X)``, the label ``(Z, Y, X)`` (a target: ``(C_t, Z, Y, X)``; None
+        without a label file) and the geometry of the first image file (the dataset check made the
+        others agree with it).
 
     Raises:
         DatasetError: a file is unreadable or the channel count differs from the plans'.
@@ -216,8 +233,11 @@ def read_case(case: Case, num_channels: int) -> tuple[np.ndarray, np.ndarray | N
     label = None
     if case.label is not None:
         label_array, _ = read_image(case.label)
-        label = label_array[0]
-        if label.shape != image.shape[1:]:
+        label = label_array[0] if target_channels is None else label_array
+        if target_channels is not None and label.shape[0] != target_channels:
+            raise DatasetError(f"{case.label}: {label.shape[0]} channel(s), the task expects {target_channels}; "
+                               "run 'autoseg check' on the dataset")
+        if label.shape[-3:] != image.shape[1:]:
             raise DatasetError(f"{case.label}: label shape {label.shape} differs from the image's "
                                f"{image.shape[1:]}; run 'autoseg check' on the dataset")
     return image, label, geometries[0]
@@ -243,12 +263,25 @@ def _init_worker(plans: Plans, work: Path) -> None:
 
 
 def process_case(task: _Task, plans: Plans, work: Path) -> str:
-    """Read one case and write its preprocessed files for each of ``task.configs``; returns the case id."""
-    image, label, geometry = read_case(task.case, len(plans.channel_names))
+    """Read one case and write its preprocessed files for each of ``task.configs``; returns the case id.
+
+    A restoration case (plans without labels, :mod:`autoseg.dataset.kinds`) goes through
+    :func:`autoseg.preprocessing.restoration.preprocess_pair`: its target file is an image on the
+    input's grid, saved as ``<case>_target.npy``.
+    """
+    case_id = task.case.case_id
+    restoration = not DATASET_KINDS[plans.task].labels
+    channels = len(plans.channel_names)
+    image, label, geometry = read_case(task.case, channels, channels if restoration else None)
     for config_name in task.configs:
-        data, seg, props = preprocess_case(image, label, geometry, plans, config_name, case_id=task.case.case_id)
-        save_case(preprocessed_dir(work, config_name), task.case.case_id, data, seg, props)
-    return task.case.case_id
+        target = None
+        if restoration:
+            data, target, props = preprocess_pair(image, label, geometry, plans, config_name, case_id=case_id)
+            seg = None
+        else:
+            data, seg, props = preprocess_case(image, label, geometry, plans, config_name, case_id=case_id)
+        save_case(preprocessed_dir(work, config_name), case_id, data, seg, props, target)
+    return case_id
 
 
 def _worker(task: _Task) -> str:

@@ -7,20 +7,31 @@ for the few things that differ:
 ============================  =========================================================
 what                          asked by
 ============================  =========================================================
+``load_training_cases``       the trainer (preprocessed cases for the sampler)
+``batch_producer``            the trainer's loader (sampling + augmentation)
 ``num_outputs``               the trainer and the predictor (network head)
+``residual_channels``         the network builder (output = these input channels + head)
+``deep_supervision``          the trainer (heads on the lower decoder levels)
 ``check_outputs``             the predictor (a checkpoint's head against its labels)
 ``make_loss``                 the trainer (wrapped in deep supervision)
-``validation_*``              the trainer's per-epoch online metric (pseudo-Dice, ...)
+``validation_*``              the trainer's per-epoch online metric (pseudo-Dice, PSNR, ...)
 ``activate_``                 the predictor (fold-averaged logits -> probabilities)
+``on_grid``                   the predictor (the output kept on the network grid)
 ``fold_output``               the predictor's fold disagreement map
 ``export``                    the predictor (network grid -> the input's geometry, written)
 ``probabilities``             the Python API (the same average, in memory; optional)
-``score_case``                fold validation and ``autoseg evaluate``
+``score_case``, ``summarize`` fold validation and ``autoseg evaluate``
 ============================  =========================================================
 
-A task is built from the plans' ``task`` name and labels (:func:`autoseg.tasks.get_task`). Task
-classes keep torch imports inside their methods, so that torch-free stages (evaluation of files)
-can hold a task without importing torch.
+A task is built from the plans' ``task`` name, labels and channels (:func:`autoseg.tasks.get_task`).
+Task classes keep torch imports inside their methods, so that torch-free stages (evaluation of
+files) can hold a task without importing torch. The defaults of the non-abstract hooks are the
+label-map behaviour (segmentation's).
+
+The stages below this seam (check, fingerprint, plan, preprocess: layers under ``tasks`` in
+``tests/test_layout.py``) cannot ask a task object; what a task's raw data is and how it is planned
+and preprocessed is read there from :mod:`autoseg.dataset.kinds` by the ``task`` name, with each
+layer's restoration module (``autoseg.{dataset,planning,preprocessing,data}.restoration``).
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from autoseg.imageio import Geometry
+    from autoseg.plans import Configuration
     from autoseg.preprocessing.pipeline import Props
 
 
@@ -54,6 +66,8 @@ class ConfigPrediction:
             (:func:`autoseg.inference.uncertainty.fold_disagreement`), when predicted with
             ``uncertainty=True``.
         folds: how many folds were averaged.
+        image: the input image ``(C, Z, Y, X)`` as read, for tasks whose export starts from it
+            (restoration adds its correction to it); None where nobody kept it.
     """
 
     configuration: str
@@ -61,6 +75,7 @@ class ConfigPrediction:
     props: "Props"
     disagreement: np.ndarray | None = None
     folds: int = 1
+    image: np.ndarray | None = None
 
 
 class Task(ABC):
@@ -69,10 +84,40 @@ class Task(ABC):
     Attributes:
         name: the registry name, written as ``task`` in plans.yaml and in checkpoints.
         validation_metric: the name of the per-epoch online metric (shown and plotted).
+        validation_range: the online metric's range for the plot (None: unbounded, e.g. dB).
+        deep_supervision: train with a head on every decoder level (nnU-Net's deep supervision).
+        extra_outputs: the predictor may also write probabilities, uncertainty maps and DICOM SEG,
+            and ``autoseg export`` / ``find-best`` take the task's models.
+        onnx_engines: the networks may run as ONNX graphs (OpenVINO, ONNX Runtime); otherwise
+            the predictor runs them with torch.
     """
 
     name: ClassVar[str]
     validation_metric: ClassVar[str]
+    validation_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
+    deep_supervision: ClassVar[bool] = True
+    extra_outputs: ClassVar[bool] = True
+    onnx_engines: ClassVar[bool] = True
+
+    # -- training data
+
+    def load_training_cases(self, folder: Path, case_ids: Sequence[str]) -> list[Any]:
+        """The preprocessed cases of ``folder`` the sampler draws from (default: image + label map)."""
+        from autoseg.data import load_cases
+
+        return load_cases(folder, case_ids)
+
+    def batch_producer(self) -> type:
+        """The class that samples and augments the task's batches (default:
+        :class:`autoseg.data.loader.BatchProducer`, foreground oversampling and nnU-Net's augmentation)."""
+        from autoseg.data.loader import BatchProducer
+
+        return BatchProducer
+
+    def residual_channels(self, config: "Configuration") -> tuple[int, int] | None:
+        """Input channels ``[start, stop)`` the network adds to its head's output (residual learning),
+        or None for a plain head."""
+        return None
 
     # -- the network head
 
@@ -89,12 +134,16 @@ class Task(ABC):
     # -- training
 
     @abstractmethod
-    def make_loss(self, *, batch_dice: bool = True, sync: bool = False) -> "nn.Module":
+    def make_loss(self, *, batch_dice: bool = True, sync: bool = False, loss: str | None = None) -> "nn.Module":
         """The loss of one network output against its target (deep supervision wraps it).
 
         Args:
             batch_dice: pool statistics over the batch where the loss has such statistics.
             sync: under DDP, pool them over every rank's share of the global batch.
+            loss: one of the task's named losses (``autoseg train --loss``); None: its default.
+
+        Raises:
+            ConfigError: the task has no loss of that name.
         """
 
     @property
@@ -116,6 +165,11 @@ class Task(ABC):
     @abstractmethod
     def activate_(self, logits: "torch.Tensor") -> "torch.Tensor":
         """Turn fold-averaged logits ``(K, *spatial)`` into the task's output, in place."""
+
+    def on_grid(self, logits: "torch.Tensor", inputs: "torch.Tensor") -> "torch.Tensor":
+        """What the predictor keeps of the fold-averaged output on the network grid, given the
+        preprocessed input ``(C, z, y, x)`` (default: :meth:`activate_`)."""
+        return self.activate_(logits)
 
     @abstractmethod
     def fold_output(self, logits: "torch.Tensor") -> np.ndarray:
@@ -142,4 +196,10 @@ class Task(ABC):
     def score_case(self, prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float],
                    **options: Any) -> dict[str, dict[str, Any]]:
         """Metrics of one case: ``{output name: {metric: value}}``."""
+
+    def summarize(self, per_case: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+        """The summary of fold validation's ``per_case`` scores (default: :func:`autoseg.metrics.summarize`)."""
+        from autoseg.metrics import summarize
+
+        return summarize(per_case)
 

@@ -31,12 +31,15 @@ class Segmentation(Task):
 
     Args:
         labels: the dataset's labels, ``{name: [values]}`` (a label with several values is a region).
+        channel_names, normalization: the plans' channels and a configuration's normalisation
+            (:func:`autoseg.tasks.get_task` gives every task these; segmentation needs neither).
     """
 
     name: ClassVar[str] = "segmentation"
     validation_metric: ClassVar[str] = "pseudo-Dice"
 
-    def __init__(self, labels: Mapping[str, Sequence[int]]) -> None:
+    def __init__(self, labels: Mapping[str, Sequence[int]], channel_names: Sequence[str] = (),
+                 normalization: Sequence[Any] = ()) -> None:
         self.labels: dict[str, list[int]] = {str(k): [int(v) for v in vals] for k, vals in labels.items()}
         self._regions = regions_of(self.labels)
         #: ``(R, V)`` region membership for region-based labels, None for softmax classes.
@@ -60,7 +63,10 @@ class Segmentation(Task):
 
     # -- training
 
-    def make_loss(self, *, batch_dice: bool = True, sync: bool = False) -> "nn.Module":
+    def make_loss(self, *, batch_dice: bool = True, sync: bool = False, loss: str | None = None) -> "nn.Module":
+        if loss is not None:
+            raise ConfigError(f"--loss {loss}: segmentation trains with Dice + CE (Dice + BCE for region-based "
+                              "labels); --loss chooses a restoration task's loss")
         from autoseg.tasks.segmentation_loss import make_loss
 
         return make_loss(self.labels, batch_dice=batch_dice, sync=sync)

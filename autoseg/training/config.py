@@ -43,6 +43,8 @@ class TrainConfig:
             cores, where workers compete with the training threads).
         save_every: epochs between ``checkpoint_latest.pt`` writes.
         channels_last: channels-last memory format for 3D on CPU (~1.5x faster convolutions).
+        loss: a task's named loss (restoration: ``l1``, the default, or ``mse``); None: the task's
+            default. Recorded only when given, so segmentation's record and digest are as before.
     """
 
     epochs: int = 1000
@@ -64,6 +66,7 @@ class TrainConfig:
     workers: int | None = None
     save_every: int = 1
     channels_last: bool = True
+    loss: str | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -100,7 +103,10 @@ class TrainConfig:
         return 1e-3 if self.resolved_optimizer == "adamw" else 1e-2
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["loss"] is None:
+            del data["loss"]
+        return data
 
     def digest(self) -> str:
         """A short hash of the configuration, recorded with the run."""

@@ -199,12 +199,14 @@ def run(
 
 
 def fold_setup(work: Path, plans: plans_io.Plans, configuration: str, fold: int, splits: list) -> FoldSetup:
-    """One fold's training and validation cases (memory-mapped) and its folder."""
-    from autoseg.data import load_cases
+    """One fold's training and validation cases (memory-mapped, as the plans' task reads them) and its folder."""
+    from autoseg.tasks import task_of
 
     data_folder = Path(work) / "preprocessed" / DATA_OF.get(configuration, configuration)
     split = crossval.fold_cases(splits, fold)
-    train_cases, val_cases = load_cases(data_folder, split["train"]), load_cases(data_folder, split["val"])
+    task = task_of(plans, configuration)
+    train_cases = task.load_training_cases(data_folder, split["train"])
+    val_cases = task.load_training_cases(data_folder, split["val"])
     if plans.configuration(configuration).previous_stage:
         # A cascade stage: each case with the previous stage's cross-validation segmentation
         # (prepared by run() before any fold starts, see autoseg.training.cascade).

@@ -44,7 +44,7 @@ from autoseg.distributed import (
     rank_oversample,
     weights_digest,
 )
-from autoseg.tasks import Task, get_task
+from autoseg.tasks import Task, task_of
 from autoseg.training.losses import DeepSupervisionLoss
 
 #: Smoothing of the validation pseudo-Dice that selects the best checkpoint (nnU-Net: 0.9).
@@ -207,8 +207,11 @@ def write_train_config(path: Path, cfg: TrainConfig, plans: Plans, configuration
     write_text(path, yaml.safe_dump(record, sort_keys=False))
 
 
-def plot_progress(path: Path, history: list[dict[str, Any]]) -> None:
-    """progress.png: losses, pseudo-Dice (and its EMA), learning rate and epoch time per epoch."""
+def plot_progress(path: Path, history: list[dict[str, Any]], metric: str = "pseudo-Dice",
+                  metric_range: tuple[float, float] | None = (0.0, 1.0)) -> None:
+    """progress.png: losses, the online metric (pseudo-Dice, or the task's: ``metric`` over
+    ``metric_range``, None for an unbounded one such as PSNR) and its EMA, learning rate and epoch
+    time per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,9 +222,10 @@ def plot_progress(path: Path, history: list[dict[str, Any]]) -> None:
     axes[0].plot(epochs, [r["train_loss"] for r in history], label="train loss")
     axes[0].plot(epochs, [r["val_loss"] for r in history], label="validation loss")
     twin = axes[0].twinx()
-    twin.plot(epochs, [r["mean_fg_dice"] for r in history], "g.", label="pseudo-Dice")
-    twin.plot(epochs, [r["ema_fg_dice"] for r in history], "g-", label="pseudo-Dice (EMA)")
-    twin.set_ylim(0, 1)
+    twin.plot(epochs, [r["mean_fg_dice"] for r in history], "g.", label=metric)
+    twin.plot(epochs, [r["ema_fg_dice"] for r in history], "g-", label=f"{metric} (EMA)")
+    if metric_range is not None:
+        twin.set_ylim(*metric_range)
     axes[0].legend(loc="upper left")
     twin.legend(loc="upper right")
     axes[1].plot(epochs, [r["epoch_time_s"] for r in history])
@@ -252,8 +256,9 @@ class FoldSetup:
 
     @property
     def task(self) -> Task:
-        """The plans' task: the network head, the loss and the online metric."""
-        return get_task(self.plans.task, self.plans.labels, "plans.yaml")
+        """The plans' task (with this configuration's normalisation): the network head, the loss,
+        the online metric and the batches."""
+        return task_of(self.plans, self.configuration)
 
 
 def train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool = False,
@@ -295,7 +300,8 @@ def _train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool, callbacks: Cal
 
     torch.manual_seed(cfg.seed + setup.fold)
     task = setup.task
-    net = build_network(config.topology, config.input_channels, task.num_outputs, deep_supervision=True)
+    net = build_network(config.topology, config.input_channels, task.num_outputs,
+                        deep_supervision=task.deep_supervision, residual=task.residual_channels(config))
     memory_format = _memory_format(device, config, cfg)
     net = net.to(device=device, memory_format=memory_format)
     optimizer = make_optimizer(net, cfg)
@@ -303,8 +309,8 @@ def _train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool, callbacks: Cal
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
     n_outputs = config.topology.num_stages - 1
     # The task's loss (segmentation: Dice + CE, or Dice + BCE over sigmoid region outputs) at every
-    # deep-supervision output.
-    loss_fn = DeepSupervisionLoss(task.make_loss(batch_dice=True, sync=dist.enabled), n_outputs)
+    # deep-supervision output (restoration: L1 on its one output).
+    loss_fn = DeepSupervisionLoss(task.make_loss(batch_dice=True, sync=dist.enabled, loss=cfg.loss), n_outputs)
     state = TrainState(iters_per_epoch=cfg.iters_per_epoch if cfg.time_budget_s is None else cfg.iters_per_epoch,
                        val_iters=cfg.val_iters)
 
@@ -331,7 +337,7 @@ def _train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool, callbacks: Cal
         state.replica_digests = _check_replicas(net, dist, paths.root)
         if dist.is_main:
             write_log(paths.log, state.history)
-            plot_progress(paths.plot, state.history)
+            plot_progress(paths.plot, state.history, task.validation_metric, task.validation_range)
         if record["ema_fg_dice"] > state.best_ema_dice:
             state.best_ema_dice = record["ema_fg_dice"]
             if dist.is_main:
@@ -425,7 +431,8 @@ def _run_epoch(model: nn.Module, eval_model: nn.Module, net: nn.Module, step: Ca
     lr = cfg.resolved_lr
     loader = BatchLoader(setup.train_cases, config, augment=True, workers=sampling.workers,
                          oversample=sampling.oversample, batch_size=batch_size,
-                         seed=epoch_seed(cfg.seed, setup.fold, state.epoch, 0, dist.rank))
+                         seed=epoch_seed(cfg.seed, setup.fold, state.epoch, 0, dist.rank),
+                         producer=setup.task.batch_producer())
     callbacks.on_epoch_start(state.epoch, state.iters_per_epoch)
     clock_synced = cfg.time_budget_s is not None  # rank 0's clock decides for every rank
     try:
@@ -469,7 +476,12 @@ def _run_epoch(model: nn.Module, eval_model: nn.Module, net: nn.Module, step: Ca
     mean_dice = float(np.mean(foreground)) if foreground else 0.0
     state.ema_dice = mean_dice if state.ema_dice is None else EMA_DECAY * state.ema_dice + (1 - EMA_DECAY) * mean_dice
     n_iters = max(len(losses), 1)
+    # Another task's online metric (restoration: PSNR in dB) is named in the record; its values are
+    # kept under the segmentation keys (pseudo_dice, mean_fg_dice, ema_fg_dice) that the best
+    # checkpoint, resume, the plot and the CLI read.
+    metric = {} if setup.task.validation_metric == "pseudo-Dice" else {"metric": setup.task.validation_metric}
     return {
+        **metric,
         "epoch": state.epoch,
         "train_loss": float(loss_sum / loss_count) if loss_count else float("nan"),
         "val_loss": val_loss,
@@ -506,7 +518,8 @@ def _validate(model: nn.Module, net: nn.Module, loss_fn: nn.Module, setup: FoldS
     losses = []
     # Validation patches are the same every epoch (fixed seed), so the curve compares like with like.
     loader = BatchLoader(setup.val_cases, config, augment=False, workers=0, oversample=sampling.oversample,
-                         batch_size=sampling.batch_size, seed=epoch_seed(cfg.seed, setup.fold, 0, 1, dist.rank))
+                         batch_size=sampling.batch_size, seed=epoch_seed(cfg.seed, setup.fold, 0, 1, dist.rank),
+                         producer=task.batch_producer())
     try:
         for _ in range(iters):
             batch = next(loader)

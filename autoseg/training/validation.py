@@ -11,6 +11,11 @@ window, mirroring TTA on), then written and scored::
                                                               (region-based: (R, Z, Y, X) sigmoids + "regions")
     WORK/models/<config>/fold_<k>/metrics.json                per case and summary (autoseg.metrics)
 
+A restoration fold (``"task": "denoise"`` in its metrics.json) writes the restored image instead of
+a label map, no ``.npz``, and scores PSNR, SSIM and RMSE in the stated window against the clean
+target (:meth:`autoseg.tasks.restoration.Denoise.score_case`); ``autoseg find-best`` does not take
+restoration experiments yet and says so.
+
 ``autoseg find-best`` reads these files to compare configurations and ensembles and to decide the
 postprocessing. The trainer calls :func:`validate_fold` at the end of a fold.
 """
@@ -76,7 +81,6 @@ def validate_fold(
         PlanError: plans.yaml is missing or invalid.
     """
     from autoseg.imageio import read_image
-    from autoseg.metrics import summarize
     from autoseg.inference.inputs import InputCase, output_ending, read_input
     from autoseg.inference.predictor import Predictor
     from autoseg.inference.models import select_models
@@ -114,14 +118,16 @@ def validate_fold(
                                                       nsd_tolerance_mm=nsd_tolerance_mm)
         if progress is not None:
             progress(index + 1, len(val_ids))
+    task = {} if predictor.task.name == "segmentation" else {"task": predictor.task.name}
     record = {
+        **task,
         "configuration": configuration,
         "fold": int(fold),
         "checkpoint": checkpoint,
         "tta": True,
         "nsd_tolerance_mm": float(nsd_tolerance_mm),
         "per_case": per_case,
-        "summary": summarize(per_case),
+        "summary": predictor.task.summarize(per_case),
         "seconds": round(time.perf_counter() - started, 3),
     }
     write_json(folder.parent / METRICS_FILE, record)

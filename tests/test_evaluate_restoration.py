@@ -12,6 +12,7 @@ import numpy as np
 import phantoms
 import pytest
 
+from autoseg import image_metrics
 from autoseg.errors import ConfigError
 from autoseg.evaluation import restoration
 from autoseg.evaluation.restoration import (
@@ -113,7 +114,7 @@ def test_ssim_3d_in_slabs_equals_one_call_on_the_volume() -> None:
     image = reference + rng.normal(0, 40, reference.shape)
     whole = structural_similarity(reference, image, data_range=400.0, channel_axis=None)
     for slab in (1, 4, 16, 100):
-        assert restoration.ssim_3d(image, reference, 400.0, slab=slab) == pytest.approx(whole, abs=1e-12)
+        assert image_metrics.ssim_3d(image, reference, 400.0, slab=slab) == pytest.approx(whole, abs=1e-12)
 
 
 def test_small_and_identical_images() -> None:
@@ -122,6 +123,51 @@ def test_small_and_identical_images() -> None:
     assert metrics["ssim_2d"] is None and metrics["ssim_3d"] is None and metrics["ssim_2d_slices"] == 0
     same = restoration_metrics(np.ones(SHAPE), np.ones(SHAPE), AAPM)
     assert same["psnr_db"] is None and same["rmse_hu"] == 0.0 and same["ssim_3d"] == pytest.approx(1.0)
+
+
+def test_psnr_is_skimages_and_the_online_psnr_is_the_same_formula_capped() -> None:
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from autoseg.tasks.restoration import ONLINE_PSNR_CAP_DB, Denoise
+
+    rng = np.random.default_rng(3)
+    reference = rng.uniform(-300, 400, SHAPE)
+    image = reference + rng.normal(0, 30, SHAPE)
+    ref, img = (np.clip(a, -160, 240) for a in (reference, image))
+    metrics = restoration_metrics(image, reference, AAPM)
+    assert metrics["psnr_db"] == peak_signal_noise_ratio(ref, img, data_range=400.0)
+    # The online metric: the pooled squared error of the patches, the same formula.
+    sse, n = float(np.sum((img - ref) ** 2)), img.size
+    online = Denoise().validation_scores(np.array([sse, n], dtype=np.float64))
+    assert online[0] == pytest.approx(metrics["psnr_db"], rel=1e-12)
+    # Identical images: null in the scores, the cap in the trainer's log (which needs a number).
+    assert image_metrics.psnr_from_mse(0.0, 400.0) is None
+    assert Denoise().validation_scores(np.array([0.0, n])) == [ONLINE_PSNR_CAP_DB]
+
+
+def test_fold_validation_scores_a_case_as_evaluate_does(tmp_path: Path) -> None:
+    """Denoise.score_case (fold validation's metrics.json) and `autoseg evaluate` give one case the
+    same keys and values in the same window, the axial axis taken from the geometry by both."""
+    from autoseg.tasks.restoration import Denoise
+
+    # Array axis 1 runs head-feet (ITK's y index axis has the S component), so SSIM 2D averages
+    # slices across axis 1, not 0.
+    geometry = phantoms.geometry(spacing=(0.8, 2.5, 0.7), direction=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0))
+    rng = np.random.default_rng(4)
+    reference = rng.integers(-400, 500, (10, 12, 9)).astype(np.int16)
+    prediction = (reference + rng.normal(0, 40, reference.shape)).round().astype(np.int16)
+    pred_path = phantoms.write_case_image(tmp_path / "pred" / "c.nii.gz", prediction, geometry)
+    ref_path = phantoms.write_case_image(tmp_path / "ref" / "c.nii.gz", reference, geometry)
+    for window, option in ((AAPM, None), (Window(-1000.0, 1000.0), (-1000.0, 1000.0))):
+        evaluated = restoration.evaluate_restoration_case("c", pred_path, ref_path, window).record()
+        options = {"window": option} if option else {}
+        fold = Denoise().score_case(prediction, reference, geometry.spacing, geometry=geometry, **options)["CT"]
+        assert fold.pop("window") == [window.low, window.high]
+        assert fold.pop("data_range") == evaluated["data_range"]
+        assert fold == evaluated["restored"]
+        assert fold["ssim_2d_slices"] == 12 and None not in fold.values()
+    # Without a geometry the slices are taken across axis 0: another SSIM 2D.
+    assert Denoise().score_case(prediction, reference, geometry.spacing)["CT"]["ssim_2d_slices"] == 10
 
 
 def test_parse_window() -> None:

@@ -321,12 +321,30 @@ def test_fold_trains_lowers_its_loss_and_validates(work: Path, cli) -> None:
     metrics = json.loads((fold / "metrics.json").read_text())
     assert metrics["task"] == "denoise" and metrics["summary"]["window"] == [-160.0, 240.0]
     case_id, scores = next(iter(metrics["per_case"].items()))
-    assert set(scores["CT"]) == {"psnr", "ssim", "rmse", "window"} and scores["CT"]["psnr"] > 10
+    assert set(scores["CT"]) == {"psnr_db", "ssim_2d", "ssim_3d", "rmse_hu", "ssim_2d_slices", "data_range", "window"}
+    assert scores["CT"]["psnr_db"] > 10 and scores["CT"]["ssim_2d_slices"] == SHAPE[0]
     restored, _ = read_image(fold / "validation" / f"{case_id}.nii.gz")
     assert restored.dtype == np.int16 and not list(fold.glob("validation/*.npz"))
     from autoseg.cli.train import validation_line
 
-    assert "PSNR" in validation_line(0, metrics) and "[-160, 240]" in validation_line(0, metrics)
+    line = validation_line(0, metrics)
+    assert "PSNR" in line and "SSIM 2D" in line and "SSIM 3D" in line and "[-160, 240]" in line
+
+
+def test_fold_validation_metrics_equal_autoseg_evaluate(work: Path, raw: Path, tmp_path: Path) -> None:
+    """metrics.json of a fold and `autoseg evaluate` of its validation images: one definition, one number."""
+    from autoseg.evaluation import restoration as evaluation
+
+    fold = work / "models" / "2d" / "fold_0"
+    metrics = json.loads((fold / "metrics.json").read_text())
+    report = evaluation.run(fold / "validation", raw, tmp_path / "evaluation.json", workers=1, panels=False)
+    assert sorted(report.cases) == sorted(metrics["per_case"])
+    for case, record in report.cases.items():
+        scores = dict(metrics["per_case"][case]["CT"])
+        assert scores.pop("window") == [-160.0, 240.0] and scores.pop("data_range") == record["data_range"]
+        assert scores == record["restored"], case
+    for key in ("psnr_db", "ssim_2d", "ssim_3d", "rmse_hu"):
+        assert metrics["summary"][f"mean_{key}"] == pytest.approx(report.summary["restored"][key]["mean"], rel=1e-12)
 
 
 def test_resume_continues_exactly_and_mse_is_an_option(work: Path, tmp_path: Path) -> None:
@@ -447,22 +465,29 @@ def test_find_best_and_export_refuse_restoration_in_one_line(work: Path, tmp_pat
 
 
 def test_metrics_in_the_window() -> None:
-    from autoseg.tasks.restoration_metrics import AAPM_WINDOW, PSNR_CAP_DB, image_quality, psnr, rmse, ssim
+    from autoseg.image_metrics import DEFAULT_WINDOW
+    from autoseg.tasks.restoration import Denoise
 
     rng = np.random.default_rng(2)
     reference = rng.uniform(-300, 400, size=(4, 24, 24))
-    assert psnr(reference, reference) == PSNR_CAP_DB and ssim(reference, reference) == pytest.approx(1.0)
+    same = Denoise().score_case(reference, reference, SPACING)["CT"]
+    assert same["psnr_db"] is None and same["rmse_hu"] == 0.0 and same["ssim_2d"] == pytest.approx(1.0)
     # Outside the window a difference does not count: both are clipped to [-160, 240] first.
     brighter = np.where(reference > 300, reference + 500, reference)
-    assert rmse(brighter, reference) == 0.0
+    assert Denoise().score_case(brighter, reference, SPACING)["CT"]["rmse_hu"] == 0.0
     noisy = reference + rng.normal(0, 20, reference.shape)
-    expected = np.sqrt(np.mean((np.clip(noisy, *AAPM_WINDOW) - np.clip(reference, *AAPM_WINDOW)) ** 2))
-    scores = image_quality(noisy, reference)
-    assert scores["rmse"] == pytest.approx(expected)
-    assert scores["psnr"] == pytest.approx(20 * np.log10(400 / expected))
-    assert 0 < scores["ssim"] < 1 and scores["window"] == [-160.0, 240.0]
+    expected = np.sqrt(np.mean((np.clip(noisy, *DEFAULT_WINDOW) - np.clip(reference, *DEFAULT_WINDOW)) ** 2))
+    scores = Denoise().score_case(noisy, reference, SPACING)["CT"]
+    assert scores["rmse_hu"] == pytest.approx(expected)
+    assert scores["psnr_db"] == pytest.approx(20 * np.log10(400 / expected))
+    assert 0 < scores["ssim_2d"] < 1 and scores["ssim_3d"] is None  # 4 slices: below the 7-voxel window
+    assert scores["window"] == [-160.0, 240.0]
+    summary = Denoise().summarize({"a": {"CT": scores}, "b": {"CT": same}})
+    assert summary["mean_psnr_db"] == pytest.approx(scores["psnr_db"])  # the null PSNR left out
+    assert summary["per_channel"]["CT"]["psnr_db"]["n"] == 1 and summary["mean_ssim_3d"] is None
+    assert summary["mean_rmse_hu"] == pytest.approx(expected / 2) and summary["n_cases"] == 2
     with pytest.raises(ValueError):
-        rmse(reference, reference[:2])
+        Denoise().score_case(reference, reference[:2], SPACING)
 
 
 def test_hand_edited_plan_with_a_clipping_scheme_is_refused(work: Path) -> None:

@@ -58,11 +58,7 @@ def _restoration_table(report: object) -> object:
     """Per case and mean: PSNR, SSIM 2D, SSIM 3D, RMSE; with the input as baseline, its row and the PSNR gain."""
     from rich.table import Table
 
-    from autoseg.evaluation.restoration import (
-        METRIC_KEYS,
-        SSIM_GAUSSIAN_WEIGHTS,
-        SSIM_WIN_SIZE,
-    )
+    from autoseg.image_metrics import METRIC_KEYS, SSIM_GAUSSIAN_WEIGHTS, SSIM_WIN_SIZE
 
     with_input = "input" in report.summary
     kind = "Gaussian" if SSIM_GAUSSIAN_WEIGHTS else "uniform"

@@ -18,10 +18,11 @@ def validation_line(fold: int, metrics: dict) -> str:
     """
     cases = len(metrics["per_case"])
     summary = metrics["summary"]
-    if "mean_psnr" in summary:  # a restoration fold (autoseg.tasks.restoration.Denoise.summarize)
+    if "mean_psnr_db" in summary:  # a restoration fold (autoseg.tasks.restoration.Denoise.summarize)
         low, high = summary.get("window", (float("nan"), float("nan")))
         shown = ", ".join(f"{name} {summary[f'mean_{key}']:{digits}}" for name, key, digits in
-                          (("PSNR", "psnr", ".2f"), ("SSIM", "ssim", ".4f"), ("RMSE", "rmse", ".2f"))
+                          (("PSNR", "psnr_db", ".2f"), ("SSIM 2D", "ssim_2d", ".4f"), ("SSIM 3D", "ssim_3d", ".4f"),
+                           ("RMSE", "rmse_hu", ".2f"))
                           if summary.get(f"mean_{key}") is not None)
         return f"fold {fold} validation ({cases} cases, TTA): {shown} in [{low:g}, {high:g}] → metrics.json"
     mean = summary.get("mean_foreground_dice")

@@ -395,7 +395,7 @@ def _refuse_other_tasks(work: Path) -> None:
     task = plans_io.load(path).task
     if task != "segmentation":
         raise ConfigError(f"{work}: a {task} experiment; find-best chooses among segmentation models by Dice and does "
-                          "not take restoration models yet: compare the configurations' mean PSNR in "
+                          "not take restoration models yet: compare the configurations' mean_psnr_db in "
                           "models/<config>/fold_<k>/metrics.json and predict with -c")
 
 

@@ -195,7 +195,11 @@ class Task(ABC):
     @abstractmethod
     def score_case(self, prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float],
                    **options: Any) -> dict[str, dict[str, Any]]:
-        """Metrics of one case: ``{output name: {metric: value}}``."""
+        """Metrics of one case: ``{output name: {metric: value}}``.
+
+        ``options`` are the callers' (fold validation passes ``nsd_tolerance_mm`` and the images'
+        ``geometry``); a task ignores those it does not use.
+        """
 
     def summarize(self, per_case: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
         """The summary of fold validation's ``per_case`` scores (default: :func:`autoseg.metrics.summarize`)."""

@@ -14,12 +14,14 @@ seam do their part by the ``task`` name (:mod:`autoseg.dataset.kinds`):
   task removes lives at the finest scale, where one full-resolution loss puts all the weight.
 * **Loss**: L1 (``autoseg train --loss mse`` for MSE), see :mod:`autoseg.tasks.restoration_loss`.
 * **Online metric**: PSNR per channel in HU after un-normalising, CT in the AAPM window [-160, 240]
-  HU (other channels: mean ± 3 std), from the pooled squared error of the validation patches.
+  HU (other channels: mean ± 3 std), from the pooled squared error of the validation patches
+  (:func:`autoseg.image_metrics.psnr_from_mse`, capped at :data:`ONLINE_PSNR_CAP_DB`).
 * **Training data**: patches centred on body voxels drawn uniformly (no labels to oversample), and
   only the augmentation that keeps noise statistics honest (:mod:`autoseg.data.restoration`).
 * **Prediction**: the predictor keeps the correction (output minus input, :meth:`on_grid`); the
   export adds it, in HU, to the input as read (:mod:`autoseg.tasks.restoration_export`).
-* **Scores**: PSNR, SSIM and RMSE in the window (:mod:`autoseg.tasks.restoration_metrics`).
+* **Scores**: PSNR, SSIM 2D/3D and RMSE in the window, the definitions and keys of ``autoseg evaluate``
+  (:func:`autoseg.image_metrics.restoration_metrics`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from autoseg.errors import ConfigError
+from autoseg.image_metrics import (
+    DEFAULT_WINDOW,
+    METRIC_KEYS,
+    Window,
+    psnr_from_mse,
+    restoration_metrics,
+)
 from autoseg.tasks.base import ConfigPrediction, Task
-from autoseg.tasks.restoration_metrics import AAPM_WINDOW, image_quality, psnr_from_mse
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +51,11 @@ if TYPE_CHECKING:
 
 #: A channel without a HU window is scored in mean ± this many std of its body voxels.
 NON_CT_WINDOW_STD = 3.0
+#: The online (per-epoch) PSNR of validation patches equal to their targets is infinite; the trainer's
+#: log, its EMA and the plot need a number, so it is reported as this many dB (no real restoration
+#: reaches it: an RMSE of 4e-3 HU in a 400 HU window). Fold validation and ``autoseg evaluate`` are
+#: not capped: they record such a PSNR as null.
+ONLINE_PSNR_CAP_DB = 100.0
 
 
 def _is_ct(name: str) -> bool:
@@ -93,7 +106,7 @@ class Denoise(Task):
         for index, name in enumerate(self.channel_names):
             norm = self.normalization[index] if index < len(self.normalization) else None
             if _is_ct(name) or norm is None or norm.mean is None or norm.std is None:
-                result.append(AAPM_WINDOW)
+                result.append(DEFAULT_WINDOW)
             else:
                 half = NON_CT_WINDOW_STD * float(norm.std)
                 result.append((float(norm.mean) - half, float(norm.mean) + half))
@@ -155,8 +168,8 @@ class Denoise(Task):
 
     def validation_scores(self, counts: np.ndarray) -> list[float]:
         k = self.validation_size
-        return [psnr_from_mse(sse / n, window) if n > 0 else float("nan")
-                for sse, n, window in zip(counts[:k], counts[k:2 * k], self.windows())]
+        return [_capped_psnr(sse / n, high - low) if n > 0 else float("nan")
+                for sse, n, (low, high) in zip(counts[:k], counts[k:2 * k], self.windows())]
 
     # -- prediction
 
@@ -187,35 +200,55 @@ class Denoise(Task):
 
     def score_case(self, prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float],
                    **options: Any) -> dict[str, dict[str, Any]]:
-        """PSNR, SSIM and RMSE per channel in its window (:func:`autoseg.tasks.restoration_metrics.image_quality`).
+        """PSNR, SSIM 2D/3D and RMSE per channel in its window, as ``autoseg evaluate`` scores a case.
+
+        Each channel's entry is :func:`autoseg.image_metrics.restoration_metrics` (``psnr_db``,
+        ``ssim_2d``, ``ssim_3d``, ``rmse_hu``, ``ssim_2d_slices``, ``data_range``: the keys and values
+        of ``autoseg evaluate``'s ``cases.<case>.restored`` in the same window) plus its ``window``.
 
         Args:
             prediction, reference: ``(Z, Y, X)`` for one channel, else ``(C, Z, Y, X)``, in the
                 images' own units (HU for CT).
             spacing: unused (the metrics are per voxel).
-            options: ``window`` overrides every channel's window; others are ignored.
+            options: ``window`` (low, high) overrides every channel's window; ``geometry`` (the
+                images' :class:`~autoseg.imageio.Geometry`) picks the axial axis for SSIM 2D as
+                ``autoseg evaluate`` does (:func:`autoseg.overlay.axial_axis`; default axis 0);
+                others are ignored.
         """
         prediction, reference = np.asarray(prediction), np.asarray(reference)
         if prediction.ndim == 3:
             prediction, reference = prediction[None], reference[None]
         windows = [tuple(options["window"])] * len(self.channel_names) if options.get("window") else self.windows()
-        return {name: image_quality(p, r, window)
+        axis = 0
+        if options.get("geometry") is not None:
+            from autoseg.overlay import axial_axis
+
+            axis = axial_axis(options["geometry"])
+        return {name: {**restoration_metrics(p, r, Window(float(window[0]), float(window[1])), axis=axis),
+                       "window": [float(window[0]), float(window[1])]}
                 for name, p, r, window in zip(self.channel_names, prediction, reference, windows)}
 
     def summarize(self, per_case: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
-        """Mean, std and median of PSNR, SSIM and RMSE per channel over the cases, and the first
-        channel's means as ``mean_psnr``, ``mean_ssim``, ``mean_rmse``; the windows are stated."""
-        summary: dict[str, Any] = {"task": self.name, "per_channel": {}}
+        """Mean, population std, median and count of each score per channel over the cases (null
+        values left out, as ``autoseg evaluate``'s summary), and the first channel's means as
+        ``mean_psnr_db``, ``mean_ssim_2d``, ``mean_ssim_3d``, ``mean_rmse_hu``; the windows are stated."""
+        summary: dict[str, Any] = {"task": self.name, "n_cases": len(per_case), "per_channel": {}}
         for index, name in enumerate(self.channel_names):
             scores = [case[name] for case in per_case.values() if name in case]
             channel: dict[str, Any] = {"window": list(self.windows()[index]), "cases": len(scores)}
-            for metric in ("psnr", "ssim", "rmse"):
-                values = np.array([s[metric] for s in scores], dtype=np.float64)
+            for metric in METRIC_KEYS:
+                values = np.array([s[metric] for s in scores if s.get(metric) is not None], dtype=np.float64)
                 channel[metric] = {"mean": float(values.mean()), "std": float(values.std()),
-                                   "median": float(np.median(values))} if values.size else None
+                                   "median": float(np.median(values)), "n": int(values.size)} if values.size else None
             summary["per_channel"][name] = channel
             if index == 0:
-                for metric in ("psnr", "ssim", "rmse"):
+                for metric in METRIC_KEYS:
                     summary[f"mean_{metric}"] = channel[metric]["mean"] if channel[metric] else None
                 summary["window"] = channel["window"]
         return summary
+
+
+def _capped_psnr(mse: float, data_range: float) -> float:
+    """The online PSNR: :func:`~autoseg.image_metrics.psnr_from_mse`, at most :data:`ONLINE_PSNR_CAP_DB`."""
+    value = psnr_from_mse(mse, data_range)
+    return ONLINE_PSNR_CAP_DB if value is None else min(value, ONLINE_PSNR_CAP_DB)

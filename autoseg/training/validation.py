@@ -12,9 +12,10 @@ window, mirroring TTA on), then written and scored::
     WORK/models/<config>/fold_<k>/metrics.json                per case and summary (autoseg.metrics)
 
 A restoration fold (``"task": "denoise"`` in its metrics.json) writes the restored image instead of
-a label map, no ``.npz``, and scores PSNR, SSIM and RMSE in the stated window against the clean
-target (:meth:`autoseg.tasks.restoration.Denoise.score_case`); ``autoseg find-best`` does not take
-restoration experiments yet and says so.
+a label map, no ``.npz``, and scores PSNR, SSIM 2D/3D and RMSE in the stated window against the
+clean target (:meth:`autoseg.tasks.restoration.Denoise.score_case`: per case the keys and values
+that ``autoseg evaluate`` reports for the same files and window); ``autoseg find-best`` does not
+take restoration experiments yet and says so.
 
 ``autoseg find-best`` reads these files to compare configurations and ensembles and to decide the
 postprocessing. The trainer calls :func:`validate_fold` at the end of a fold.
@@ -115,7 +116,7 @@ def validate_fold(
         _remove_other_label_maps(folder, case_id, ending)
         labels = predictor.export(predictions, geometry, folder / f"{case_id}{ending}", folder / f"{case_id}.npz")
         per_case[case_id] = predictor.task.score_case(labels, reference, geometry.spacing,
-                                                      nsd_tolerance_mm=nsd_tolerance_mm)
+                                                      nsd_tolerance_mm=nsd_tolerance_mm, geometry=geometry)
         if progress is not None:
             progress(index + 1, len(val_ids))
     task = {} if predictor.task.name == "segmentation" else {"task": predictor.task.name}

@@ -127,6 +127,10 @@ def test_noise_sinogram_is_zero_at_full_dose_and_matches_the_variance_model() ->
     expected = math.sqrt(0.25 * 0.75 * counts + (1 - 0.25 ** 2) * 9) / (0.25 * counts)
     assert noise.std() == pytest.approx(expected, rel=0.03)
     assert abs(noise.mean()) < 0.05 * noise.std()
+    # Starved rays (0.02 photons expected at dose 0.1): finite, bounded by the log of electronic noise
+    # over the mean (~ln(10 / 0.02) = 6), and no runaway bias correction (uncapped it would be ~1e4).
+    starved = noise_sinogram(np.full((50, 50), 13.0, dtype=np.float32), 0.1, 1e5, 3.0, rng)
+    assert np.isfinite(starved).all() and np.abs(starved).max() < 8
 
 
 def test_dose_one_changes_nothing() -> None:

@@ -70,6 +70,9 @@ DEFAULT_ELECTRONIC_NOISE = math.sqrt(10.0)
 #: The smallest count a ray keeps before the log (photon starvation: a detector reports about
 #: one photon at least after its offset correction); lower counts would make the log undefined.
 MIN_COUNTS = 1.0
+#: Largest log-bias correction of a ray: the bias Var(x) / 2 at a relative noise of ~45 %, beyond
+#: which the delta method no longer holds (a few counts per ray; the clamp then sets the value).
+MAX_LOG_BIAS = 0.1
 #: Slices projected together: they share the sampling grid (projector.VIEWS_PER_CALL says why 8).
 SLICES_PER_BATCH = 8
 #: A CT in HU has air (-1000 HU) around the patient or in the lungs; a volume without a voxel
@@ -206,7 +209,8 @@ def noise_sinogram(line_integrals: np.ndarray, dose: float, photons: float, elec
     # The log of noisy counts is biased: E[-ln(1 + x)] ≈ Var(x) / 2 for x = noise / mean (delta
     # method), which would brighten the image's centre at low dose (+4 HU at dose 0.1 in the
     # water-cylinder test). Scanners correct low-signal data; a denoiser should not learn a shift.
-    return (logged - variance / (2 * mean ** 2)).astype(np.float32)
+    # Capped where the approximation fails (starved rays, where the clamp decides the value).
+    return (logged - np.minimum(variance / (2 * mean ** 2), MAX_LOG_BIAS)).astype(np.float32)
 
 
 def simulate_low_dose(volume: np.ndarray, spacing: tuple[float, float, float], settings: LowDose,

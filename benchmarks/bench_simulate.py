@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from autoseg.imageio import read_image
+from autoseg.simulate import projector
+from autoseg.simulate.low_dose import LowDose, default_views, simulate_low_dose
 
-from autoseg.imageio import read_image  # noqa: E402
-from autoseg.simulate import projector  # noqa: E402
-from autoseg.simulate.low_dose import LowDose, default_views, simulate_low_dose  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data" / "CT_full_dose"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "CT_full_dose"
 #: Uniform soft tissue, (slices, rows, columns) as array indices: the liver of CRLM-CT-1006
 #: (35x35 pixels = 28 mm) and the heart of LIDC-IDRI-0314 (40x40 pixels = 31 mm).
 ROIS = {
@@ -73,7 +69,7 @@ def bench_projector(repeats: int) -> dict:
 
 
 def bench_noise(doses: list[float], filters: list[str], seed: int) -> dict:
-    """Per case and dose: the ROI's standard deviation (mean over its slices) before and after, and of the difference."""
+    """Per case and dose: the ROI's standard deviation (mean over its slices) before, after, and of the difference."""
     out: dict = {}
     for name, roi in ROIS.items():
         volume, geometry = read_image(DATA / name)

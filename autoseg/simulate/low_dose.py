@@ -57,15 +57,16 @@ MU_WATER_PER_MM = 0.0192
 #: (12-bit range -1024..3071); GE pads outside the scan circle with -3024, others with -2048.
 PADDING_BELOW_HU = -1024.0
 #: Incident photons per ray at full dose for a 1 mm × 1 mm ray and :data:`REFERENCE_VIEWS` views.
-#: 1e5 is the usual full-dose figure of sinogram-domain low-dose simulations (Zeng et al. 2015;
+#: 1e5 is the usual full-dose blank-scan flux of sinogram-domain low-dose simulations (e.g.
 #: RED-CNN, Chen et al., IEEE TMI 36(12), 2017), and the order of magnitude of a 120 kVp,
 #: ~200 mAs scan: ~1e6 photons per mm² per mAs at the isocentre, 0.2 mAs per view.
 DEFAULT_PHOTONS = 1e5
 #: Views of the scan that :data:`DEFAULT_PHOTONS` refers to (a clinical scanner takes ~1000 per
 #: rotation: GE LightSpeed 984, Siemens 1152).
 REFERENCE_VIEWS = 1000
-#: Standard deviation of the detector's electronic noise, in photon counts: σe² = 10 is the usual
-#: value in the same simulations (Zeng et al. 2015 and the LDCT literature after it).
+#: Standard deviation of the detector's electronic noise, in photon counts: a variance of 10, the
+#: order used in sinogram-domain low-dose simulations (not checked against a primary source here;
+#: it matters only on rays of tens of counts). docs/restoration.md says more.
 DEFAULT_ELECTRONIC_NOISE = math.sqrt(10.0)
 #: The smallest count a ray keeps before the log (photon starvation: a detector reports about
 #: one photon at least after its offset correction); lower counts would make the log undefined.
@@ -257,7 +258,8 @@ def simulate_low_dose(volume: np.ndarray, spacing: tuple[float, float, float], s
             full = np.zeros((views, bins), dtype=np.float32)
             full[:, offset:offset + bins_object] = sinogram
             noise[i] = noise_sinogram(full, settings.dose, ray_photons, settings.electronic_noise, rng)
-        added = back_project(ramp_filter(noise, settings.filter), theta, (height, width)) * to_hu  # type: ignore[arg-type]
+        filtered = ramp_filter(noise, settings.filter)  # type: ignore[arg-type]
+        added = back_project(filtered, theta, (height, width)) * to_hu
         out[batch] = hu[batch] + added
         if progress is not None:
             progress(batch.stop)

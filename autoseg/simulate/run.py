@@ -37,6 +37,7 @@ from autoseg.errors import ConfigError, DatasetError
 from autoseg.imageio import ENDINGS_2D, Geometry, read_image, strip_ending, write_image
 from autoseg.inference.dicom import find_dicom_series
 from autoseg.simulate.low_dose import (
+    MAX_LOG_BIAS,
     MIN_COUNTS,
     MU_WATER_PER_MM,
     PADDING_BELOW_HU,
@@ -109,19 +110,19 @@ def find_ct_sources(root: Path) -> list[CtSource]:
     if (root / "imagesTr").is_dir():
         return _dataset_sources(root)
     sources: list[CtSource] = []
-    flat = []
+    flat_images = []
     for name in sorted(os.listdir(root)):
         path = root / name
         if name.startswith(".") or not path.is_file():
             continue
         ending = strip_ending(name)[1].lower()
         if ending in ENDINGS_2D:
-            flat.append(name)
+            flat_images.append(name)
         elif ending in VOLUME_ENDINGS:
             sources.append(_file_source(path))
-    if flat:
-        raise DatasetError(f"{root / flat[0]}: a 2D image ({len(flat)} in the folder); simulate needs 3D CT volumes "
-                           "(NIfTI, NRRD, MHA) or DICOM series folders: move the 2D images out")
+    if flat_images:
+        raise DatasetError(f"{root / flat_images[0]}: a 2D image ({len(flat_images)} in the folder); simulate needs "
+                           "3D CT volumes (NIfTI, NRRD, MHA) or DICOM series folders: move the 2D images out")
     sources += [CtSource(safe_case_id(case_id), folder) for case_id, folder in find_dicom_series(root)]
     if not sources:
         raise DatasetError(f"{root}: no CT volumes ({', '.join(VOLUME_ENDINGS)}) or DICOM series folders found")
@@ -284,6 +285,7 @@ def run_low_dose(root: Path, out: Path, settings: LowDose, seed: int = 0, *, fil
             "photons_reference": f"per 1 mm x 1 mm ray, {REFERENCE_VIEWS} views; scaled per case to pixel x slice "
                                  "spacing and the views simulated",
             "mu_water_per_mm": MU_WATER_PER_MM, "padding_below_hu": PADDING_BELOW_HU, "min_counts": MIN_COUNTS,
+            "max_log_bias_correction": MAX_LOG_BIAS,
             "cases": cases,
         }
         description = (f"Simulated {settings.dose:g} dose CT (imagesTr) and the full-dose originals (targetsTr), "

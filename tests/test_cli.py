@@ -11,8 +11,9 @@ import autoseg
 from autoseg.cli import app
 
 COMMANDS = ("check", "fingerprint", "plan", "preprocess", "train", "evaluate", "find-best", "ensemble", "predict",
-            "export", "import", "example", "demo", "convert")
+            "export", "import", "example", "demo", "convert", "simulate")
 CONVERTERS = ("dicom-rt", "kaggle-uwmgi", "png-masks")
+SIMULATORS = ("low-dose", "thick-slices")
 
 
 def _listed_commands(help_text: str) -> list[str]:
@@ -52,9 +53,16 @@ def test_convert_lists_its_converters() -> None:
     assert _listed_commands(result.output) == list(CONVERTERS)
 
 
+def test_simulate_lists_its_simulations() -> None:
+    result = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert _listed_commands(result.output) == list(SIMULATORS)
+
+
 def test_every_command_has_help() -> None:
     runner = CliRunner()
-    for args in [[name] for name in COMMANDS] + [["convert", name] for name in CONVERTERS]:
+    for args in ([[name] for name in COMMANDS] + [["convert", name] for name in CONVERTERS]
+                 + [["simulate", name] for name in SIMULATORS]):
         result = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0, (args, result.output)
         assert f"Usage: autoseg {' '.join(args)}" in result.output

@@ -28,6 +28,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer.split()) for layer in
     "distributed tasks",                                # process launcher; the task seam
     "evaluation",                                       # scoring files, postprocessing, find-best, ensemble
     "inference",                                        # models, inputs, predictor, export, the predict run
+    "simulate",                                         # restoration pairs (reads DICOM series as predict does)
     "training",                                         # the loop, DDP, fold validation (uses the predictor)
     "demo",
     "cli",

@@ -1,7 +1,7 @@
 """Command-line interface: one command per verb. Thin: parse, call the stage, render with rich.
 
 The app is built here; each verb group lives in its own module (``dataset``, ``train``,
-``evaluate``, ``predict``, ``model`` (export, import), ``demo``, ``convert``) and adds its commands through ``register(app)``,
+``evaluate``, ``predict``, ``model`` (export, import), ``demo``, ``convert``, ``simulate``) and adds its commands through ``register(app)``,
 and the pieces they share live in ``_render``. Heavy modules (numpy, SimpleITK, torch) are imported
 inside the commands so that ``autoseg --help`` starts instantly. An
 :class:`~autoseg.errors.AutosegError` becomes one line on stderr and a non-zero exit code; anything
@@ -14,7 +14,16 @@ from typing import Annotated
 
 import typer
 
-from autoseg.cli import convert, dataset, demo, evaluate, model, predict, train
+from autoseg.cli import (
+    convert,
+    dataset,
+    demo,
+    evaluate,
+    model,
+    predict,
+    simulate,
+    train,
+)
 
 app = typer.Typer(
     name="autoseg",
@@ -51,7 +60,7 @@ def _app_options(
 
 
 # Registration order is the order ``autoseg --help`` lists the commands in: the pipeline's order.
-for _verbs in (dataset, train, evaluate, predict, model, demo, convert):
+for _verbs in (dataset, train, evaluate, predict, model, demo, convert, simulate):
     _verbs.register(app)
 
 

@@ -371,6 +371,41 @@ def test_resume_continues_exactly_and_mse_is_an_option(work: Path, tmp_path: Pat
     budget = train_fold(replace(setup, paths=FoldPaths(tmp_path / "budget")),
                         replace(cfg, epochs=100, iters_per_epoch=2, time_budget_s=1.0, loss=None))
     assert budget.epoch < 100
+    # A resumed fold keeps its objective: resuming an MSE fold with the default loss is refused.
+    train_fold(replace(setup, paths=FoldPaths(tmp_path / "switch")), replace(cfg, epochs=1))
+    with pytest.raises(ConfigError, match="started with --loss mse, not default; resume with the same --loss"):
+        train_fold(replace(setup, paths=FoldPaths(tmp_path / "switch")), replace(cfg, loss=None), resume=True)
+
+
+def test_unused_heads_are_frozen_for_ddp(work: Path) -> None:
+    """Without deep supervision only the last head is trained (DDP refuses parameters without gradient)."""
+    from autoseg import plans as plans_io
+    from autoseg.networks import build_network
+
+    config = plans_io.load(work / "plans.yaml").configurations["2d"]
+    net = build_network(config.topology, config.input_channels, 1, deep_supervision=False)
+    net.freeze_unused_heads()
+    heads = list(net.decoder.heads)
+    assert all(not p.requires_grad for h in heads[:-1] for p in h.parameters())
+    assert all(p.requires_grad for p in heads[-1].parameters())
+    net(torch.zeros(1, config.input_channels, *config.patch_size)).sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_scanner_padding_keeps_its_exact_value() -> None:
+    from autoseg.plans import Normalization
+    from autoseg.tasks.base import ConfigPrediction
+    from autoseg.tasks.restoration_export import restored_image
+
+    image = np.full((1, 3, 6, 6), 40, dtype=np.int16)
+    image[0, :, :, :2] = -3024  # outside the scan circle
+    props = {"transpose": [0, 1, 2], "bbox": [[0, 3], [0, 6], [0, 6]], "shape_after_crop": [3, 6, 6],
+             "separate_axis": None, "order_z": 0}
+    correction = np.full((1, 3, 6, 6), 0.05, dtype=np.float32)  # 0.05 std = 5 HU everywhere
+    restored = restored_image([ConfigPrediction("2d", correction, props, image=image)],
+                              [Normalization("linear", mean=0.0, std=100.0)])
+    assert restored.dtype == np.int16
+    assert (restored[0, :, :, :2] == -3024).all() and (restored[0, :, :, 2:] == 45).all()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,8 +58,8 @@ from autoseg.imageio import Geometry, read_image, read_info
 
 REPORT_SCHEMA_VERSION = 1
 
-#: dataset.json ``task`` values scored as restoration ("denoising" is accepted for "denoise").
-RESTORATION_DATASET_TASKS = ("denoise", "denoising", "super-resolution")
+#: dataset.json ``task`` values scored as restoration (the ones ``autoseg check`` accepts).
+RESTORATION_DATASET_TASKS = ("denoise", "super-resolution")
 #: Folders of clean targets in a restoration dataset: given as REF, its dataset.json sits beside them.
 TARGET_FOLDERS = ("targetsTr", "targetsTs")
 #: The ``--task`` choices of ``autoseg evaluate``.

@@ -248,6 +248,12 @@ class UNet(nn.Module):
                 self.decoder.heads[-1].weight.mul_(RESIDUAL_HEAD_SCALE)
             nn.init.zeros_(self.decoder.heads[-1].bias)
 
+    def freeze_unused_heads(self) -> None:
+        """Without deep supervision only the last decoder head is used: the others get no gradient
+        (which DDP refuses on its second step), so they are excluded from training."""
+        for head in list(self.decoder.heads)[:-1]:
+            head.requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Logits for ``x`` of shape ``(batch, in_channels, *spatial)``.
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.dataset.restoration import CT_PADDING_VALUES
 from autoseg.imageio import Geometry, write_image
 from autoseg.plans import Normalization
 from autoseg.tasks.base import ConfigPrediction
@@ -43,7 +44,8 @@ def restored_image(predictions: Sequence[ConfigPrediction], normalization: Seque
         normalization: the channels' ``linear`` normalisation (its ``std`` scales the correction).
 
     Returns:
-        The input plus the mean correction, of the input's dtype.
+        The input plus the mean correction, of the input's dtype; voxels of scanner padding
+        (:data:`autoseg.dataset.restoration.CT_PADDING_VALUES`) keep the input's value.
 
     Raises:
         ValueError: no prediction, no input image kept, or predictions that disagree (a bug).
@@ -75,6 +77,10 @@ def restored_image(predictions: Sequence[ConfigPrediction], normalization: Seque
         correction *= np.float32(float(normalization[c].std) / len(predictions))
         restored = image[c].astype(np.float32, copy=True)
         restored.transpose(transpose)[box] += correction
+        # Scanner padding (-3024, -2048, ...) is not anatomy: it keeps its exact value, which viewers
+        # and DICOM readers match to mask it (a learned correction is about 0 there, never exactly).
+        padding = np.isin(image[c], CT_PADDING_VALUES)
+        restored[padding] = image[c][padding]
         out[c] = to_input_dtype(restored, image.dtype)
     return out
 

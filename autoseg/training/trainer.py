@@ -33,17 +33,8 @@ from autoseg.errors import ConfigError
 from autoseg.networks import build_network
 from autoseg.plans import Configuration, Plans
 from autoseg.training.config import TrainConfig
-from autoseg.distributed import (
-    SINGLE,
-    DistContext,
-    all_gather_strings,
-    all_reduce_sum,
-    broadcast_float,
-    local_processes,
-    rank_batch,
-    rank_oversample,
-    weights_digest,
-)
+from autoseg.distributed import (SINGLE, DistContext, all_gather_strings, all_reduce_sum, broadcast_float,
+                                 local_processes, rank_batch, rank_oversample, weights_digest)
 from autoseg.tasks import Task, task_of
 from autoseg.training.losses import DeepSupervisionLoss
 
@@ -159,7 +150,8 @@ def _memory_format(device: torch.device, config: Configuration, cfg: TrainConfig
 
 
 def _autocast_dtype(device: torch.device, cfg: TrainConfig) -> torch.dtype | None:
-    # Never on CPU: this project's CPUs have no bf16 units (bf16 convolutions run ~100x slower).
+    # Not on the CPU: on AMX bf16 speeds the forward pass up 1.34x but slows the backward down 1.25x
+    # (no gain per step; Hippocampus default plan, benchmarks/profile_train_step.py).
     if not cfg.amp or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -364,6 +356,8 @@ class _Sampling:
 def _wrap(net: nn.Module, cfg: TrainConfig, device: torch.device, dist: DistContext) -> nn.Module:
     """DDP around the network under a process group; ``torch.compile`` on CUDA when asked."""
     model: nn.Module = net
+    if dist.enabled and not getattr(net, "deep_supervision", True):
+        net.freeze_unused_heads()  # DDP refuses parameters that get no gradient
     if dist.enabled:
         import warnings
 
@@ -573,6 +567,7 @@ def _full_payload(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
             "history": state.history,
         },
         "torch_rng": torch.get_rng_state(),
+        "loss": cfg.loss,
     })
     return payload
 
@@ -585,6 +580,9 @@ def _restore(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scale
     if data.get("configuration_name") != setup.configuration or data.get("fold") != setup.fold:
         raise ConfigError(f"{path}: checkpoint is for {data.get('configuration_name')} fold {data.get('fold')}, "
                           f"not {setup.configuration} fold {setup.fold}")
+    if "loss" in data and data["loss"] != cfg.loss:  # a resumed run continues the same objective
+        raise ConfigError(f"{path}: this fold was started with --loss {data['loss'] or 'default'}, not "
+                          f"{cfg.loss or 'default'}; resume with the same --loss")
     net.load_state_dict(data["model"])
     optimizer.load_state_dict(data["optimizer"])
     scaler.load_state_dict(data["grad_scaler"])

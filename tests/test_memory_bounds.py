@@ -178,6 +178,40 @@ def test_slab_export_is_the_argmax_of_the_whole_volume_probabilities(case: str, 
         np.testing.assert_array_equal(export_prediction(predictions, GEOMETRY), labels)
 
 
+def test_export_workers_follow_cpus_slabs_and_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preprocessing's rule for the export's threads: CPUs, bounded by the work and by 70 % of
+    MemAvailable at (6 + configurations) float32 slab volumes per worker."""
+    from autoseg import distributed
+    from autoseg.dataset import scan
+    from autoseg.tasks.segmentation_export import export_workers
+
+    monkeypatch.setattr(distributed, "available_cpus", lambda: 8)
+    monkeypatch.setattr(scan, "available_memory_bytes", lambda: 64 * 2**30)
+    assert export_workers(2**22, 1, 100) == 8
+    assert export_workers(2**22, 1, 3) == 3
+    per_worker = 4 * 2**22 * (6 + 2)  # 128 MiB: two configurations
+    monkeypatch.setattr(scan, "available_memory_bytes", lambda: int(3 * per_worker / 0.7) + 1)
+    assert export_workers(2**22, 2, 100) == 3
+    monkeypatch.setattr(scan, "available_memory_bytes", lambda: 0)
+    assert export_workers(2**22, 2, 100) == 1
+
+
+def test_export_is_the_same_on_any_number_of_threads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from autoseg.tasks import segmentation_export
+    from autoseg.tasks.segmentation_export import export_prediction
+
+    predictions = [_prediction(f"c{i}", props, 9, i) for i, props in enumerate(EXPORT_CASES["two grids"])]
+    monkeypatch.setattr(segmentation_export, "EXPORT_SLAB_VOXELS", 1000)
+    results = []
+    for workers in (1, 3):
+        monkeypatch.setattr(segmentation_export, "export_workers", lambda *args, workers=workers: workers)
+        path = tmp_path / f"{workers}.npz"
+        results.append((export_prediction(predictions, GEOMETRY), export_prediction(predictions, GEOMETRY,
+                        probabilities_path=path), np.load(path)["probabilities"]))
+    for one, three in zip(*results):
+        np.testing.assert_array_equal(one, three)
+
+
 def test_region_export_by_slab_equals_the_whole_volume_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     from autoseg.regions import membership, regions_to_labels
     from autoseg.tasks import segmentation_export
@@ -205,6 +239,7 @@ def test_export_holds_no_whole_volume_float_array(tmp_path: Path, monkeypatch: p
     from autoseg.tasks import segmentation_export
 
     monkeypatch.setattr(segmentation_export, "EXPORT_SLAB_VOXELS", 2 * 96 * 96)
+    monkeypatch.setattr(segmentation_export, "export_workers", lambda *args: 1)  # each thread adds its slabs
     original = (64, 96, 96)
     voxels = int(np.prod(original))
     props = _props(original, [[0, 64], [0, 96], [0, 96]], (32, 40, 40))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,11 @@ from autoseg.tasks.base import ConfigPrediction
 #: needed five whole-volume float32 temporaries (2.1 GB) class by class, and 16-MB slabs cost no
 #: time (the slab's arrays stay in the caches between a class's resampling and its comparison).
 EXPORT_SLAB_VOXELS = 2**22
+#: float32 slab volumes one export worker holds at once, besides one per configuration: the class
+#: score, the running maximum, the comparison, the label and the resampling's two temporaries.
+WORKER_SLAB_VOLUMES = 6
+#: Fraction of the available memory the export workers may plan to use (preprocessing's margin).
+MEMORY_FRACTION = 0.7
 
 
 class _NpyStream:
@@ -113,8 +119,11 @@ def export_prediction(
     else:
         labels = np.zeros(shape, dtype=dtype)
         target = labels.transpose(transpose)[box]
-        for start, stop in slabs:
+
+        def slab_labels(start: int, stop: int) -> None:
             target[start:stop] = _slab_argmax(predictions, num_classes, start, stop, dtype)
+
+        _for_each_slab(slab_labels, slabs, len(predictions))
     if postprocess is not None:
         labels = np.asarray(postprocess(labels), dtype=dtype)
     if path is not None:
@@ -130,6 +139,35 @@ def export_slabs(predictions: Sequence[ConfigPrediction], voxels: int | None = N
 
     size = EXPORT_SLAB_VOXELS if voxels is None else voxels
     return min((crop_slabs(p.props, size) for p in predictions), key=len)
+
+
+def export_workers(slab_voxels: int, configurations: int, slabs: int) -> int:
+    """Threads for the export's slabs: the CPUs this process may use, no more than the slabs, and
+    no more than the free memory holds at :data:`WORKER_SLAB_VOLUMES` + one per configuration
+    float32 slab volumes each (preprocessing's rule: :data:`MEMORY_FRACTION` of MemAvailable).
+
+    The slabs are independent (each writes its own rows of the label map) and numpy releases the
+    interpreter lock in its gathers and element-wise passes, so threads share the work; the
+    result does not depend on their number.
+    """
+    from autoseg.dataset.scan import available_memory_bytes
+    from autoseg.distributed import available_cpus
+
+    per_worker = 4 * max(1, slab_voxels) * (WORKER_SLAB_VOLUMES + max(1, configurations))
+    by_memory = int(available_memory_bytes() * MEMORY_FRACTION // per_worker)
+    return max(1, min(available_cpus(), max(1, slabs), by_memory))
+
+
+def _for_each_slab(work: Callable[[int, int], None], slabs: Sequence[tuple[int, int]], configurations: int) -> None:
+    """``work(start, stop)`` for every slab, on :func:`export_workers` threads (in order on one)."""
+    workers = export_workers(EXPORT_SLAB_VOXELS, configurations, len(slabs))
+    if workers <= 1:
+        for start, stop in slabs:
+            work(start, stop)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="autoseg-export") as pool:
+        for future in [pool.submit(work, start, stop) for start, stop in slabs]:
+            future.result()  # a worker's exception is raised here, with its traceback
 
 
 def _update_argmax(best_value: np.ndarray, best_label: np.ndarray, score: np.ndarray, k: int) -> None:
@@ -163,13 +201,16 @@ def _argmax_streaming(predictions: Sequence[ConfigPrediction], num_classes: int,
     full_box = full.transpose(transpose)[box]
     for k in range(num_classes):
         full.fill(1.0 if k == 0 else 0.0)
-        for start, stop in slabs:
+
+        def slab_class(start: int, stop: int, k: int = k) -> None:
             score = _mean_class_rows(predictions, k, start, stop)
             full_box[start:stop] = score
             if k == 0:
                 best_value[start:stop] = score
             else:
                 _update_argmax(best_value[start:stop], best_label[start:stop], score, k)
+
+        _for_each_slab(slab_class, slabs, len(predictions))
         stream.write(full)
     labels = np.zeros(shape, dtype=dtype)
     labels.transpose(transpose)[box] = best_label
@@ -253,9 +294,11 @@ def _export_regions(predictions: Sequence[ConfigPrediction], member: np.ndarray,
     labels = np.zeros(shape, dtype=np.uint8 if member.shape[1] <= 256 else np.uint16)
     target = labels.transpose(transpose)[box]
     if probabilities_path is None:
-        for start, stop in slabs:
+        def slab_labels(start: int, stop: int) -> None:
             target[start:stop] = regions_to_labels(
                 [_mean_class_rows(predictions, r, start, stop) for r in range(count)], member)
+
+        _for_each_slab(slab_labels, slabs, len(predictions) + count)
         return labels
     crop = [_mean_class_probability(predictions, r) for r in range(count)]
     with atomic_path(Path(probabilities_path)) as tmp:

@@ -11,7 +11,11 @@ from autoseg.errors import UnknownNameError
 
 def normalize_ct(image: np.ndarray, clip_low: float, clip_high: float, mean: float, std: float) -> np.ndarray:
     """Clip to the dataset's foreground percentiles, then global mean/std (nnU-Net's CT scheme)."""
-    out = np.clip(image, clip_low, clip_high).astype(np.float32, copy=False)
+    # float32 first, then clipped in place: np.clip of an int16 CT with float bounds makes a float64
+    # array (8 bytes a voxel: 840 MB for a 512x512x400 CT) before the cast. The same values: the
+    # bounds are rounded to float32 either way and rounding is monotonic.
+    out = np.array(image, dtype=np.float32, copy=True)
+    np.clip(out, clip_low, clip_high, out=out)
     out -= np.float32(mean)
     out /= np.float32(max(std, 1e-8))
     return out

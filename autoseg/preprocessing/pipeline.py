@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from autoseg.dataset.fingerprint import bbox_of, nonzero_mask
+from autoseg.dataset.fingerprint import bbox_of, nonzero_box, nonzero_mask
 from autoseg.imageio import Geometry
 from autoseg.plans import Configuration, Plans, foreground_label_values
 from autoseg.preprocessing.normalization import normalize_channel
@@ -31,6 +31,8 @@ from autoseg.preprocessing.resample import (
     resample_image,
     resample_labels,
     resample_nearest,
+    resample_rows,
+    rows_resamplable,
     separate_z_axis,
 )
 
@@ -201,10 +203,17 @@ def preprocess_case(
     label_t = label.transpose(transpose) if label is not None else None
     spacing_t = tuple(float(geometry.spacing[a]) for a in transpose)
 
-    mask = crop_mask(image_t)
-    bbox = bbox_of(mask)
+    # The filled mask only matters to a z-score restricted to it; the crop box is the same without
+    # filling (fingerprint.nonzero_box), and for CT (no masked channel) no whole-volume mask is made.
+    mask: np.ndarray | None = None
+    if any(norm.use_mask for norm in config.normalization):
+        mask = crop_mask(image_t)
+        bbox = bbox_of(mask)
+    else:
+        bbox = nonzero_box(image_t)
     box = tuple(slice(lo, hi) for lo, hi in bbox)
-    mask = mask[box]
+    if mask is not None:
+        mask = mask[box]
     cropped_shape = tuple(int(hi - lo) for lo, hi in bbox)
 
     data = np.empty((image.shape[0], *cropped_shape), dtype=np.float32)
@@ -314,6 +323,27 @@ def to_crop(volume: np.ndarray, props: Props) -> np.ndarray:
     linear, separate axis as the forward pass (one class at a time keeps memory bounded)."""
     crop_shape = tuple(props["shape_after_crop"])
     return resample_image(volume[None], crop_shape, 1, props["separate_axis"], props["order_z"])[0]
+
+
+def to_crop_rows(volume: np.ndarray, props: Props, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` (axis 0, preprocessed axis order) of :func:`to_crop`'s result, bitwise
+    equal, computed from the network-grid rows they need (:func:`autoseg.preprocessing.resample.resample_rows`)."""
+    crop_shape = tuple(props["shape_after_crop"])
+    return resample_rows(volume, crop_shape, start, stop, 1, props["separate_axis"], props["order_z"])
+
+
+def crop_slabs(props: Props, voxels: int) -> list[tuple[int, int]]:
+    """Slabs ``[start, stop)`` of axis 0 of the crop box with about ``voxels`` voxels each, for
+    :func:`to_crop_rows`; one slab of everything where the inverse cannot be cut
+    (:func:`autoseg.preprocessing.resample.rows_resamplable`: a separate axis other than 0, or
+    order_z above 1), so that nothing is resampled twice."""
+    crop_shape = tuple(int(s) for s in props["shape_after_crop"])
+    same = tuple(int(s) for s in props["shape_after_resample"]) == crop_shape
+    if not same and not rows_resamplable(1, props["separate_axis"], int(props["order_z"])):
+        return [(0, crop_shape[0])]
+    plane = max(1, int(np.prod(crop_shape[1:], dtype=np.int64)))
+    step = max(1, int(voxels) // plane)
+    return [(start, min(start + step, crop_shape[0])) for start in range(0, crop_shape[0], step)]
 
 
 def revert_to_original(array: np.ndarray, props: Props) -> np.ndarray:

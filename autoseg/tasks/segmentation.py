@@ -8,6 +8,7 @@ IoU, HD95 and NSD per label as the score.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
     from torch import nn
 
     from autoseg.imageio import Geometry
+
+
+#: Voxels per slab of the in-place softmax (2^22: 16 MB for the slab's maximum and sum).
+ACTIVATION_SLAB_VOXELS = 2**22
 
 
 class Segmentation(Task):
@@ -93,10 +98,15 @@ class Segmentation(Task):
     def activate_(self, logits: "torch.Tensor") -> "torch.Tensor":
         if self._regions is not None:
             return logits.sigmoid_()  # region outputs: sigmoid of the folds' and mirrors' mean logits
-        # Softmax over classes in place: no second (K, z, y, x) volume.
-        logits -= logits.amax(dim=0, keepdim=True)
-        logits.exp_()
-        logits /= logits.sum(dim=0, keepdim=True)
+        # Softmax over classes in place, slab by slab along the first spatial axis: no second
+        # (K, z, y, x) volume, and the maximum and the sum take a slab each instead of two whole
+        # volumes (2 x 157 MB for a 150x512x512 grid, at the moment the logits peak).
+        step = max(1, ACTIVATION_SLAB_VOXELS // max(1, math.prod(logits.shape[2:])))
+        for start in range(0, logits.shape[1], step):
+            part = logits[:, start:start + step]
+            part -= part.amax(dim=0, keepdim=True)
+            part.exp_()
+            part /= part.sum(dim=0, keepdim=True)
         return logits
 
     def fold_output(self, logits: "torch.Tensor") -> np.ndarray:

@@ -238,20 +238,7 @@ def _mean_class_rows(predictions: Sequence[ConfigPrediction], k: int, start: int
 
 def _mean_class_probability(predictions: Sequence[ConfigPrediction], k: int) -> np.ndarray:
     """Class (or region) ``k``'s probability in the crop box, averaged over the configurations (a new array)."""
-    from autoseg.preprocessing.pipeline import to_crop
-
-    total = None
-    for p in predictions:
-        part = to_crop(p.probabilities[k], p.props)
-        if total is None:
-            # A copy when resampling was a no-op, so the running argmax never writes into the input.
-            total = np.array(part, dtype=np.float32, copy=np.shares_memory(part, p.probabilities))
-        else:
-            total += part
-    assert total is not None
-    if len(predictions) > 1:
-        total /= len(predictions)
-    return total
+    return _mean_class_rows(predictions, k, 0, int(predictions[0].props["shape_after_crop"][0]))
 
 
 def input_grid_probabilities(predictions: Sequence[ConfigPrediction], regions: bool = False) -> np.ndarray:

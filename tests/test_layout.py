@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autoseg"
 #: with the layering in DESIGN.md §4 and docs/architecture.md.
 LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer.split()) for layer in (
     "errors _version",
-    "atomic channels device regions metrics image_metrics",
+    "atomic channels device regions metrics image_metrics processes",
     "imageio checkpoint crossval plans",
     "dataset",                                          # layout discovery, scan, check, fingerprint
     "planning preprocessing networks data convert overlay examples",
@@ -36,7 +36,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer.split()) for layer in
     "__init__",                                         # the facade: autoseg.Segmenter, autoseg.__version__
 ))
 #: Units that must never import torch, not even inside a function (fast start, easy tests).
-TORCH_FREE = ("dataset", "planning", "plans", "channels", "metrics", "image_metrics", "evaluation", "errors", "atomic",
+TORCH_FREE = ("dataset", "planning", "plans", "channels", "metrics", "image_metrics", "processes", "evaluation", "errors", "atomic",
               "regions", "crossval", "_version")
 #: Modules allowed over MAX_LINES, and why.
 LONG_MODULES: dict[str, str] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from autoseg.dataset import restoration as restoration_checks
 from autoseg.dataset.layout import Case, DatasetSpec, Issue, rel
 from autoseg.errors import DatasetError
 from autoseg.imageio import Geometry, read_image
+from autoseg.processes import pool_context
 
 ProgressFn = Callable[[int, int], None]
 
@@ -226,9 +226,9 @@ def scan_dataset(
             if progress:
                 progress(len(results), len(tasks))
     else:
-        # Fork is cheap and this stage imports no torch; the pool is created before any progress
-        # thread runs. Chunks keep the per-task overhead small for many tiny cases.
-        context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        # Fork where safe (autoseg.processes); the pool is created before any progress thread runs.
+        # Chunks keep the per-task overhead small for many tiny cases.
+        context = pool_context()
         chunksize = max(1, min(8, len(tasks) // (n_workers * 8)))
         with context.Pool(n_workers) as pool:
             for result in pool.imap_unordered(_scan_task, tasks, chunksize=chunksize):

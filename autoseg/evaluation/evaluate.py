@@ -36,6 +36,7 @@ from autoseg.errors import DatasetError, UnknownNameError
 from autoseg.imageio import Geometry, read_image, read_info, strip_ending
 from autoseg.metrics import BOTH_EMPTY_POLICIES, METRIC_NAMES, both_empty_metrics, summarize
 from autoseg.tasks import get_task
+from autoseg.processes import pool_context
 
 ProgressFn = Callable[[int, int], None]
 T = TypeVar("T")
@@ -305,7 +306,7 @@ def process_pool(workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
     if workers <= 1:
         yield None
         return
-    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    context = pool_context()
     with context.Pool(workers) as pool:
         yield pool
 

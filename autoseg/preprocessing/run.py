@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import os
 import shutil
 import time
@@ -48,6 +47,7 @@ from autoseg.plans import Plans
 from autoseg.preprocessing.pipeline import Props, plan_digest, preprocess_case
 from autoseg.preprocessing.restoration import preprocess_pair
 from autoseg.dataset.scan import ProgressFn, available_memory_bytes, choose_workers, estimate_case_bytes
+from autoseg.processes import pool_context
 
 #: Fraction of the available memory the workers may plan to use (the same margin as the scan).
 _MEMORY_FRACTION = 0.7
@@ -326,10 +326,10 @@ def _run_tasks(tasks: list[_Task], plans: Plans, work: Path, workers: int, progr
             if progress:
                 progress(done, len(tasks))
         return
-    # Fork is cheap and nothing here imports torch; the pool exists before the first progress
-    # call starts the progress bar's refresh thread. Chunks amortise the per-task IPC for many
-    # small cases; a worker's exception is re-raised here with its traceback attached.
-    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    # Fork where safe (autoseg.processes); the pool exists before the first progress call starts the
+    # progress bar's refresh thread. Chunks amortise the per-task IPC for many small cases; a
+    # worker's exception is re-raised here with its traceback attached.
+    context = pool_context()
     chunksize = max(1, min(8, len(tasks) // (workers * 8)))
     with context.Pool(workers, initializer=_init_worker, initargs=(plans, work)) as pool:
         for _ in pool.imap_unordered(_worker, tasks, chunksize=chunksize):

@@ -26,13 +26,15 @@ def write_folder(folder: Path, n: int = 3, shape: tuple[int, int, int] = (8, 10,
     return maps
 
 
-def one_line_error(result: object, *needles: str) -> None:
+def one_line_error(result: object, *needles: str) -> str:
+    """The CLI failed with one ``error:`` line holding every needle, and no traceback; that line."""
     assert result.exit_code != 0, result.output
     assert "Traceback" not in result.output, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error:"), result.output
     for needle in needles:
         assert needle in lines[-1], result.output
+    return lines[-1]
 
 
 def test_report_json_and_csv(cli, tmp_path: Path) -> None:

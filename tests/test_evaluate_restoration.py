@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import phantoms
+from test_evaluate import one_line_error
 import pytest
 
 from autoseg import image_metrics
@@ -57,14 +58,6 @@ def write_predictions(folder: Path, targets: dict[str, np.ndarray], offset: int 
         phantoms.write_case_image(folder / f"{case}.nii.gz", (target + offset).astype(np.int16))
 
 
-def one_line_error(result: object, *needles: str) -> str:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines[-1].startswith("error:"), result.output
-    for needle in needles:
-        assert needle in lines[-1], result.output
-    return lines[-1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import phantoms
-from test_evaluate import one_line_error
 import pytest
+from test_evaluate import one_line_error
 
 from autoseg import image_metrics
 from autoseg.errors import ConfigError

@@ -22,7 +22,8 @@ one-line error and the tail of its stderr, and the next step runs; what no longe
 4. ``train_*`` — training throughput through the training stage (``autoseg.training.run.run``, one
    fold, AMP on): s/it and samples/s after warm-up, data-wait fraction (target < 10 %; when above,
    the loader is taken apart: worker start-up, sampling, augmentation, host-to-device copy), peak
-   GPU memory against the plan's ``estimated_memory_gb`` (target: within 25 %).
+   GPU memory against the plan's ``estimated_memory_gb`` (target: within 25 %), and s/it against
+   the planner's compute model on the device's measured rate (issue 15; target: within 25 %).
 5. ``launcher_gpus_1`` — ``autoseg train --gpus 1`` as a subprocess: one epoch, then ``--resume``
    for a second; ``torchrun_1`` — the same under ``torchrun --nproc-per-node 1``.
 6. ``nccl_ddp`` — a process group over NCCL and one DDP training step of the planned network.
@@ -80,6 +81,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "Task04_Hippocampus"
 TARGETS: dict[str, float] = {
     "data_wait_fraction_max": 0.10,
     "memory_estimate_tolerance": 0.25,
+    "compute_model_tolerance": 0.25,
     "pseudo_dice": 0.85,
     "pseudo_dice_within_s": 240.0,
     "gpu_busy_fraction_min": 0.80,
@@ -189,6 +191,7 @@ class Check:
     raw: dict[str, Path] = field(default_factory=dict)  # dataset -> raw folder
     works: dict[str, Path] = field(default_factory=dict)  # "dataset/preset" -> planned WORK
     trained: dict[str, list[Path]] = field(default_factory=dict)  # dataset -> WORKs with a trained fold 0
+    rates: tuple[float, float] | None = None  # the device's measured training / forward GFLOP/s
     results: dict[str, StepResult] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -617,6 +620,7 @@ def measure_training(check: Check, key: str, name: str, timed_iters: int, compil
         "workers": cfg.workers if cfg.workers is not None else default_workers(device),
     })
     figures["memory"] = memory_figures(device, config.estimated_memory_gb)
+    figures["compute_model"] = compute_model_figures(check, config, plans.num_classes, s_it)
     if check.sizes.always_break_down_loader or projected > TARGETS["data_wait_fraction_max"]:
         figures["loader"] = loader_breakdown(check, work, config, figures["workers"], device, s_it, steady_wait,
                                              projected)
@@ -624,7 +628,8 @@ def measure_training(check: Check, key: str, name: str, timed_iters: int, compil
     figures["summary"] = (f"{s_it:.3f} s/it, {figures['samples_per_s']:.1f} samples/s, data wait "
                           f"{projected:.0%} (250-it epoch)"
                           + (f", peak {memory['peak_reserved_gb']:.2f} GB vs est. {memory['estimated_gb']:.2f} GB"
-                             if memory.get("peak_reserved_gb") is not None else ""))
+                             if memory.get("peak_reserved_gb") is not None else "")
+                          + f", predicted {figures['compute_model']['predicted_s_per_it']:.3f} s/it")
     return figures
 
 
@@ -708,6 +713,24 @@ def loader_breakdown(check: Check, work: Path, config: Any, workers: int, device
             verdict += f"; the host-to-device copy adds {copy_s:.3f} s (unpinned memory)"
     figures["verdict"] = verdict
     return figures
+
+
+def compute_model_figures(check: Check, config: Any, num_classes: int, s_it: float) -> dict[str, Any]:
+    """The planner's predicted s/iteration (issue 15's compute model, on this device's measured
+    convolution rate, under the training's mixed precision) against the measured one (target:
+    within 25 %). The rate is measured once per check and not written to the user's cache."""
+    from autoseg.networks.throughput import device_key, measure
+    from autoseg.planning.compute import Throughput, iteration_seconds
+
+    if check.rates is None:
+        check.rates = measure(check.sizes.device)
+    train, infer = check.rates
+    rates = Throughput(train, infer, device_key(check.sizes.device), "measured by gpu_check")
+    predicted, tflop = iteration_seconds(config, num_classes, rates)
+    error = predicted / s_it - 1
+    return {"train_gflops": round(train, 1), "infer_gflops": round(infer, 1), "tflop_per_iteration": round(tflop, 4),
+            "predicted_s_per_it": round(predicted, 4), "measured_s_per_it": round(s_it, 4),
+            "error": round(error, 3), "within_target": abs(error) <= TARGETS["compute_model_tolerance"]}
 
 
 def step_train(key: str, timed_attr: str) -> Callable[[Check, float], dict[str, Any]]:
@@ -1068,6 +1091,10 @@ def targets(check: Check) -> list[dict[str, Any]]:
         ratio = f["memory"].get("reserved_over_estimate") if f else None
         add("peak GPU memory vs estimated_memory_gb", step, f"within {tolerance:.0%}", ratio,
             None if ratio is None else abs(ratio - 1) <= tolerance)
+        model = f["compute_model"] if f else None
+        add("planner's predicted s/iteration vs measured", step,
+            f"within {TARGETS['compute_model_tolerance']:.0%}", model["error"] if model else None,
+            None if model is None else bool(model["within_target"]))
     for step in ("launcher_gpus_1", "torchrun_1"):
         f = figures(step)
         add("one epoch + resume", step, "ok", results[step].status if step in results else None,

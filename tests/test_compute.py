@@ -116,6 +116,9 @@ def test_a_large_image_under_a_tight_budget_gets_a_coarser_spacing_before_a_tiny
     assert math.prod(after.patch_size) >= 0.125 * math.prod(after.median_shape)
     assert after.batch_size == load_preset("cpu").min_batch_size
     assert "3d_lowres" not in fit.configurations and "3d_cascade_fullres" not in fit.configurations
+    # Why there is no cascade was measured on the patch of the memory plan, and says so.
+    why = [n for n in fit.notes if n.startswith("3d_lowres / 3d_cascade_fullres: not planned: the 3d_fullres patch")]
+    assert why and all(n.endswith("(the patch planned without a time budget)") for n in why), fit.notes
 
 
 def test_an_impossible_3d_budget_recommends_2d_first() -> None:

@@ -2,8 +2,9 @@
 model (:mod:`autoseg.planning.compute`).
 
 The representative convolution is the default network's first stage (32 -> 32 channels, 3^3
-kernel, a 2 x 40x56x40 batch; channels-last on the CPU, as training runs it), timed forward +
-backward for training and forward alone for prediction, for about a second each after a warm-up.
+kernel, a 2 x 40x56x40 batch; channels-last on the CPU, as training runs it; under the training's
+mixed precision on CUDA), timed forward + backward for training and forward alone for prediction,
+for about a second each after a warm-up.
 The result is cached per device, CPU count and torch version in
 ``$XDG_CACHE_HOME/autoseg/throughput.json`` (``~/.cache``), so planning twice on one machine gives
 the same plans; ``--throughput GFLOPS`` replaces the measurement (and the cache) altogether.
@@ -41,7 +42,8 @@ def device_key(device: str) -> str:
     if device.startswith("cuda"):
         import torch
 
-        name = torch.cuda.get_device_name(torch.device(device))
+        # "mixed precision": the rate is measured under autocast (an older fp32 entry is not reused).
+        name = f"{torch.cuda.get_device_name(torch.device(device))}, mixed precision"
     else:
         name = f"{_cpu_name()}, {os.cpu_count()} CPUs"
     return f"{device.split(':')[0]}: {name}, torch {version('torch')}"
@@ -79,11 +81,20 @@ def measure(device: str = "cpu") -> tuple[float, float]:
                 torch.cuda.synchronize(dev)
         return factor * flops * calls / (time.perf_counter() - start) / 1e9
 
+    # On CUDA training and prediction run under mixed precision (bf16 where supported, else fp16:
+    # autoseg.training.trainer); the rate is measured the same way, or a GPU plan would be sized on
+    # fp32 convolutions several times slower than the ones it gets.
+    amp = None
+    if dev.type == "cuda":
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
     def train_step() -> None:
-        conv(x).sum().backward()
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            out = conv(x).float().sum()
+        out.backward()
 
     def forward_step() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             conv(x)
 
     return rate(train_step, 3.0), rate(forward_step, 1.0)

@@ -194,6 +194,10 @@ def apply_budget(configs: dict[str, Configuration], budget: TimeBudget, preset: 
     if "3d_lowres" in configs:
         notes[:] = [n for n in notes if not n.startswith("3d_lowres:")]
         notes.append("3d_lowres / 3d_cascade_fullres: not planned under a time budget (two stages would share it)")
+    else:  # the reason given was measured on the patch planned without the budget: say so
+        notes[:] = [f"{n} (the patch planned without a time budget)"
+                    if n.startswith("3d_lowres / 3d_cascade_fullres: not planned: the 3d_fullres patch") else n
+                    for n in notes]
     for name, config in configs.items():
         if name in ("3d_lowres", "3d_cascade_fullres"):
             continue

@@ -139,6 +139,14 @@ def test_dicom_output_refusals(denoise_work: Path, series_inputs: Path, tmp_path
                               "dicom-seg"), out, "not available for a denoise model", 2)
     with pytest.raises(ConfigError, match="a segmentation model writes a DICOM SEG: use --output-format dicom-seg"):
         _check_task_outputs("segmentation", False, False, ("dicom",))
+    twice = tmp_path / "twice" / "ct"  # two files at one position: refused before any prediction
+    write_series(twice, phantom(3, (4, 30, 26))[1], rescale=(1.0, INTERCEPT))
+    first, second = sorted(twice.iterdir())[:2]
+    moved = pydicom.dcmread(second)
+    moved.ImagePositionPatient = pydicom.dcmread(first).ImagePositionPatient
+    moved.save_as(second)
+    _assert_clean_failure(cli("predict", denoise_work, "-i", twice, "-o", out, "--output-format", "dicom"), out,
+                          "two slices at one position along the slice normal", 1)
     monkeypatch.setitem(sys.modules, "pydicom", None)  # as if not installed
     _assert_clean_failure(cli("predict", denoise_work, "-i", series_inputs, "-o", out, "--output-format", "dicom"),
                           out, "needs pydicom, which is not installed: pip install 'autoseg[dicom]'", 2)
@@ -155,8 +163,10 @@ def test_slices_are_matched_by_position_along_the_normal() -> None:
     assert slice_order(positions, geometry, "s").tolist() == [3, 0, 2, 1]
     with pytest.raises(DatasetError, match="two slices at one position"):
         slice_order(positions[[0, 1, 1, 2]], geometry, "s")
-    with pytest.raises(DatasetError, match="off the series' grid"):
-        slice_order(positions + np.outer([0, 0, 1.2, 0], axis), geometry, "s")
+    irregular = np.array([10.0, -5.0, 7.0]) + np.outer([3.4, 0, 2, 0.9], axis) * 2.5  # ITK stacks them by rank
+    assert slice_order(irregular, geometry, "s").tolist() == [3, 0, 2, 1]
+    with pytest.raises(DatasetError, match="no slice at the image's origin"):
+        slice_order(positions + axis * 1.2, geometry, "s")
 
 
 def test_stored_values_are_rounded_and_clipped_to_the_stored_range() -> None:

@@ -49,8 +49,8 @@ SERIES_NUMBER_OFFSET = 1000
 _STALE = ("SmallestImagePixelValue", "LargestImagePixelValue", "SmallestPixelValueInSeries",
           "LargestPixelValueInSeries", "ExtendedOffsetTable", "ExtendedOffsetTableLengths", "FloatPixelData",
           "DoubleFloatPixelData", "PixelDataProviderURL")
-#: A slice position may lie this fraction of the slice spacing off the series' grid (scanner
-#: positions are rounded to 1e-3 mm or so; half a spacing off is another slice).
+#: Two slice positions closer than this fraction of the slice spacing are one position (scanner
+#: positions are rounded to 1e-3 mm or so; half a spacing apart is another slice).
 _POSITION_TOLERANCE = 0.25
 #: Longest SeriesDescription (VR LO: 64 characters).
 _LO_MAX = 64
@@ -123,13 +123,25 @@ def check_series_source(series_folder: Path) -> None:
     """Raise unless the series in ``series_folder`` can be written back as a DICOM series (headers only).
 
     Raises:
-        DatasetError: see :func:`_read_headers`.
+        DatasetError: see :func:`_read_headers` and :func:`slice_order`.
     """
-    _read_headers(dicom_series_files(series_folder))
+    from autoseg.imageio import read_info
+
+    sources = _read_headers(dicom_series_files(series_folder))
+    slice_order(_positions(sources), read_info(series_folder).geometry, str(series_folder))
+
+
+def _positions(sources: list[pydicom.Dataset]) -> np.ndarray:
+    """``(N, 3)``: each slice's ImagePositionPatient."""
+    return np.array([[float(v) for v in ds.ImagePositionPatient] for ds in sources], dtype=np.float64)
 
 
 def slice_order(positions: np.ndarray, geometry: Geometry, where: str) -> np.ndarray:
     """The array slice ``z`` of each source file, from its ImagePositionPatient along the slice normal.
+
+    ITK stacks a series' files sorted along the slice axis (the direction's third column) from the
+    origin, whatever the gaps between them; so slice ``z`` is the file of rank ``z`` along that axis.
+    The first of them must lie at the origin (the check that both sort the same way).
 
     Args:
         positions: ``(N, 3)`` ImagePositionPatient of the files, in mm (patient x, y, z).
@@ -137,28 +149,25 @@ def slice_order(positions: np.ndarray, geometry: Geometry, where: str) -> np.nda
         where: names the series in errors.
 
     Returns:
-        ``(N,)`` the slice index of each file: files sorted by their distance along the array's
-        slice axis (the third column of the direction), checked against the geometry's grid.
+        ``(N,)`` the slice index of each file.
 
     Raises:
-        DatasetError: two files at one position, or a position that lies off the image's grid.
+        DatasetError: two files at one position, or no file at the image's origin.
     """
     direction = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
-    axis = direction[:, 2]
-    along = (np.asarray(positions, dtype=np.float64) - np.asarray(geometry.origin, dtype=np.float64)) @ axis
+    along = (np.asarray(positions, dtype=np.float64) - np.asarray(geometry.origin, dtype=np.float64)) @ direction[:, 2]
     order = np.argsort(along, kind="stable")
     index = np.empty(len(along), dtype=np.int64)
     index[order] = np.arange(len(along))
-    spacing = float(geometry.spacing[0])
+    tolerance = _POSITION_TOLERANCE * float(geometry.spacing[0])
     ranked = along[order]
-    if len(ranked) > 1 and float(np.min(np.diff(ranked))) < _POSITION_TOLERANCE * spacing:
+    if len(ranked) > 1 and float(np.min(np.diff(ranked))) < tolerance:
         raise DatasetError(f"{where}: two slices at one position along the slice normal; the series cannot be "
                            "written back slice for slice: use --output-format nifti")
-    off = np.abs(along - index * spacing)
-    if float(off.max()) > _POSITION_TOLERANCE * spacing:
-        raise DatasetError(f"{where}: a slice lies {float(off.max()):.3g} mm off the series' grid of "
-                           f"{spacing:.6g} mm (irregular slice spacing); the series cannot be written back slice for "
-                           "slice: use --output-format nifti")
+    if abs(float(ranked[0])) > tolerance:
+        raise DatasetError(f"{where}: no slice at the image's origin (the first lies {float(ranked[0]):.3g} mm from it "
+                           "along the normal); the series cannot be written back slice for slice: use "
+                           "--output-format nifti")
     return index
 
 
@@ -265,8 +274,7 @@ def write_dicom_series(folder: Path, restored: np.ndarray, geometry: Geometry, s
     if restored.ndim != 3 or restored.shape != (len(sources), rows, columns):
         raise DatasetError(f"{series_folder}: the series has {len(sources)} slices of {rows}x{columns}, the restored "
                            f"image shape {restored.shape}; predict this series again")
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in sources])
-    index = slice_order(positions, geometry, str(series_folder))
+    index = slice_order(_positions(sources), geometry, str(series_folder))
     first = sources[0]
     study_uid = str(first.get("StudyInstanceUID", "") or "")
     frame_uid = str(first.get("FrameOfReferenceUID", "") or "")

@@ -113,8 +113,9 @@ def test_denoised_series_keeps_the_source_and_matches_the_nifti(denoise_work: Pa
     _check_series(out / "ct_b", series_inputs / "ct_b", out / "ct_b.nii.gz", 0.5, INTERCEPT)
     below = int(np.count_nonzero(np.rint((read_image(out / "ct_b.nii.gz")[0] - INTERCEPT) / 0.5) < 0))
     clipped = [line for line in result.output.splitlines() if "were clipped" in line]  # said by the CLI
-    assert clipped == ([f"warning: {out / 'ct_b'}: {below} voxel(s) of the restored image outside the source's "
-                        "stored range [0, 65535] (BitsStored 16) were clipped to it"] if below else [])
+    said = (f"warning: {out / 'ct_b'}: {below} voxel(s) of the restored image outside the source's stored range "
+            "[0, 65535] (BitsStored 16) were clipped to it")
+    assert clipped == ([said] if below else [])
     # dicom alone writes only the series; --continue then skips the cases; a new run replaces it.
     alone = run(denoise_work, [series_inputs / "ct_a"], tmp_path / "only", ["2d"], output_format="dicom", tta=False,
                 device="cpu")
@@ -210,3 +211,26 @@ def test_real_ct_series_are_written_back(shared_data: Path, name: str, tmp_path:
     meta_uids = {str(ds.file_meta.MediaStorageSOPInstanceUID) for ds in sources}
     assert {str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in outputs} == meta_uids
     assert all(list(ds.ImageType) == ["DERIVED", "SECONDARY", *list(sources[0].ImageType)[2:]] for ds in outputs)
+
+
+@pytest.mark.slow
+def test_real_ct_series_denoised_to_dicom(denoise_work: Path, shared_data: Path, tmp_path: Path, cli) -> None:
+    """CRLM-CT-1004 (41 slices of 512 x 512, 5 mm) through the denoise model: the DICOM series reads
+    back with the source's geometry, equal to the NIfTI of the same run, in the source's study."""
+    source = shared_data / "CT_full_dose" / "CRLM-CT-1004_dicom"
+    if not source.is_dir():
+        pytest.skip(f"{source} is absent")
+    out = tmp_path / "out"
+    result = cli("predict", denoise_work, "-i", source, "-o", out, "--output-format", "nifti,dicom", "--no-tta",
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    written, geometry = read_image(out / source.name)
+    image, source_geometry = read_image(source)
+    _assert_same_geometry(geometry, source_geometry, atol=1e-6)
+    np.testing.assert_array_equal(written, read_image(out / f"{source.name}.nii.gz")[0])
+    assert not np.array_equal(written, image)
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in dicom_series_files(source)]
+    outputs = _headers(out / source.name)
+    assert {str(ds.StudyInstanceUID) for ds in outputs} == {str(sources[0].StudyInstanceUID)}
+    assert {str(ds.SeriesDescription) for ds in outputs} == {"CT CH/AB/PEL denoised by autoseg 2d"}
+    assert {int(ds.SeriesNumber) for ds in outputs} == {int(sources[0].SeriesNumber) + 1000}

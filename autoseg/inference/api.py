@@ -214,7 +214,7 @@ class Segmenter:
     def write_case(self, case: InputCase, targets: "CaseOutputs", *, progress: Callable[[int, int], None] | None = None,
                    uncertainty: bool = False) -> Path:
         """Predict one ``autoseg predict`` case and write every output of ``targets`` (label maps,
-        probabilities, uncertainty maps, DICOM SEG); returns the primary output."""
+        probabilities, uncertainty maps, DICOM SEG, restored DICOM series); returns the primary output."""
         image, geometry = read_input(case)
         labels, _, predictions = self._segment(image, geometry, targets=targets, progress=progress,
                                                uncertainty=uncertainty)

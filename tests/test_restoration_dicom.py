@@ -234,3 +234,18 @@ def test_real_ct_series_denoised_to_dicom(denoise_work: Path, shared_data: Path,
     assert {str(ds.StudyInstanceUID) for ds in outputs} == {str(sources[0].StudyInstanceUID)}
     assert {str(ds.SeriesDescription) for ds in outputs} == {"CT CH/AB/PEL denoised by autoseg 2d"}
     assert {int(ds.SeriesNumber) for ds in outputs} == {int(sources[0].SeriesNumber) + 1000}
+
+
+def test_a_series_folder_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    from autoseg.atomic import atomic_folder
+
+    final = tmp_path / "case"
+    with atomic_folder(final) as tmp:
+        (tmp / "0001.dcm").write_bytes(b"first")
+    with pytest.raises(RuntimeError), atomic_folder(final) as tmp:
+        (tmp / "0001.dcm").write_bytes(b"second")
+        raise RuntimeError("interrupted")
+    assert [p.name for p in tmp_path.iterdir()] == ["case"] and (final / "0001.dcm").read_bytes() == b"first"
+    with atomic_folder(final) as tmp:
+        (tmp / "0002.dcm").write_bytes(b"third")
+    assert [p.name for p in tmp_path.iterdir()] == ["case"] and [p.name for p in final.iterdir()] == ["0002.dcm"]

@@ -41,6 +41,37 @@ def atomic_path(final: Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_folder(final: Path) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``final``; on success it takes ``final``'s name.
+
+    A folder that exists at ``final`` already (an earlier run's) is replaced: moved to a temporary
+    name, the new folder renamed into place, then the old one deleted, so ``final`` is never a
+    mix of both runs. On any exception the temporary folder is removed and ``final`` is untouched.
+    """
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, suffix="-" + final.name, dir=final.parent))
+    # mkdtemp creates the folder owner-only (0700); give it the usual permissions (0777 & ~umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "old-", suffix="-" + final.name, dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_text(final: Path, text: str) -> None:
     """Atomically write ``text`` (UTF-8) to ``final``."""
     with atomic_path(final) as tmp:

@@ -38,11 +38,14 @@ COL = (-math.sin(ANGLE), math.cos(ANGLE), 0.0)
 
 def write_series(folder: Path, volume: np.ndarray, spacing: Sequence[float] = (2.5, 0.8, 0.9),
                  origin: Sequence[float] = (12.5, -40.25, 7.125), *, study: str | None = None,
-                 series: str | None = None, blank_uids: bool = False) -> list[str]:
+                 series: str | None = None, blank_uids: bool = False, rescale: tuple[float, float] = (1.0, 0.0),
+                 bits_stored: int = 16, signed: bool = True) -> list[str]:
     """Write a ``(Z, Y, X)`` int16 volume as single-frame CT slices; returns the SOPInstanceUIDs by z.
 
     ``spacing`` is (z, y, x) in mm; slice ``z`` lies at ``origin + z * spacing[0] * normal``. Files
-    are named in reverse slice order, so that name order is not slice order.
+    are named in reverse slice order, so that name order is not slice order. ``rescale`` is
+    (slope, intercept): the volume's values are stored as ``(value - intercept) / slope``, in
+    ``bits_stored`` bits of 16, ``signed`` or not (they must fit).
     """
     folder.mkdir(parents=True, exist_ok=True)
     normal = np.cross(ROW, COL)
@@ -68,9 +71,10 @@ def write_series(folder: Path, volume: np.ndarray, spacing: Sequence[float] = (2
         ds.SliceThickness = spacing[0]
         ds.Rows, ds.Columns = volume.shape[1], volume.shape[2]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = np.ascontiguousarray(volume[z], dtype=np.int16).tobytes()
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, int(signed)
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+        stored = np.rint((volume[z] - rescale[1]) / rescale[0])
+        ds.PixelData = np.ascontiguousarray(stored, dtype=np.int16 if signed else np.uint16).tobytes()
         ds.save_as(folder / f"slice_{volume.shape[0] - z:03d}.dcm", enforce_file_format=True)
     return uids
 
@@ -226,8 +230,11 @@ def test_dicom_seg_errors(work: Path, tmp_path: Path, cli, monkeypatch: pytest.M
     out = tmp_path / "out"
     _assert_clean_failure(cli("predict", work, "-i", nifti, "-o", out, "--output-format", "dicom-seg"), out,
                           "is not a DICOM series", 2)
-    _assert_clean_failure(cli("predict", work, "-i", nifti, "-o", out, "--output-format", "dicom"), out,
+    _assert_clean_failure(cli("predict", work, "-i", nifti, "-o", out, "--output-format", "dicom-sg"), out,
                           "did you mean 'dicom-seg'?", 2)
+    # "dicom" is a restored image series (restoration models): a segmentation model is sent to dicom-seg.
+    _assert_clean_failure(cli("predict", work, "-i", nifti, "-o", out, "--output-format", "dicom"), out,
+                          "a segmentation model writes a DICOM SEG: use --output-format dicom-seg", 2)
     write_series(tmp_path / "blank", _volume((3, 8, 7)), blank_uids=True)
     _assert_clean_failure(cli("predict", work, "-i", tmp_path / "blank", "-o", out, "--output-format", "dicom-seg"),
                           out, "empty StudyInstanceUID", 1)

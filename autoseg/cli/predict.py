@@ -44,10 +44,10 @@ def predict_cmd(
                                    "normalised entropy of the averaged probabilities (0 certain .. 1 uniform) and the "
                                    "fraction of pairs of folds whose labels differ (always 0 with a single fold).")] = False,
     output_format: Annotated[Optional[list[str]], typer.Option(
-        "--output-format", metavar="auto|nifti|dicom-seg", help="Label map format: auto (the input's; NIfTI for "
-                                                                 "DICOM series), nifti, or dicom-seg (a DICOM SEG "
-                                                                 "referencing the input series; needs pip install "
-                                                                 "'autoseg[dicom]'); repeat for several.")] = None,
+        "--output-format", metavar="auto|nifti|dicom-seg|dicom", help="Label map format: auto (the input's; NIfTI "
+        "for DICOM series), nifti, or dicom-seg (a DICOM SEG referencing the input series; needs pip install "
+        "'autoseg[dicom]'); for a denoise model and DICOM series inputs, dicom writes OUT/<case>/, a DICOM series "
+        "copying the source's headers (new UIDs, DERIVED, one file per source slice); repeat for several.")] = None,
     gpus: Annotated[Optional[int], typer.Option(
         "--gpus", help="Share the cases out over N GPUs (one process each); outputs identical to one GPU.",
         min=1)] = None,
@@ -102,6 +102,8 @@ def predict_cmd(
             used += f" of {summary.model_file.name}"
         console.print(f"[green]✓[/] {len(summary.written)} case(s) predicted{skipped} with {escape(used)}"
                       + (f" ({how})" if how else "") + f" → {escape(str(summary.output))}")
+        for line in summary.warnings:  # one line each (soft wrap), so they stay greppable
+            console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
         if summary.postprocessing:
             console.print(f"postprocessing from {'the model file' if summary.model_file else 'best.yaml'} applied")
 

@@ -214,7 +214,7 @@ class Segmenter:
     def write_case(self, case: InputCase, targets: "CaseOutputs", *, progress: Callable[[int, int], None] | None = None,
                    uncertainty: bool = False) -> Path:
         """Predict one ``autoseg predict`` case and write every output of ``targets`` (label maps,
-        probabilities, uncertainty maps, DICOM SEG); returns the primary output."""
+        probabilities, uncertainty maps, DICOM SEG, restored DICOM series); returns the primary output."""
         image, geometry = read_input(case)
         labels, _, predictions = self._segment(image, geometry, targets=targets, progress=progress,
                                                uncertainty=uncertainty)
@@ -233,7 +233,21 @@ class Segmenter:
             write_dicom_seg(targets.seg, labels, case.images[0], self.predictor.task.segment_names(),
                             version=__version__, parameters={"models": used, "checkpoint": self.checkpoint,
                                                              "tta": "on" if self.predictor.tta else "off"})
+        if targets.series is not None:
+            self._write_series(targets.series, labels, geometry, case.images[0])
         return targets.primary
+
+    def _write_series(self, folder: Path, restored: np.ndarray, geometry: Geometry, source: Path) -> None:
+        """The restored image as a DICOM series beside its ``source`` series (``--output-format dicom``)."""
+        from autoseg._version import __version__
+        from autoseg.inference.dicom_series import DONE_BY_TASK, write_dicom_series
+
+        done = DONE_BY_TASK.get(self.predictor.task.name, "restored")
+        configs = " + ".join(s.configuration for s in self.selections)
+        used = "; ".join(f"{s.configuration} folds {' '.join(str(f) for f in s.folds)}" for s in self.selections)
+        write_dicom_series(folder, restored, geometry, source, what=f"{done} by autoseg {configs}",
+                           derivation=f"{done} by autoseg {__version__}: {used}, checkpoint {self.checkpoint}, TTA "
+                                      f"{'on' if self.predictor.tta else 'off'}")
 
     # -- the one path every call takes
 

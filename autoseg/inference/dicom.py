@@ -8,7 +8,8 @@
   highdicom, an optional dependency (``pip install 'autoseg[dicom]'``).
 
 Pixels always go through :mod:`autoseg.imageio` (SimpleITK/GDCM); pydicom and highdicom only read
-headers and write the SEG.
+headers and write the SEG. A restoration model's image written back as a DICOM series
+(``--output-format dicom``) is :mod:`autoseg.inference.dicom_series`.
 """
 
 from __future__ import annotations

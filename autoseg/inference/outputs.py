@@ -15,8 +15,12 @@ from autoseg.errors import ConfigError, UnknownNameError
 from autoseg.inference.inputs import InputCase, is_dicom_case
 
 #: ``--output-format`` values: ``auto`` (the input's format; NIfTI for a DICOM series), ``nifti``
-#: (``.nii.gz``), ``dicom-seg`` (a DICOM SEG ``<case>.dcm`` referencing the input series).
-OUTPUT_FORMATS = ("auto", "nifti", "dicom-seg")
+#: (``.nii.gz``), ``dicom-seg`` (a DICOM SEG ``<case>.dcm`` referencing the input series), ``dicom``
+#: (restoration: the restored image as a DICOM series ``<case>/`` beside the input series).
+OUTPUT_FORMATS = ("auto", "nifti", "dicom-seg", "dicom")
+#: Tasks whose output can be written as a DICOM series: their image keeps the source's slices one
+#: to one (a segmentation writes a DICOM SEG instead).
+DICOM_SERIES_TASKS = ("denoise",)
 
 
 def output_paths(case: InputCase, output: Path) -> tuple[Path, Path]:
@@ -31,6 +35,7 @@ class CaseOutputs:
     Attributes:
         labels: label maps, one per image format asked for (``auto``, ``nifti``); may be empty.
         seg: the DICOM SEG (``--output-format dicom-seg``), or None.
+        series: the folder of the restored DICOM series (``--output-format dicom``), or None.
         probabilities: ``<case>.npz`` (``--save-probabilities``), or None.
         uncertainty: the entropy and disagreement maps (``--save-uncertainty``), or None.
     """
@@ -39,20 +44,22 @@ class CaseOutputs:
     seg: Path | None = None
     probabilities: Path | None = None
     uncertainty: tuple[Path, Path] | None = None
+    series: Path | None = None
 
     @property
     def files(self) -> tuple[Path, ...]:
-        """All of them."""
-        extra = (self.seg, self.probabilities, *(self.uncertainty or ()))
+        """All of them (the DICOM series as its folder)."""
+        extra = (self.seg, self.series, self.probabilities, *(self.uncertainty or ()))
         return (*self.labels, *(p for p in extra if p is not None))
 
     @property
     def primary(self) -> Path:
-        """The label map reported as written: the first image format's, else the SEG."""
+        """The label map reported as written: the first image format's, else the SEG, else the series."""
         if self.labels:
             return self.labels[0]
-        assert self.seg is not None
-        return self.seg
+        primary = self.seg if self.seg is not None else self.series
+        assert primary is not None
+        return primary
 
 
 def output_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
@@ -82,6 +89,7 @@ def case_outputs(case: InputCase, output: Path, formats: Sequence[str] = ("auto"
         output / f"{case.case_id}.dcm" if "dicom-seg" in formats else None,
         output_paths(case, output)[1] if save_probabilities else None,
         uncertainty_paths(output, case.case_id, case.ending) if save_uncertainty else None,
+        output / case.case_id if "dicom" in formats else None,
     )
 
 
@@ -107,8 +115,10 @@ def check_outputs(cases: Sequence[InputCase], outputs: dict[str, CaseOutputs], o
 
     Raises:
         ConfigError: an output is an input file, lies in an input DICOM series folder, two
-            outputs share a name, or ``dicom-seg`` is asked for an input that is no DICOM series.
-        DatasetError: a DICOM series' headers do not allow a SEG (blank UIDs, multi-frame).
+            outputs share a name, ``dicom-seg`` or ``dicom`` is asked for an input that is no DICOM
+            series, or pydicom/highdicom is missing.
+        DatasetError: a DICOM series' headers do not allow a SEG (blank UIDs, multi-frame) or a
+            DICOM series output (multi-frame, colour, no slice position).
     """
     input_files = {p.resolve() for case in cases for p in case.images}
     resolved = output.resolve()
@@ -135,3 +145,16 @@ def check_outputs(cases: Sequence[InputCase], outputs: dict[str, CaseOutputs], o
                 raise ConfigError(f"--output-format dicom-seg: {case.images[0]} is not a DICOM series (a DICOM SEG "
                                   "references its source series); use --output-format auto or nifti for it")
             check_seg_source(case.images[0])
+    if "dicom" in formats:
+        from autoseg.inference.dicom_series import check_series_source, require_pydicom
+
+        require_pydicom()
+        for case in cases:
+            if not is_dicom_case(case):
+                raise ConfigError(f"--output-format dicom: {case.images[0]} is not a DICOM series (the output series "
+                                  "copies its source's headers); use --output-format auto or nifti for it")
+            series = outputs[case.case_id].series
+            if series is not None and series.exists() and not series.is_dir():
+                raise ConfigError(f"{series}: exists and is not a folder; the DICOM series of case {case.case_id!r} "
+                                  "is written as that folder: move the file away")
+            check_series_source(case.images[0])

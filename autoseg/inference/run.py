@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ class PredictSummary:
         postprocessing: whether best.yaml's postprocessing was applied.
         model_file: the model file predicted with, or None for a WORK folder.
         checkpoint: the checkpoint kind of the folds.
+        warnings: what the writers said of the outputs (a DICOM series' clipped voxels, a new
+            StudyInstanceUID for a blank one), one line each.
     """
 
     output: Path
@@ -76,6 +79,7 @@ class PredictSummary:
     stats: PredictorStats = field(default_factory=PredictorStats)
     model_file: Path | None = None
     checkpoint: str = "final"
+    warnings: tuple[str, ...] = ()
 
 
 def run(
@@ -122,7 +126,9 @@ def run(
         save_uncertainty: also write ``<case>_entropy`` and ``<case>_disagreement`` maps
             (:mod:`autoseg.inference.uncertainty`) in the input's geometry.
         output_format: ``auto`` (the input's format; NIfTI for a DICOM series), ``nifti``,
-            ``dicom-seg`` (needs highdicom and DICOM series inputs), or several of them.
+            ``dicom-seg`` (needs highdicom and DICOM series inputs), ``dicom`` (a restoration
+            model's image as a DICOM series ``<case>/``: needs pydicom and DICOM series inputs,
+            :mod:`autoseg.inference.dicom_series`), or several of them.
         devices: several devices (``--gpus N``: ``cuda:0``…; ``--procs N``: ``cpu`` N times): the
             cases are shared out over one process per device, each predicting whole cases exactly
             as a single device would (the outputs are identical). Overrides ``device``.
@@ -160,7 +166,8 @@ def run(
         todo, skipped = [], []
         for case in cases:
             targets = outputs[case.case_id]
-            if resume and all(p.is_file() for p in targets.files):
+            # Every output is written atomically (the DICOM series as a folder): one that exists is complete.
+            if resume and all(p.exists() for p in targets.files):
                 skipped.append(targets.primary)
             else:
                 todo.append(case)
@@ -172,21 +179,30 @@ def run(
         job = _CasesJob(source.work, tuple(selections), tuple(todo), {c.case_id: outputs[c.case_id] for c in todo},
                         best, source.checkpoint, tta, step, save_uncertainty, engine, precision)
         if devices is not None and len(devices) > 1:
-            written, used_device, stats = _predict_sharded(job, devices, callbacks)
+            written, used_device, stats, warnings = _predict_sharded(job, devices, callbacks)
         else:
-            written, used_device, stats = _predict_cases(job, devices[0] if devices else device, callbacks)
+            written, used_device, stats, warnings = _predict_cases(job, devices[0] if devices else device, callbacks)
     return PredictSummary(written=tuple(written), seconds=time.perf_counter() - started, device=used_device,
-                          postprocessing=best is not None and postprocessor(best) is not None, stats=stats, **done)
+                          postprocessing=best is not None and postprocessor(best) is not None, stats=stats,
+                          warnings=tuple(warnings), **done)
 
 
 def _check_task_outputs(task: str, save_probabilities: bool, save_uncertainty: bool, formats: Sequence[str]) -> None:
-    """Refuse the outputs a task does not make (restoration writes restored images only).
+    """Refuse the outputs a task does not make (restoration writes restored images only; a DICOM
+    series only restoration keeping the source's slices).
 
     Raises:
         ConfigError: naming the option.
     """
+    from autoseg.inference.outputs import DICOM_SERIES_TASKS
     from autoseg.tasks import TASKS
 
+    if "dicom" in formats and task not in DICOM_SERIES_TASKS:
+        if TASKS[task].extra_outputs:
+            raise ConfigError(f"--output-format dicom: writes a restored image series (a {' or '.join(DICOM_SERIES_TASKS)} "
+                              f"model); a {task} model writes a DICOM SEG: use --output-format dicom-seg")
+        raise ConfigError(f"--output-format dicom: not available for a {task} model (its image does not keep the "
+                          "source's slices); use --output-format nifti")
     if TASKS[task].extra_outputs:
         return
     asked = [flag for flag, on in (("--save-probabilities", save_probabilities),
@@ -214,22 +230,48 @@ class _CasesJob:
     precision: str = "auto"
 
 
+#: The loggers whose warnings about written outputs go into :attr:`PredictSummary.warnings`.
+_OUTPUT_LOGGERS = ("autoseg.inference.dicom_series",)
+
+
+@contextlib.contextmanager
+def _output_warnings() -> Iterator[list[str]]:
+    """Collect the warnings of :data:`_OUTPUT_LOGGERS` while the block runs, for the summary (the
+    CLI prints them once, after the progress bars, instead of Python's bare stderr fallback)."""
+    lines: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = _Collect(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in _OUTPUT_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
 def _predict_cases(job: _CasesJob, device: str,
-                   callbacks: PredictCallbacks) -> tuple[list[Path], str, PredictorStats]:
+                   callbacks: PredictCallbacks) -> tuple[list[Path], str, PredictorStats, list[str]]:
     """Predict ``job.cases`` one after the other on ``device`` (through the Python API's
-    :class:`~autoseg.inference.api.Segmenter`); returns what was written."""
+    :class:`~autoseg.inference.api.Segmenter`); returns what was written, and the writers' warnings."""
     segmenter = Segmenter.from_work(job.work, job.selections, job.best, device=device, tta=job.tta, step=job.step,
                                     checkpoint=job.checkpoint, engine=job.engine, precision=job.precision)
     written = []
-    for index, case in enumerate(job.cases):
-        callbacks.on_case(index, len(job.cases), case.case_id)
-        written.append(segmenter.write_case(case, job.outputs[case.case_id], progress=callbacks.on_windows,
-                                            uncertainty=job.save_uncertainty))
-    return written, f"{segmenter.device}, {segmenter.engine}", segmenter.stats
+    with _output_warnings() as warnings:
+        for index, case in enumerate(job.cases):
+            callbacks.on_case(index, len(job.cases), case.case_id)
+            written.append(segmenter.write_case(case, job.outputs[case.case_id], progress=callbacks.on_windows,
+                                                uncertainty=job.save_uncertainty))
+    return written, f"{segmenter.device}, {segmenter.engine}", segmenter.stats, warnings
 
 
 def _predict_sharded(job: _CasesJob, devices: Sequence[str],
-                     callbacks: PredictCallbacks) -> tuple[list[Path], str, PredictorStats]:
+                     callbacks: PredictCallbacks) -> tuple[list[Path], str, PredictorStats, list[str]]:
     """Share the cases out round robin over one process per device."""
     import dataclasses
 
@@ -247,16 +289,17 @@ def _predict_sharded(job: _CasesJob, devices: Sequence[str],
             done[0] += 1
 
     results = distributed.launch(_predict_child, shares, launch, on_event=on_event, join_group=False)
-    written = sorted((path for paths, _, _ in results for path in paths), key=str)
+    written = sorted((path for paths, _, _, _ in results for path in paths), key=str)
     stats = PredictorStats()
-    for _, _, part in results:
+    for _, _, part, _ in results:
         for name in ("forward_s", "forward_calls", "samples", "windows", "predict_s", "preprocess_s", "export_s"):
             setattr(stats, name, getattr(stats, name) + getattr(part, name))
-    used = ", ".join(sorted({device for _, device, _ in results}))
-    return written, f"{used} × {count} processes" if len(set(devices)) == 1 else used, stats
+    used = ", ".join(sorted({device for _, device, _, _ in results}))
+    warnings = sorted(line for _, _, _, lines in results for line in lines)
+    return written, f"{used} × {count} processes" if len(set(devices)) == 1 else used, stats, warnings
 
 
-def _predict_child(child: Any, job: _CasesJob) -> tuple[list[Path], str, PredictorStats]:
+def _predict_child(child: Any, job: _CasesJob) -> tuple[list[Path], str, PredictorStats, list[str]]:
     """Runs in a spawned process: this device's share of the cases."""
     from autoseg.distributed import Event
 

@@ -35,8 +35,9 @@ with autoseg's, reads and writes the images with ``autoseg.imageio`` and hands t
 arrays (HU, the axial axis first). Their outputs are written back in the input's geometry and
 pixel type, as ``autoseg predict`` writes its own.
 
-``--dry-run``: two cases per input, cropped to 8 slices × 96 × 96, 20 s budgets (unless
-``--budget``), the ``tiny`` planner, RED-CNN with batch 4 on 64² patches and a validation every 3 iterations — it checks the
+``--dry-run``: the small inputs only (three OpenKBP cases and the TotalSegmentator example; not
+CT_full_dose's 512² slices), 8 central axial slices of each, 20 s budgets (unless ``--budget``),
+the ``tiny`` planner, RED-CNN with batch 4 on 64² patches and a validation every 3 iterations — it checks the
 plumbing in a few minutes and measures nothing.
 """
 
@@ -60,9 +61,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "denoise_peers_worker.py"
 AUTOSEG_CONFIGS = ("2d", "2.5d", "3d_fullres")
 ENSEMBLE = "autoseg ensemble"
-#: Dry run: cases per input, and the crop (slices, rows, columns) around each volume's centre.
-DRY_CASES = 2
-DRY_CROP = (8, 96, 96)
+#: Dry run: cases per input, and the axial slices kept around each volume's centre (whole slices:
+#: the simulated noise depends on everything a ray crosses, so an in-plane crop would remove most of it).
+DRY_CASES = 3
+DRY_SLICES = 8
 DRY_BUDGET_S = 20.0
 #: Dry run: RED-CNN's batch, patch and validation interval shrunk so a few iterations fit in 20 s.
 DRY_REDCNN = {"mbs": 4, "patchsize": 64, "eval_patchsize": 64, "iterations_before_val": 3}
@@ -164,25 +166,26 @@ def find_sources(inputs: list[Path], limit: int | None, patients: dict[str, str]
     return sources
 
 
-def centre_crop(volume: np.ndarray, size: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """The central ``size`` block of a ``(Z, Y, X)`` volume (smaller axes kept whole) and its start index."""
-    start = tuple(max(0, (n - s) // 2) for n, s in zip(volume.shape, size))
-    block = tuple(slice(a, a + s) for a, s in zip(start, size))
-    return volume[block], start  # type: ignore[return-value]
+def central_slices(volume: np.ndarray, axis: int, count: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The ``count`` central slices of a ``(Z, Y, X)`` volume along ``axis``, and the block's start index."""
+    first = max(0, (volume.shape[axis] - count) // 2)
+    start = tuple(first if a == axis else 0 for a in range(3))
+    return np.take(volume, range(first, min(volume.shape[axis], first + count)), axis=axis), start  # type: ignore[return-value]
 
 
-def stage(sources: list[Source], staging: Path, crop: tuple[int, int, int] | None) -> None:
+def stage(sources: list[Source], staging: Path, slices: int | None) -> None:
     """One folder that ``autoseg simulate`` reads as one case per source: ``{case}{ending}`` links to
-    volume files, ``{case}/`` folders of links to a DICOM series' files; with ``crop``, cropped
-    NIfTI copies instead (the dry run; origin moved to the crop)."""
+    volume files, ``{case}/`` folders of links to a DICOM series' files; with ``slices``, NIfTI copies
+    of that many central axial slices instead (the dry run; origin moved to the first kept slice)."""
     from autoseg.imageio import read_image, strip_ending, write_image
+    from autoseg.overlay import axial_axis
 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for source in sources:
-        if crop is not None:
+        if slices is not None:
             image, geometry = read_image(source.path)
-            block, start = centre_crop(image[0], crop)
+            block, start = central_slices(image[0], axial_axis(geometry), slices)
             write_image(staging / f"{source.case}.nii.gz", np.ascontiguousarray(block), _shifted(geometry, start))
         elif source.path.is_dir():
             folder = staging / source.case
@@ -205,21 +208,22 @@ def _shifted(geometry: Any, start: tuple[int, int, int]) -> Any:
     return dataclasses.replace(geometry, origin=tuple(float(v) for v in origin))
 
 
-def simulate(sources: list[Source], out: Path, dose: float, seed: int, crop: tuple[int, int, int] | None,
-             logs: Path) -> dict[str, Any]:
+def simulate(sources: list[Source], out: Path, dose: float, seed: int, slices: int | None, logs: Path,
+             photons: float | None = None) -> dict[str, Any]:
     """``autoseg simulate low-dose`` of every source into ``out/raw``; a finished one of the same sources,
-    dose, seed and crop (``out/simulate_key.json``, written after it) is reused."""
+    dose, seed and slices (``out/simulate_key.json``, written after it) is reused."""
     raw, key_file = out / "raw", out / "simulate_key.json"
     key = {"sources": sorted([s.case, str(s.path)] for s in sources), "dose": dose, "seed": seed,
-           "crop": list(crop) if crop else None}
+           "slices": slices, "photons": photons}
     if (raw / "dataset.json").is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
         return {"reused": str(raw)}
     key_file.unlink(missing_ok=True)
     shutil.rmtree(raw, ignore_errors=True)
     staging = out / "staging"
-    stage(sources, staging, crop)
+    stage(sources, staging, slices)
     run = measure(autoseg_cmd("simulate", "low-dose", str(staging), "-o", str(raw), "--dose", f"{dose:g}",
-                              "--seed", str(seed)), logs / "simulate.log")
+                              "--seed", str(seed), *(["--photons", f"{photons:g}"] if photons else [])),
+                  logs / "simulate.log")
     key_file.write_text(json.dumps(key))
     return {"wall_s": run["wall_s"], "cases": len(sources)}
 
@@ -517,6 +521,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                          "10m; 20s with --dry-run).")
     parser.add_argument("--dose", type=float, default=0.25)
     parser.add_argument("--sim-seed", type=int, default=0, help="autoseg simulate --seed.")
+    parser.add_argument("--photons", type=float, help="autoseg simulate --photons (default: its own, 1e5 per "
+                                                      "1 mm x 1 mm ray; coarse voxels get little noise at it).")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--test-cases", type=int, help="Exactly this many test patients (instead of the fraction).")
@@ -537,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data = args.data_root
     inputs = args.ct or [data / "OpenKBP_HN_CT", data / "TotalSegmentator_examples" / "example_ct.nii.gz",
-                         data / "CT_full_dose"]
+                         *([] if args.dry_run else [data / "CT_full_dose"])]
     limit = args.cases_limit if args.cases_limit is not None else (DRY_CASES if args.dry_run else None)
     budget_s = parse_budget(args.budget) if args.budget else DRY_BUDGET_S if args.dry_run else parse_budget("10m")
     budget = f"{budget_s:g}s"
@@ -556,12 +562,13 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {
         "dry_run": args.dry_run, "note": "DRY RUN: plumbing only, the numbers measure nothing" if args.dry_run else None,
         "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
-        "budget_s": budget_s, "dose": args.dose, "window_hu": [-160, 240],
+        "budget_s": budget_s, "dose": args.dose, "photons": args.photons, "window_hu": [-160, 240],
         "inputs": [str(p) for p in inputs], "cases_limit_per_input": limit,
-        "dry_crop": list(DRY_CROP) if args.dry_run else None,
+        "dry_run_axial_slices": DRY_SLICES if args.dry_run else None,
         "sources": [{**asdict(s), "path": str(s.path)} for s in sources],
     }
-    report["simulate"] = simulate(sources, out, args.dose, args.sim_seed, DRY_CROP if args.dry_run else None, logs)
+    report["simulate"] = simulate(sources, out, args.dose, args.sim_seed, DRY_SLICES if args.dry_run else None, logs,
+                                  args.photons)
     raw = out / "raw"
     split = split_by_patient(sources, args.test_fraction, args.test_cases, args.val_fraction, args.split_seed)
     report["split"] = split
@@ -596,7 +603,7 @@ def main(argv: list[str] | None = None) -> None:
     if baseline is not None:
         results = {"low-dose input": {**baseline, "train_wall_s": None, "predict_wall_s": None}, **results}
     report["results"] = results
-    report["targets"] = targets(results)
+    report["targets"] = "not checked in a dry run" if args.dry_run else targets(results)
     report["machine"]["load_avg_end"] = os.getloadavg()
     caption = (f"{'DRY RUN (plumbing only, not results): ' if args.dry_run else ''}{split['patients']['test']} test "
                f"patients, dose {args.dose:g}, budget {budget_s:g} s per trained method, AAPM window [-160, 240] HU, "

@@ -12,7 +12,7 @@ stdout is ``BENCH_RESULT {json}``.
 The environment needs ``torch`` (CPU), ``ldct-benchmark`` (installed with ``--no-deps``: only
 ``ldctbench.methods.redcnn.network`` is imported, whose package ``__init__`` files are empty, so
 neither wandb nor torchvision is needed), ``bm3d`` with ``bm4d``, ``scikit-image`` and
-``PyWavelets`` (``estimate_sigma``).
+``PyWavelets`` (``estimate_sigma``, the fallback of the σ estimate).
 
 RED-CNN is the ldct-benchmark package's network (Chen et al., IEEE TMI 36(12), 2017; the package
 drops the final ReLU so that mean/std-normalised data can be negative) trained with the recipe of
@@ -46,6 +46,9 @@ LDCT_VAL_CLIP_HU = (-1024.0, 1900.0)
 #: slice is given as (HU - low) / width with the AAPM window [-160, 240] HU mapped onto [0, 1], not
 #: clipped (air and bone keep their values outside it).
 BM3D_WINDOW_HU = (-160.0, 240.0)
+#: Body: above -500 HU (autoseg's CT body threshold); blocks needed for a body-only σ estimate.
+BODY_HU = -500.0
+MIN_BODY_BLOCKS = 64
 
 
 def load_job(path: Path) -> dict[str, Any]:
@@ -67,21 +70,31 @@ def report(result: dict[str, Any]) -> None:
 # BM3D
 
 
-def bm3d_sigma_estimate(scaled_slice: np.ndarray) -> float:
-    """Noise standard deviation of one slice (in its own units): scikit-image's ``estimate_sigma``.
+def bm3d_sigma_estimate(slice_hu: np.ndarray) -> float:
+    """Noise standard deviation of one low-dose slice, in HU, estimated from the slice alone.
 
-    Donoho's wavelet estimator: the median absolute finest-scale diagonal (HH) coefficient / 0.6745.
-    It assumes white noise; CT noise after filtered back-projection is correlated and air clipped at
-    the scanner's floor is partly noise-free, so on CT it tends to underestimate (recorded per case).
+    Donoho's estimator, as scikit-image's ``estimate_sigma``: median(|HH|) / 0.6745 over the finest
+    diagonal wavelet coefficients — here orthonormal Haar, (a - b - c + d) / 2 over 2×2 blocks, whose
+    standard deviation is σ for white noise — but only over blocks inside the body (all four pixels
+    above -500 HU). Over the whole slice the median is 0 on head-and-neck CT: the air is most of the
+    slice, and the simulation (as scanners) clips it at the lowest stored value, so its noise is
+    mostly gone. Without 64 body blocks, ``estimate_sigma`` of the whole slice. Like any white-noise
+    estimator it reads the highest frequencies only: FBP noise is correlated, so σ may come out low.
     """
+    rows, cols = (n - n % 2 for n in slice_hu.shape)
+    a, b = slice_hu[0:rows:2, 0:cols:2], slice_hu[0:rows:2, 1:cols:2]
+    c, d = slice_hu[1:rows:2, 0:cols:2], slice_hu[1:rows:2, 1:cols:2]
+    body = np.minimum(np.minimum(a, b), np.minimum(c, d)) > BODY_HU
+    if body.sum() >= MIN_BODY_BLOCKS:
+        return float(np.median(np.abs((a - b - c + d)[body] / 2)) / 0.6745)
     from skimage.restoration import estimate_sigma
 
-    return float(estimate_sigma(scaled_slice, channel_axis=None))
+    return float(estimate_sigma(slice_hu, channel_axis=None))
 
 
 def bm3d_sigma_oracle(low: np.ndarray, full: np.ndarray) -> float:
     """Standard deviation of low - full over the body (full-dose > -500 HU), in HU: an oracle."""
-    body = full > -500
+    body = full > BODY_HU
     diff = (low - full)[body] if body.any() else (low - full).ravel()
     return float(diff.std())
 
@@ -89,8 +102,8 @@ def bm3d_sigma_oracle(low: np.ndarray, full: np.ndarray) -> float:
 def run_bm3d(job: dict[str, Any]) -> dict[str, Any]:
     """Denoise every test case slice by slice with ``bm3d.bm3d`` (profile ``np``), σ per ``job['sigma']``.
 
-    ``estimate``: per slice, :func:`bm3d_sigma_estimate` of the scaled low-dose slice (blind, as BM3D
-    is used in practice). ``oracle``: one σ per case from the pair, :func:`bm3d_sigma_oracle` (not
+    ``estimate``: per slice, :func:`bm3d_sigma_estimate` of the low-dose slice (blind, as BM3D is
+    used in practice). ``oracle``: one σ per case from the pair, :func:`bm3d_sigma_oracle` (not
     available to a real denoiser; an upper bound on what a better noise estimate could give).
     """
     import bm3d
@@ -108,7 +121,7 @@ def run_bm3d(job: dict[str, Any]) -> dict[str, Any]:
         sigmas = []
         for k in range(low.shape[0]):
             scaled = (low[k].astype(np.float64) - low_hu) / width
-            sigma = oracle if oracle is not None else bm3d_sigma_estimate(scaled)
+            sigma = oracle if oracle is not None else bm3d_sigma_estimate(low[k].astype(np.float64)) / width
             sigmas.append(sigma * width)
             if not sigma > 0:  # a constant slice (padding only): nothing to denoise
                 restored[k] = low[k]

@@ -7,6 +7,7 @@ that a later run would trust.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -45,13 +46,22 @@ def atomic_path(final: Path) -> Iterator[Path]:
 def atomic_folder(final: Path) -> Iterator[Path]:
     """Yield a new temporary folder beside ``final``; on success it takes ``final``'s name.
 
-    A folder that exists at ``final`` already (an earlier run's) is replaced: moved to a temporary
-    name, the new folder renamed into place, then the old one deleted, so ``final`` is never a
-    mix of both runs. On any exception the temporary folder is removed and ``final`` is untouched.
+    A folder that exists at ``final`` already (an earlier run's; the caller decides whether it may
+    go) is replaced: moved to a temporary name, the new folder renamed into place, then the old
+    one deleted, so ``final`` is never a mix of both runs. Should the new folder's rename fail, the
+    old one is moved back. On any exception the temporary folder is removed and ``final`` is as
+    it was.
+
+    Raises:
+        FileExistsError: ``final`` is a symbolic link (dangling or not) or not a folder; nothing
+            is written through it.
     """
     import shutil
 
     final = Path(final)
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise FileExistsError(errno.EEXIST, "exists and is not a folder (a symbolic link or a file); not replaced",
+                              os.fspath(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, suffix="-" + final.name, dir=final.parent))
     # mkdtemp creates the folder owner-only (0700); give it the usual permissions (0777 & ~umask).
@@ -60,10 +70,22 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
-        if final.is_dir() and not final.is_symlink():
+        if final.is_symlink() or (final.exists() and not final.is_dir()):  # appeared while writing
+            raise FileExistsError(errno.EEXIST, "exists and is not a folder (a symbolic link or a file); not replaced",
+                                  os.fspath(final))
+        if final.is_dir():
             old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "old-", suffix="-" + final.name, dir=final.parent))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
+            try:
+                os.replace(final, old / final.name)
+                try:
+                    os.replace(tmp, final)
+                except BaseException:
+                    os.replace(old / final.name, final)  # roll back: the earlier folder stays
+                    raise
+            except BaseException:
+                if not any(old.iterdir()):  # else the earlier folder could not be moved back: kept there
+                    old.rmdir()
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)

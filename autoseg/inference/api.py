@@ -15,6 +15,7 @@ fold averaging, export, best.yaml's postprocessing).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -32,8 +33,11 @@ from autoseg.inference.predictor import Predictor, PredictorStats
 if TYPE_CHECKING:
     import SimpleITK
 
+    from autoseg.inference.dicom_series import SeriesWritten
     from autoseg.inference.outputs import CaseOutputs
     from autoseg.tasks import ConfigPrediction
+
+log = logging.getLogger(__name__)
 
 #: What :meth:`Segmenter.__call__` takes: a SimpleITK image, an image file or DICOM series folder,
 #: or one of those per channel.
@@ -212,9 +216,12 @@ class Segmenter:
         return labels, probabilities
 
     def write_case(self, case: InputCase, targets: "CaseOutputs", *, progress: Callable[[int, int], None] | None = None,
-                   uncertainty: bool = False) -> Path:
+                   uncertainty: bool = False, warnings: list[str] | None = None) -> Path:
         """Predict one ``autoseg predict`` case and write every output of ``targets`` (label maps,
-        probabilities, uncertainty maps, DICOM SEG, restored DICOM series); returns the primary output."""
+        probabilities, uncertainty maps, DICOM SEG, restored DICOM series); returns the primary output.
+
+        What the writers have to say of the outputs (a DICOM series' clipped voxels, new UIDs for
+        blank ones), one line each, is appended to ``warnings``, or logged as warnings without it."""
         image, geometry = read_input(case)
         labels, _, predictions = self._segment(image, geometry, targets=targets, progress=progress,
                                                uncertainty=uncertainty)
@@ -234,10 +241,15 @@ class Segmenter:
                             version=__version__, parameters={"models": used, "checkpoint": self.checkpoint,
                                                              "tta": "on" if self.predictor.tta else "off"})
         if targets.series is not None:
-            self._write_series(targets.series, labels, geometry, case.images[0])
+            lines = self._write_series(targets.series, labels, geometry, case.images[0]).warnings
+            if warnings is not None:
+                warnings.extend(lines)
+            else:
+                for line in lines:
+                    log.warning("%s", line)
         return targets.primary
 
-    def _write_series(self, folder: Path, restored: np.ndarray, geometry: Geometry, source: Path) -> None:
+    def _write_series(self, folder: Path, restored: np.ndarray, geometry: Geometry, source: Path) -> "SeriesWritten":
         """The restored image as a DICOM series beside its ``source`` series (``--output-format dicom``)."""
         from autoseg._version import __version__
         from autoseg.inference.dicom_series import DONE_BY_TASK, write_dicom_series
@@ -245,9 +257,9 @@ class Segmenter:
         done = DONE_BY_TASK.get(self.predictor.task.name, "restored")
         configs = " + ".join(s.configuration for s in self.selections)
         used = "; ".join(f"{s.configuration} folds {' '.join(str(f) for f in s.folds)}" for s in self.selections)
-        write_dicom_series(folder, restored, geometry, source, what=f"{done} by autoseg {configs}",
-                           derivation=f"{done} by autoseg {__version__}: {used}, checkpoint {self.checkpoint}, TTA "
-                                      f"{'on' if self.predictor.tta else 'off'}")
+        return write_dicom_series(folder, restored, geometry, source, what=f"{done} by autoseg {configs}",
+                                  derivation=f"{done} by autoseg {__version__}: {used}, checkpoint {self.checkpoint}, "
+                                             f"TTA {'on' if self.predictor.tta else 'off'}")
 
     # -- the one path every call takes
 

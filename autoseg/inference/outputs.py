@@ -116,7 +116,8 @@ def check_outputs(cases: Sequence[InputCase], outputs: dict[str, CaseOutputs], o
     Raises:
         ConfigError: an output is an input file, lies in an input DICOM series folder, two
             outputs share a name, ``dicom-seg`` or ``dicom`` is asked for an input that is no DICOM
-            series, or pydicom/highdicom is missing.
+            series, pydicom/highdicom is missing, or a DICOM series' folder is taken by anything
+            but an earlier autoseg series (a file, a symbolic link, other files).
         DatasetError: a DICOM series' headers do not allow a SEG (blank UIDs, multi-frame) or a
             DICOM series output (multi-frame, colour, no slice position).
     """
@@ -146,7 +147,7 @@ def check_outputs(cases: Sequence[InputCase], outputs: dict[str, CaseOutputs], o
                                   "references its source series); use --output-format auto or nifti for it")
             check_seg_source(case.images[0])
     if "dicom" in formats:
-        from autoseg.inference.dicom_series import check_series_source, require_pydicom
+        from autoseg.inference.dicom_series import check_series_source, check_series_target, require_pydicom
 
         require_pydicom()
         for case in cases:
@@ -154,7 +155,6 @@ def check_outputs(cases: Sequence[InputCase], outputs: dict[str, CaseOutputs], o
                 raise ConfigError(f"--output-format dicom: {case.images[0]} is not a DICOM series (the output series "
                                   "copies its source's headers); use --output-format auto or nifti for it")
             series = outputs[case.case_id].series
-            if series is not None and series.exists() and not series.is_dir():
-                raise ConfigError(f"{series}: exists and is not a folder; the DICOM series of case {case.case_id!r} "
-                                  "is written as that folder: move the file away")
+            if series is not None:
+                check_series_target(series, case.case_id)
             check_series_source(case.images[0])

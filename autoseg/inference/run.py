@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,8 +165,7 @@ def run(
         todo, skipped = [], []
         for case in cases:
             targets = outputs[case.case_id]
-            # Every output is written atomically (the DICOM series as a folder): one that exists is complete.
-            if resume and all(p.exists() for p in targets.files):
+            if resume and _is_done(case, targets):
                 skipped.append(targets.primary)
             else:
                 todo.append(case)
@@ -230,29 +228,22 @@ class _CasesJob:
     precision: str = "auto"
 
 
-#: The loggers whose warnings about written outputs go into :attr:`PredictSummary.warnings`.
-_OUTPUT_LOGGERS = ("autoseg.inference.dicom_series",)
+def _is_done(case: InputCase, targets: CaseOutputs) -> bool:
+    """Whether ``--continue`` may skip ``case``: every output is written atomically, so one that is
+    there is complete; a file output must be a file, the DICOM series a folder (not a link) of one
+    ``.dcm`` per source slice."""
+    files = [p for p in targets.files if p != targets.series]
+    if not all(p.is_file() for p in files):
+        return False
+    if targets.series is None:
+        return True
+    from autoseg.imageio import dicom_series_files
 
-
-@contextlib.contextmanager
-def _output_warnings() -> Iterator[list[str]]:
-    """Collect the warnings of :data:`_OUTPUT_LOGGERS` while the block runs, for the summary (the
-    CLI prints them once, after the progress bars, instead of Python's bare stderr fallback)."""
-    lines: list[str] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    handler = _Collect(logging.WARNING)
-    loggers = [logging.getLogger(name) for name in _OUTPUT_LOGGERS]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        yield lines
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
+    series = targets.series
+    if series.is_symlink() or not series.is_dir():
+        return False
+    written = sum(1 for p in series.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
+    return written == len(dicom_series_files(case.images[0]))
 
 
 def _predict_cases(job: _CasesJob, device: str,
@@ -261,12 +252,11 @@ def _predict_cases(job: _CasesJob, device: str,
     :class:`~autoseg.inference.api.Segmenter`); returns what was written, and the writers' warnings."""
     segmenter = Segmenter.from_work(job.work, job.selections, job.best, device=device, tta=job.tta, step=job.step,
                                     checkpoint=job.checkpoint, engine=job.engine, precision=job.precision)
-    written = []
-    with _output_warnings() as warnings:
-        for index, case in enumerate(job.cases):
-            callbacks.on_case(index, len(job.cases), case.case_id)
-            written.append(segmenter.write_case(case, job.outputs[case.case_id], progress=callbacks.on_windows,
-                                                uncertainty=job.save_uncertainty))
+    written, warnings = [], []
+    for index, case in enumerate(job.cases):
+        callbacks.on_case(index, len(job.cases), case.case_id)
+        written.append(segmenter.write_case(case, job.outputs[case.case_id], progress=callbacks.on_windows,
+                                            uncertainty=job.save_uncertainty, warnings=warnings))
     return written, f"{segmenter.device}, {segmenter.engine}", segmenter.stats, warnings
 
 

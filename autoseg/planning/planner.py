@@ -345,6 +345,7 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
         original_median_shape=tuple(float(v) for v in np.median(shapes, axis=0)),
         anisotropic=aniso_axis is not None,
         task=fp.task,
+        upsample_factor=fp.upsample_factor,
         notes=tuple(notes),
         fingerprint_sha256=fingerprint_digest(fp),
         time_budget_s=None if budget is None else float(budget.seconds),

@@ -227,6 +227,11 @@ def test_predict_writes_the_thin_grid_and_evaluate_compares_it(work: Path, raw: 
     record = json.loads(report.read_text())
     assert sorted(record["cases"]) == ["sr_000", "sr_004"]
     assert record["summary"]["restored"]["psnr_db"]["mean"] > 15
+    # The thick inputs as the baseline: refined by cubic interpolation onto the thin grid first.
+    result = cli("evaluate", out, raw, "-o", report, "--no-panels", "--baseline-input", inputs)
+    assert result.exit_code == 0, result.output
+    record = json.loads(report.read_text())
+    assert record["summary"]["input"]["psnr_db"]["mean"] > 15 and "psnr_gain_db" in record["cases"]["sr_000"]
 
 
 def test_an_untrained_model_writes_the_cubic_baseline(work: Path, raw: Path, tmp_path: Path) -> None:

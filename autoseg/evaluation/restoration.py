@@ -316,23 +316,6 @@ def _check_grid(path: Path, image: np.ndarray, geometry: Geometry, ref_path: Pat
     return [f"case {case_id!r}: {w.replace('prediction', role)}" for w in warnings]
 
 
-def _refined_baseline(image: np.ndarray, geometry: Geometry, reference: np.ndarray,
-                      ref_geometry: Geometry) -> tuple[np.ndarray, Geometry]:
-    """A super-resolution input on its reference's grid: refined as the model's input is (cubic spline,
-    :func:`autoseg.preprocessing.super_resolution.refine_image`), so the baseline is plain cubic
-    interpolation; returned as it is when the reference is not its fine grid (the grid check says so)."""
-    from autoseg.dataset.super_resolution import grid_factors, grid_issue
-    from autoseg.preprocessing.super_resolution import refine_input
-
-    if image.ndim != 3 or geometry.ndim != 3 or image.shape == reference.shape:
-        return image, geometry
-    factors = grid_factors(geometry, ref_geometry)
-    if factors is None or grid_issue(geometry, image.shape, ref_geometry, reference.shape) is not None:
-        return image, geometry
-    refined, fine = refine_input(image[None], geometry, factors)
-    return refined[0], fine
-
-
 @dataclass(frozen=True)
 class RestorationCaseResult:
     """The scores of one case.
@@ -403,8 +386,10 @@ def evaluate_restoration_case(case_id: str, pred_path: Path, ref_path: Path, win
     baseline = None
     if input_path is not None:
         baseline, input_geometry = read_intensity_image(input_path, "input", refuse_label_maps)
-        if dataset_task == "super-resolution":
-            baseline, input_geometry = _refined_baseline(baseline, input_geometry, reference, ref_geometry)
+        if dataset_task == "super-resolution":  # the coarse input refined as the model's is: the cubic baseline
+            from autoseg.preprocessing.super_resolution import onto_fine_grid
+
+            baseline, input_geometry = onto_fine_grid(baseline, input_geometry, reference.shape, ref_geometry)
         warnings += _check_grid(input_path, baseline, input_geometry, ref_path, reference, ref_geometry, "input",
                                 case_id)
     axis = axial_axis(ref_geometry)

@@ -21,7 +21,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from autoseg.dataset.restoration import CT_PADDING_VALUES
-from autoseg.dataset.super_resolution import fine_geometry, fine_shape
+from autoseg.dataset.super_resolution import (
+    fine_geometry,
+    fine_shape,
+    grid_factors,
+    grid_issue,
+)
 from autoseg.imageio import Geometry
 from autoseg.preprocessing.resample import nearest_indices, resample_image
 
@@ -70,4 +75,19 @@ def refine_input(image: np.ndarray, geometry: Geometry, factors: Sequence[int]) 
     return refine_image(image, factors), fine_geometry(geometry, factors)
 
 
-__all__ = ["refine_image", "refine_input"]
+def onto_fine_grid(image: np.ndarray, geometry: Geometry, shape: Sequence[int],
+                   grid: Geometry) -> tuple[np.ndarray, Geometry]:
+    """A ``(Z, Y, X)`` image refined onto ``grid`` (of ``shape``) when that is its fine grid
+    (:func:`autoseg.dataset.super_resolution.grid_issue`), else the image as it is (a grid check
+    after this says what is wrong). ``autoseg evaluate`` scores a super-resolution baseline so.
+    """
+    if image.ndim != 3 or geometry.ndim != 3 or tuple(image.shape) == tuple(shape):
+        return image, geometry
+    factors = grid_factors(geometry, grid)
+    if factors is None or grid_issue(geometry, image.shape, grid, shape) is not None:
+        return image, geometry
+    refined, fine = refine_input(image[None], geometry, factors)
+    return refined[0], fine
+
+
+__all__ = ["onto_fine_grid", "refine_image", "refine_input"]

@@ -16,7 +16,7 @@ from scipy import ndimage
 from autoseg.channels import scheme_for_channel
 from autoseg.dataset.check import check_image_values, compare_geometry
 from autoseg.dataset.layout import Issue
-from autoseg.dataset.super_resolution import grid_issue
+from autoseg.dataset.super_resolution import DIRECTION_TOLERANCE, grid_issue
 from autoseg.errors import UnknownNameError
 from autoseg.imageio import Geometry
 
@@ -198,9 +198,10 @@ def _check_finer_grid(a: Geometry, shape_a: Sequence[int], b: Geometry, shape_b:
                             "the pair must show the same field of view: re-export one of them",
                             case=case, file=file))
     turn = float(np.max(np.abs(np.array(a.direction) - np.array(b.direction))))
-    if turn > 1e-2:
+    if turn > DIRECTION_TOLERANCE:  # the fine grid is built along the input's directions
         issues.append(Issue("error", "direction-mismatch", f"target vs {image_file}: direction cosines differ by "
-                            f"up to {turn:.3g}", "re-export both in one orientation", case=case, file=file))
+                            f"up to {turn:.3g} (more than float32 rounding, {DIRECTION_TOLERANCE:g})",
+                            "re-export both in one orientation", case=case, file=file))
     if not issues:
         # Predictions are written on the input's fine grid (autoseg.dataset.super_resolution): a
         # target elsewhere would be scored, and learnt, shifted.

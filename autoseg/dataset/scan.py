@@ -46,6 +46,8 @@ class CaseScan:
     samples: list[np.ndarray] | None
     #: Super-resolution: the integer refinement from the input's grid to its target's (z, y, x).
     upsample_factor: tuple[int, int, int] | None = None
+    #: Super-resolution: the target file (relative to the dataset root), for messages about the factor.
+    target_file: str | None = None
 
 
 def scan_case(case: Case, spec: DatasetSpec, want_fingerprint: bool, quota: int) -> CaseScan:
@@ -129,7 +131,8 @@ def scan_case(case: Case, spec: DatasetSpec, want_fingerprint: bool, quota: int)
             # Super-resolution is planned on the target's grid: its spacing and shape (the crop box
             # scaled to it); the intensity statistics are the coarse input's body voxels.
             record = _on_fine_grid(record, factors, target_geometry)
-    return CaseScan(case.case_id, tuple(issues), dims, record, samples, factors)
+    target_file = rel(root, case.label) if factors is not None and case.label is not None else None
+    return CaseScan(case.case_id, tuple(issues), dims, record, samples, factors, target_file)
 
 
 def _on_fine_grid(record: fingerprint.CaseRecord, factors: tuple[int, int, int],
@@ -264,19 +267,25 @@ def dataset_issues(results: Sequence[CaseScan]) -> list[Issue]:
     """Dataset-wide issues that need every case's scan (mixed 2D/3D; super-resolution factors that differ)."""
     dims = {r.case_id: r.dims for r in results if r.dims is not None}
     issues = check.check_mixed_dims(dims)
-    factors: dict[tuple[int, int, int], list[str]] = {}
+    factors: dict[tuple[int, int, int], list[CaseScan]] = {}
     for r in results:
         if r.upsample_factor is not None:
-            factors.setdefault(r.upsample_factor, []).append(r.case_id)
+            factors.setdefault(r.upsample_factor, []).append(r)
     if len(factors) > 1:
         # One network learns one refinement; prediction builds its output grid from that factor.
-        common = max(factors, key=lambda f: len(factors[f]))
-        for factor, ids in sorted(factors.items()):
-            if factor != common:
-                issues.extend(Issue("error", "mixed-upsample-factor", f"target is its input refined by "
-                                    f"{factor[::-1]} (x, y, z), most cases by {common[::-1]}",
-                                    "one super-resolution dataset has one factor: split it into one dataset per "
-                                    "factor", case=case_id) for case_id in ids)
+        # The dataset's factor is the commonest; a tie goes to the smallest (z, y, x compared in
+        # turn), so the same cases are reported on every run and the message says it was a tie.
+        common = min(factors, key=lambda f: (-len(factors[f]), f))
+        for factor, scans in sorted(factors.items()):
+            if factor == common:
+                continue
+            tie = len(scans) == len(factors[common])
+            most = (f"as many cases by {common[::-1]} (a tie, given to the smaller factor in z, y, x order)" if tie
+                    else f"most cases ({len(factors[common])}) by {common[::-1]}")
+            issues.extend(Issue("error", "mixed-upsample-factor", f"target is its input refined by {factor[::-1]} "
+                                f"(x, y, z), {most}",
+                                "one super-resolution dataset has one factor: split it into one dataset per "
+                                "factor", case=r.case_id, file=r.target_file) for r in scans)
     return issues
 
 

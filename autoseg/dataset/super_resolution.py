@@ -26,8 +26,13 @@ from autoseg.imageio import Geometry
 #: A spacing ratio within this relative distance of an integer is that integer (NIfTI stores
 #: spacings as float32: 3 × 0.7 mm reads back as 2.0999999 mm).
 FACTOR_TOLERANCE = 1e-3
-#: A target origin may lie this fraction of a fine voxel away from the fine grid's (float32 headers).
+#: A target may lie this fraction of a fine voxel (of each axis) away from the fine grid: its origin
+#: along the axis, and its last voxel after the spacing difference has accumulated over the axis
+#: (float32 headers round far below this).
 ORIGIN_TOLERANCE = 0.1
+#: Direction cosines of input and target may differ this much: float32 headers round them to
+#: ~1e-7; 1e-3 already moves a voxel 500 mm from the origin by 0.5 mm.
+DIRECTION_TOLERANCE = 1e-5
 #: Array axis names, for messages.
 AXIS_NAMES = ("z", "y", "x")
 
@@ -78,10 +83,16 @@ def grid_issue(coarse: Geometry, coarse_shape: Sequence[int], fine: Geometry,
                fine_shape_: Sequence[int]) -> tuple[str, str] | None:
     """Why ``fine`` is not ``coarse``'s fine grid (:func:`fine_geometry`), as ``(problem, fix)``; None when it is.
 
-    Assumes the spacing is equal or finer on every axis and the directions agree (checked before).
+    Within float32 header rounding: directions within :data:`DIRECTION_TOLERANCE`; per array axis,
+    the spacing difference accumulated over the axis and the origin's offset along it each under
+    :data:`ORIGIN_TOLERANCE` of that axis's fine voxel.
     """
     fix = ("write the target on the input's grid refined by an integer factor per axis, the thin slices "
            "(k - 1) / 2 thin voxels before the first thick one, as 'autoseg simulate thick-slices' does")
+    turn = float(np.max(np.abs(np.asarray(coarse.direction, dtype=np.float64) - np.asarray(fine.direction))))
+    if turn > DIRECTION_TOLERANCE:
+        return (f"direction cosines differ from the input's by up to {turn:.3g} (more than float32 rounding, "
+                f"{DIRECTION_TOLERANCE:g})"), "re-export both in one orientation"
     factors = grid_factors(coarse, fine)
     if factors is None:
         ratios = ", ".join(f"{c / f:.4g}" for c, f in zip(coarse.spacing[::-1], fine.spacing[::-1]))
@@ -93,23 +104,38 @@ def grid_issue(coarse: Geometry, coarse_shape: Sequence[int], fine: Geometry,
         return (f"target shape {tuple(fine_shape_)[::-1]} is not the input's {tuple(coarse_shape)[::-1]} × "
                 f"{factors[::-1]} = {expected[::-1]} (x, y, z)"), fix
     built = fine_geometry(coarse, factors)
-    off = np.abs(np.asarray(built.origin) - np.asarray(fine.origin))
-    if float(off.max()) > ORIGIN_TOLERANCE * min(fine.spacing):
-        return (f"target origin {tuple(round(o, 4) for o in fine.origin)} is not the input's fine grid's "
-                f"{tuple(round(o, 4) for o in built.origin)} (off by up to {float(off.max()):.3g} mm)"), fix
+    offset = np.asarray(built.origin) - np.asarray(fine.origin)
+    for axis in range(3):
+        step = float(fine.spacing[axis])
+        # A spacing off by d mm puts the last of n voxels n d mm away from where the grid has it.
+        drift = abs(float(built.spacing[axis]) - step) * int(fine_shape_[axis]) / step
+        if drift > ORIGIN_TOLERANCE:
+            return (f"target spacing {step:.7g} mm on {AXIS_NAMES[axis]} is not the input's "
+                    f"{float(coarse.spacing[axis]):.7g} / {factors[axis]} = {float(built.spacing[axis]):.7g} mm: "
+                    f"over {int(fine_shape_[axis])} voxels the grids drift {drift:.2g} voxel apart (at most "
+                    f"{ORIGIN_TOLERANCE:g})"), fix
+        along = abs(float(offset @ _itk_column(coarse.direction, axis))) / step
+        if along > ORIGIN_TOLERANCE:
+            return (f"target origin {tuple(round(o, 4) for o in fine.origin)} is not the input's fine grid's "
+                    f"{tuple(round(o, 4) for o in built.origin)}: {along:.3g} voxel off along {AXIS_NAMES[axis]} "
+                    f"(at most {ORIGIN_TOLERANCE:g})"), fix
     return None
 
 
-def check_coarse_input(geometry: Geometry, factors: Sequence[int], fine_spacing: Sequence[float], where: str) -> None:
+def check_coarse_input(geometry: Geometry, factors: Sequence[int], min_target_spacing: Sequence[float],
+                       where: str) -> None:
     """Refuse an input that already has (about) the fine spacing a super-resolution model produces.
 
-    An axis refined by ``k`` expects inputs of about ``k ×`` the fine spacing; an input whose spacing
-    there is closer to the fine spacing (below the midpoint ``(k + 1) / 2 ×``) is no coarse input.
+    The input's own spacing says what it becomes: ``spacing / k`` on an axis refined by ``k``. The
+    thinnest training target had ``min_target_spacing`` there, from inputs of ``k ×`` that; an input
+    below the midpoint ``(k + 1) / 2 ×`` it is nearer that fine spacing than any coarse input the model
+    saw. Every training input passes (its spacing is ``k ×`` a target spacing ≥ the smallest), so a
+    dataset mixing thin spacings (0.625 and 1.25 mm refined ×2) validates its folds.
 
     Args:
         geometry: the input's geometry.
         factors: the plan's ``upsample_factor`` (array order z, y, x).
-        fine_spacing: the fine spacing the model was trained to produce (array order).
+        min_target_spacing: the plan's smallest target spacing per axis (array order).
         where: the file, for the message.
 
     Raises:
@@ -117,12 +143,13 @@ def check_coarse_input(geometry: Geometry, factors: Sequence[int], fine_spacing:
     """
     if geometry.ndim != 3:
         raise DatasetError(f"{where}: 2D image; super-resolution models take 3D images")
-    for axis, (k, fine, got) in enumerate(zip(factors, fine_spacing, geometry.spacing)):
+    for axis, (k, fine, got) in enumerate(zip(factors, min_target_spacing, geometry.spacing)):
         if k > 1 and float(got) < (k + 1) / 2 * float(fine):
             raise DatasetError(f"{where}: spacing {got:.4g} mm on {AXIS_NAMES[axis]} is already about the fine "
-                               f"spacing this super-resolution model produces ({fine:.4g} mm from {k * fine:.4g} mm "
-                               f"inputs, ×{k}); give it the coarse image it was trained for, or use this one as it is")
+                               f"spacing this super-resolution model produces (its thinnest targets: {fine:.4g} mm, "
+                               f"from {k * fine:.4g} mm inputs, ×{k}); give it the coarse image it was trained for, "
+                               "or use this one as it is")
 
 
-__all__ = ["AXIS_NAMES", "FACTOR_TOLERANCE", "ORIGIN_TOLERANCE", "check_coarse_input", "fine_geometry",
-           "fine_shape", "grid_factors", "grid_issue"]
+__all__ = ["AXIS_NAMES", "DIRECTION_TOLERANCE", "FACTOR_TOLERANCE", "ORIGIN_TOLERANCE", "check_coarse_input",
+           "fine_geometry", "fine_shape", "grid_factors", "grid_issue"]

@@ -389,7 +389,8 @@ def evaluate_restoration_case(case_id: str, pred_path: Path, ref_path: Path, win
         if dataset_task == "super-resolution":  # the coarse input refined as the model's is: the cubic baseline
             from autoseg.preprocessing.super_resolution import onto_fine_grid
 
-            baseline, input_geometry = onto_fine_grid(baseline, input_geometry, reference.shape, ref_geometry)
+            baseline, input_geometry = onto_fine_grid(baseline, input_geometry, reference.shape, ref_geometry,
+                                                      f"{input_path} (vs {ref_path.name})")
         warnings += _check_grid(input_path, baseline, input_geometry, ref_path, reference, ref_geometry, "input",
                                 case_id)
     axis = axial_axis(ref_geometry)

@@ -182,8 +182,9 @@ def check_inputs(cases: Sequence[InputCase], plans: Plans, configurations: Seque
             if needs_3d and info.geometry.ndim == 2:
                 raise DatasetError(f"{path}: 2D image; {needs_3d[0]} is a 3D model — use a 2d or 2.5d "
                                    "configuration (-c 2d) for 2D images")
-            if plans.upsample_factor is not None:  # a super-resolution model takes coarse inputs only
-                check_coarse_input(info.geometry, plans.upsample_factor, plans.original_median_spacing, str(path))
+            if plans.upsample_factor is not None and plans.min_target_spacing is not None:
+                # A super-resolution model takes coarse inputs only.
+                check_coarse_input(info.geometry, plans.upsample_factor, plans.min_target_spacing, str(path))
         if channels != expected:
             files = case.images[0] if len(case.images) == 1 else f"case {case.case_id!r} ({len(case.images)} files)"
             raise DatasetError(f"{files}: {channels} channel(s); the model expects {expected} "

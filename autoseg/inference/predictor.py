@@ -265,8 +265,15 @@ class Predictor:
         data["channel_names"] = list(meta["channel_names"])
         data["transpose"] = list(meta["transpose"])
         data["task"] = meta.get("task", data.get("task", DEFAULT_TASK))
-        if "upsample_factor" in meta:  # super-resolution: the checkpoint's grid wins, as its configuration
-            data["upsample_factor"] = list(meta["upsample_factor"])
+        if data["task"] != work_plans.task:
+            # WORK was planned again for another task since this fold was trained (a denoise fold in a
+            # WORK re-planned for super-resolution): its networks learnt something else.
+            raise ConfigError(f"{path}: a {data['task']} checkpoint, but plans.yaml beside it is planned for "
+                              f"{work_plans.task} (re-planned after this fold was trained); re-train it with "
+                              f"'autoseg train', or predict from a WORK planned for {data['task']}")
+        for key in ("upsample_factor", "min_target_spacing"):  # super-resolution: the checkpoint's grid wins
+            if key in meta:
+                data[key] = list(meta[key])
         try:
             return plans_io.from_dict(data)
         except PlanError as exc:

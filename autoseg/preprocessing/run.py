@@ -302,9 +302,15 @@ def _worker(task: _Task) -> str:
 
 
 def _growth(plans: Plans, configs: Sequence[str]) -> float:
-    """How much larger than the original a case becomes at the finest requested spacing (≥ 1)."""
+    """How much larger than the original a case becomes at the finest requested spacing (≥ 1).
+
+    A super-resolution input is refined onto its target's grid first (``prod(upsample_factor)`` times
+    the voxels, :func:`autoseg.preprocessing.super_resolution.refine_input`); the configurations'
+    spacings are then relative to that grid (``original_median_spacing`` is the targets').
+    """
     median = np.asarray(plans.original_median_spacing, dtype=np.float64)
     median_t = median[list(plans.transpose)]
+    refined = 1.0 if plans.upsample_factor is None else float(np.prod(plans.upsample_factor))
     growth = 1.0
     for name in configs:
         config = plans.configuration(name)
@@ -313,7 +319,7 @@ def _growth(plans: Plans, configs: Sequence[str]) -> float:
         if config.dims == 2:
             ratio[0] = 1.0
         growth = max(growth, float(np.prod(ratio)))
-    return growth
+    return refined * growth
 
 
 def choose_preprocess_workers(requested: int | None, cases: Sequence[Case], plans: Plans,

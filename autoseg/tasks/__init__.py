@@ -56,7 +56,7 @@ def task_options(plans: Plans) -> dict[str, Any]:
     """The task-specific arguments plans hold (super-resolution: its grid), for :func:`get_task`."""
     if plans.upsample_factor is None:
         return {}
-    return {"upsample_factor": plans.upsample_factor, "fine_spacing": plans.original_median_spacing}
+    return {"upsample_factor": plans.upsample_factor, "fine_spacing": plans.min_target_spacing}
 
 
 def task_of(plans: "Plans", configuration: str | None = None) -> Task:

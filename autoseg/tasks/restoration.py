@@ -265,8 +265,8 @@ class SuperResolution(Denoise):
     Args:
         labels, channel_names, normalization: as :class:`Denoise`.
         upsample_factor: the plans' refinement per array axis (z, y, x); needed to predict.
-        fine_spacing: the targets' median spacing (plans' ``original_median_spacing``, array order),
-            to refuse inputs that are fine already.
+        fine_spacing: the smallest target spacing of the training set (plans' ``min_target_spacing``,
+            array order), to refuse inputs that are fine already.
     """
 
     name: ClassVar[str] = "super-resolution"

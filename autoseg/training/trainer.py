@@ -172,6 +172,8 @@ def plans_meta(plans: Plans) -> dict[str, Any]:
     }
     if plans.upsample_factor is not None:  # super-resolution: the grid its outputs are written on
         meta["upsample_factor"] = list(plans.upsample_factor)
+    if plans.min_target_spacing is not None:  # and the thinnest targets it was trained on
+        meta["min_target_spacing"] = list(plans.min_target_spacing)
     return meta
 
 

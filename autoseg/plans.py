@@ -153,6 +153,14 @@ class Plans:
     #: The machine's convolution rate the budget was planned for, ``[training, forward]`` GFLOP/s:
     #: ``autoseg train`` estimates the validation from the same numbers. Not written when None.
     throughput_gflops: tuple[float, float] | None = None
+    #: Super-resolution: each input's grid is refined by these integer factors, array order (z, y, x)
+    #: of the image as read (before ``transpose``), onto the fine grid the networks work and write on
+    #: (:mod:`autoseg.dataset.super_resolution`). Not written when None (every other task).
+    upsample_factor: tuple[int, int, int] | None = None
+    #: Super-resolution: the smallest target spacing per axis over the training cases, array order as
+    #: ``upsample_factor``: prediction refuses an input that is about this fine already
+    #: (:func:`autoseg.dataset.super_resolution.check_coarse_input`). Not written when None.
+    min_target_spacing: tuple[float, float, float] | None = None
 
     @property
     def transpose_backward(self) -> tuple[int, int, int]:
@@ -182,7 +190,7 @@ class Plans:
 def to_dict(plans: Plans) -> dict[str, Any]:
     """Plain data (lists, dicts, Python scalars) in a stable key order."""
     data = _plain(dataclasses.asdict(plans))
-    for key in ("time_budget_s", "throughput_gflops"):
+    for key in ("time_budget_s", "throughput_gflops", "upsample_factor", "min_target_spacing"):
         if data.get(key) is None:
             data.pop(key, None)  # plans without a budget stay byte-identical to before
     for config in data["configurations"].values():
@@ -376,6 +384,17 @@ def _validate(plans: Plans) -> None:
                         f"{list(plans.throughput_gflops)}")
     if sorted(plans.transpose) != [0, 1, 2]:
         raise PlanError(f"transpose: {list(plans.transpose)} is not a permutation of [0, 1, 2]")
+    if (plans.task == "super-resolution") != (plans.upsample_factor is not None):
+        raise PlanError("upsample_factor: super-resolution plans need one (e.g. [3, 1, 1]) and other tasks none; "
+                        "re-run 'autoseg plan'")
+    if plans.upsample_factor is not None and (min(plans.upsample_factor) < 1 or max(plans.upsample_factor) < 2):
+        raise PlanError(f"upsample_factor: {list(plans.upsample_factor)}: whole numbers >= 1 per axis (z, y, x), at "
+                        "least one >= 2")
+    if (plans.upsample_factor is None) != (plans.min_target_spacing is None):
+        raise PlanError("min_target_spacing: super-resolution plans need one (the smallest target spacing per axis, "
+                        "z, y, x) and other tasks none; re-run 'autoseg plan'")
+    if plans.min_target_spacing is not None and min(plans.min_target_spacing) <= 0:
+        raise PlanError(f"min_target_spacing: {list(plans.min_target_spacing)}: spacings must be > 0 mm")
     for name in plans.recommended:
         if name not in plans.configurations:
             raise PlanError(f"recommended: {name!r} is not a planned configuration{did_you_mean(name, plans.configurations)}")

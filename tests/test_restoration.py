@@ -193,25 +193,25 @@ def test_layout_problems_are_said_in_one_line(raw: Path, tmp_path: Path, cli) ->
     assert result.exit_code == 1 and "Traceback" not in result.output
 
 
-def test_super_resolution_is_checked_but_not_planned(raw: Path, tmp_path: Path, cli) -> None:
+def test_super_resolution_pairs_are_checked(raw: Path, tmp_path: Path) -> None:
+    """In-plane super-resolution pairs (the whole chain is tests/test_super_resolution.py)."""
     from autoseg.planning.run import check
 
     root = _copy(raw, tmp_path)
     meta = json.loads((root / "dataset.json").read_text())
     (root / "dataset.json").write_text(json.dumps({**meta, "task": "super-resolution"}))
-    for i in range(6):  # targets on a grid twice as fine in-plane, same extent
-        clean, _ = phantom(i, (12, 64, 64))
+    for i in range(6):  # targets on a grid twice as fine in-plane, same extent: the first fine voxel
+        clean, _ = phantom(i, (12, 64, 64))  # half a fine voxel before the coarse one
         write_image(root / "targetsTr" / f"ldct_{i:03d}.nii.gz", clean,
-                    Geometry((2.5, 0.4, 0.4), (0.0, 0.0, 0.0), IDENTITY, 3))
+                    Geometry((2.5, 0.4, 0.4), (-0.2, -0.2, 0.0), IDENTITY, 3))
     report = check(root, workers=1)
     assert report.spec is not None and report.spec.task == "super-resolution" and not report.errors
     coarse, _ = phantom(0)
     write_image(root / "targetsTr" / "ldct_000.nii.gz", coarse, Geometry((2.5, 1.6, 1.6), (0.0,) * 3, IDENTITY, 3))
     assert {"target-coarser", "extent-mismatch"} <= {i.code for i in check(root, workers=1).errors}
-    shutil.copy(raw / "targetsTr" / "ldct_000.nii.gz", root / "targetsTr" / "ldct_000.nii.gz")
-    result = cli("plan", root, "-o", tmp_path / "work", "-p", "tiny", "-j", "1")
-    assert result.exit_code != 0 and "not supported yet" in result.output and "Traceback" not in result.output
-    assert len([line for line in result.output.splitlines() if line.strip()]) <= 3
+    clean, _ = phantom(0, (12, 64, 64))  # the old corner convention: a quarter of a coarse voxel off
+    write_image(root / "targetsTr" / "ldct_000.nii.gz", clean, Geometry((2.5, 0.4, 0.4), (0.0,) * 3, IDENTITY, 3))
+    assert [i.code for i in check(root, workers=1).errors] == ["target-grid"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,6 +73,9 @@ class Fingerprint:
         task: dataset.json's task (:mod:`autoseg.dataset.kinds`). A restoration dataset has no
             labels: its intensity statistics come from the input's body voxels
             (:func:`autoseg.dataset.restoration.body_mask`) and ``class_voxels`` are empty.
+        upsample_factor: super-resolution only: the integer refinement from every input's grid to its
+            target's, array order (z, y, x); the cases' spacing and shapes are then the targets'
+            (:mod:`autoseg.dataset.super_resolution`). None (and not written) for other tasks.
     """
 
     dataset_name: str
@@ -85,6 +88,7 @@ class Fingerprint:
     schema_version: int = SCHEMA_VERSION
     summary: dict[str, Any] = field(default_factory=dict, compare=False)
     task: str = "segmentation"
+    upsample_factor: tuple[int, int, int] | None = None
 
     @property
     def num_cases(self) -> int:
@@ -124,6 +128,9 @@ class Fingerprint:
             # Only written for other tasks: a segmentation fingerprint (and the digest plans record
             # of it) stays byte-identical to before tasks existed.
             data = {"task": self.task, **data}
+        if self.upsample_factor is not None:
+            data = {"task": self.task, "upsample_factor": list(self.upsample_factor),
+                    **{k: v for k, v in data.items() if k != "task"}}
         return data
 
     @classmethod
@@ -153,6 +160,7 @@ class Fingerprint:
             schema_version=int(data.get("schema_version", SCHEMA_VERSION)),
             summary=data.get("summary", {}),
             task=str(data.get("task", "segmentation")),
+            upsample_factor=tuple(int(k) for k in data["upsample_factor"]) if data.get("upsample_factor") else None,
         )
 
 

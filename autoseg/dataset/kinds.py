@@ -10,7 +10,7 @@ restoration cases to their own restoration modules. ``dataset.json`` names its t
     denoise           imagesTr/{case}_0000{ending}    targetsTr/{case}{ending}  degraded -> clean, same grid
     super-resolution  imagesTr/{case}_0000{ending}    targetsTr/{case}{ending}  coarse -> fine grid, same extent
 
-Super-resolution datasets are read and checked, but not planned yet (:attr:`DatasetKind.plannable`).
+Every kind is plannable today (:attr:`DatasetKind.plannable` stays for kinds that are checked first).
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ DATASET_KINDS: dict[str, DatasetKind] = {
     # One channel: the degraded image, one clean target file per case (AAPM/Mayo LDCT: quarter -> full dose).
     "denoise": DatasetKind("denoise", "targetsTr", "target", labels=False, same_grid=True, plannable=True,
                            max_channels=1),
+    # One channel: the coarse image; the target on its grid refined by integer factors (thick -> thin slices).
     "super-resolution": DatasetKind("super-resolution", "targetsTr", "target", labels=False, same_grid=False,
-                                    plannable=False, max_channels=1),
+                                    plannable=True, max_channels=1),
 }
 #: dataset.json without ``"task"``.
 DEFAULT_DATASET_KIND = "segmentation"

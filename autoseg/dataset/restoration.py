@@ -16,6 +16,7 @@ from scipy import ndimage
 from autoseg.channels import scheme_for_channel
 from autoseg.dataset.check import check_image_values, compare_geometry
 from autoseg.dataset.layout import Issue
+from autoseg.dataset.super_resolution import DIRECTION_TOLERANCE, grid_issue
 from autoseg.errors import UnknownNameError
 from autoseg.imageio import Geometry
 
@@ -129,7 +130,8 @@ def check_target(
 
     Denoising (``same_grid``): shape, spacing, origin and direction must match the image's (a pair
     that does not overlap voxel for voxel teaches a shift, not a denoiser). Super-resolution: the
-    target covers the same physical extent on an equal or finer grid. Both: channel count, NaN/Inf,
+    target lies on the input's grid refined by an integer factor per axis, over the same physical extent
+    (:func:`autoseg.dataset.super_resolution.grid_issue`). Both: channel count, NaN/Inf,
     constant values, HU plausibility of CT channels, and the pixel type beside the image's.
 
     Args:
@@ -173,10 +175,13 @@ def check_target(
 
 def _check_finer_grid(a: Geometry, shape_a: Sequence[int], b: Geometry, shape_b: Sequence[int], *,
                       case: str, file: str, image_file: str) -> list[Issue]:
-    """Super-resolution: the target on an equal or finer grid over the same physical extent."""
+    """Super-resolution: the target on the image's grid refined by integer factors, same physical extent."""
     if a.ndim != b.ndim:
         return [Issue("error", "dimension-mismatch", f"target vs {image_file}: {b.ndim}D vs {a.ndim}D",
                       "store both with the same number of dimensions", case=case, file=file)]
+    if a.ndim != 3:
+        return [Issue("error", "dimension-mismatch", f"{a.ndim}D images: super-resolution takes 3D volumes",
+                      'use 3D images (or "task": "denoise" for 2D pairs on one grid)', case=case, file=file)]
     issues: list[Issue] = []
     coarser = [axis for axis, (sa, sb) in enumerate(zip(a.spacing, b.spacing)) if sb > sa * 1.001]
     if coarser:
@@ -193,7 +198,15 @@ def _check_finer_grid(a: Geometry, shape_a: Sequence[int], b: Geometry, shape_b:
                             "the pair must show the same field of view: re-export one of them",
                             case=case, file=file))
     turn = float(np.max(np.abs(np.array(a.direction) - np.array(b.direction))))
-    if turn > 1e-2:
+    if turn > DIRECTION_TOLERANCE:  # the fine grid is built along the input's directions
         issues.append(Issue("error", "direction-mismatch", f"target vs {image_file}: direction cosines differ by "
-                            f"up to {turn:.3g}", "re-export both in one orientation", case=case, file=file))
+                            f"up to {turn:.3g} (more than float32 rounding, {DIRECTION_TOLERANCE:g})",
+                            "re-export both in one orientation", case=case, file=file))
+    if not issues:
+        # Predictions are written on the input's fine grid (autoseg.dataset.super_resolution): a
+        # target elsewhere would be scored, and learnt, shifted.
+        problem = grid_issue(a, shape_a, b, shape_b)
+        if problem is not None:
+            issues.append(Issue("error", "target-grid", f"target vs {image_file}: {problem[0]}", problem[1],
+                                case=case, file=file))
     return issues

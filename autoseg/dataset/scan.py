@@ -7,6 +7,7 @@ case id, so nothing depends on the number of workers or the order in which they 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import numpy as np
 from autoseg.dataset import check
 from autoseg.dataset import fingerprint
 from autoseg.dataset import restoration as restoration_checks
+from autoseg.dataset import super_resolution
 from autoseg.dataset.layout import Case, DatasetSpec, Issue, rel
 from autoseg.errors import DatasetError
 from autoseg.imageio import Geometry, read_image
@@ -42,6 +44,10 @@ class CaseScan:
     dims: int | None
     record: fingerprint.CaseRecord | None
     samples: list[np.ndarray] | None
+    #: Super-resolution: the integer refinement from the input's grid to its target's (z, y, x).
+    upsample_factor: tuple[int, int, int] | None = None
+    #: Super-resolution: the target file (relative to the dataset root), for messages about the factor.
+    target_file: str | None = None
 
 
 def scan_case(case: Case, spec: DatasetSpec, want_fingerprint: bool, quota: int) -> CaseScan:
@@ -81,9 +87,9 @@ def scan_case(case: Case, spec: DatasetSpec, want_fingerprint: bool, quota: int)
         issues.extend(check.compare_geometry(geometries[0][0], geometries[0][1], geometry, shape,
                                              what=f"channel file vs {geometries[0][2]}",
                                              case=case.case_id, file=file))
-    label_array = None
+    label_array, target_geometry = None, None
     if case.label is not None and restoration:
-        label_array = _scan_target(case, spec, channels, geometries, issues)
+        label_array, target_geometry = _scan_target(case, spec, channels, geometries, issues)
     elif case.label is not None:
         file = rel(root, case.label)
         try:
@@ -107,8 +113,10 @@ def scan_case(case: Case, spec: DatasetSpec, want_fingerprint: bool, quota: int)
                 label_array = label[0]
 
     dims = geometries[0][0].ndim if geometries else None
-    record, samples = None, None
+    record, samples, factors = None, None, None
     clean = not any(i.severity == "error" for i in issues)
+    if clean and target_geometry is not None and not spec.kind.same_grid and geometries:
+        factors = super_resolution.grid_factors(geometries[0][0], target_geometry)
     if want_fingerprint and clean and label_array is not None and len(channels) == spec.num_channels:
         image = np.stack(channels)
         geometry = geometries[0][0]
@@ -119,27 +127,43 @@ def scan_case(case: Case, spec: DatasetSpec, want_fingerprint: bool, quota: int)
             single_values = [0]
         record, samples = fingerprint.case_fingerprint(
             case.case_id, image, label_array, geometry.spacing, geometry.direction, single_values, quota)
-    return CaseScan(case.case_id, tuple(issues), dims, record, samples)
+        if factors is not None and target_geometry is not None:
+            # Super-resolution is planned on the target's grid: its spacing and shape (the crop box
+            # scaled to it); the intensity statistics are the coarse input's body voxels.
+            record = _on_fine_grid(record, factors, target_geometry)
+    target_file = rel(root, case.label) if factors is not None and case.label is not None else None
+    return CaseScan(case.case_id, tuple(issues), dims, record, samples, factors, target_file)
+
+
+def _on_fine_grid(record: fingerprint.CaseRecord, factors: tuple[int, int, int],
+                  target_geometry: Geometry) -> fingerprint.CaseRecord:
+    """A coarse input's case record as seen on its target's (fine) grid."""
+    bbox = tuple((lo * k, hi * k) for (lo, hi), k in zip(record.bbox, factors))
+    return dataclasses.replace(
+        record, spacing=tuple(float(f"{s:.7g}") for s in target_geometry.spacing),
+        shape=super_resolution.fine_shape(record.shape, factors),
+        shape_after_crop=super_resolution.fine_shape(record.shape_after_crop, factors), bbox=bbox)
 
 
 def _scan_target(case: Case, spec: DatasetSpec, channels: list[np.ndarray],
-                 geometries: list[tuple[Geometry, tuple[int, ...], str]], issues: list[Issue]) -> np.ndarray | None:
+                 geometries: list[tuple[Geometry, tuple[int, ...], str]],
+                 issues: list[Issue]) -> tuple[np.ndarray | None, Geometry | None]:
     """Read and check a restoration case's clean target (:func:`autoseg.dataset.restoration.check_target`),
-    appending to ``issues``; returns the target when it was read, else None."""
+    appending to ``issues``; returns the target and its geometry when it was read, else Nones."""
     assert case.label is not None
     file = rel(spec.root, case.label)
     try:
         target, target_geometry = read_image(case.label)
     except DatasetError as exc:
         issues.append(_read_issue(exc, case.case_id, file))
-        return None
+        return None, None
     if not geometries or len(channels) != spec.num_channels:
-        return target
+        return target, target_geometry
     image = np.stack(channels)
     issues.extend(restoration_checks.check_target(
         image, geometries[0][0], geometries[0][2], target, target_geometry, same_grid=spec.kind.same_grid,
         channel_names=spec.channel_names, case=case.case_id, file=file))
-    return target
+    return target, target_geometry
 
 
 def _read_issue(exc: DatasetError, case_id: str, file: str) -> Issue:
@@ -240,9 +264,29 @@ def scan_dataset(
 
 
 def dataset_issues(results: Sequence[CaseScan]) -> list[Issue]:
-    """Dataset-wide issues that need every case's scan (mixed 2D/3D)."""
+    """Dataset-wide issues that need every case's scan (mixed 2D/3D; super-resolution factors that differ)."""
     dims = {r.case_id: r.dims for r in results if r.dims is not None}
-    return check.check_mixed_dims(dims)
+    issues = check.check_mixed_dims(dims)
+    factors: dict[tuple[int, int, int], list[CaseScan]] = {}
+    for r in results:
+        if r.upsample_factor is not None:
+            factors.setdefault(r.upsample_factor, []).append(r)
+    if len(factors) > 1:
+        # One network learns one refinement; prediction builds its output grid from that factor.
+        # The dataset's factor is the commonest; a tie goes to the smallest (z, y, x compared in
+        # turn), so the same cases are reported on every run and the message says it was a tie.
+        common = min(factors, key=lambda f: (-len(factors[f]), f))
+        for factor, scans in sorted(factors.items()):
+            if factor == common:
+                continue
+            tie = len(scans) == len(factors[common])
+            most = (f"as many cases by {common[::-1]} (a tie, given to the smaller factor in z, y, x order)" if tie
+                    else f"most cases ({len(factors[common])}) by {common[::-1]}")
+            issues.extend(Issue("error", "mixed-upsample-factor", f"target is its input refined by {factor[::-1]} "
+                                f"(x, y, z), {most}",
+                                "one super-resolution dataset has one factor: split it into one dataset per "
+                                "factor", case=r.case_id, file=r.target_file) for r in scans)
+    return issues
 
 
 def files_checksum(spec: DatasetSpec, with_mtime: bool = False) -> str:
@@ -279,6 +323,7 @@ def build_fingerprint(spec: DatasetSpec, results: Sequence[CaseScan]) -> fingerp
         intensity=pooled,
         files_sha256=files_checksum(spec),
         task=spec.task,
+        upsample_factor=next((r.upsample_factor for r in scanned if r.upsample_factor is not None), None),
     )
     return fingerprint.Fingerprint(**{**fp.__dict__, "summary": fingerprint.summarize(fp)})
 

@@ -386,6 +386,11 @@ def evaluate_restoration_case(case_id: str, pred_path: Path, ref_path: Path, win
     baseline = None
     if input_path is not None:
         baseline, input_geometry = read_intensity_image(input_path, "input", refuse_label_maps)
+        if dataset_task == "super-resolution":  # the coarse input refined as the model's is: the cubic baseline
+            from autoseg.preprocessing.super_resolution import onto_fine_grid
+
+            baseline, input_geometry = onto_fine_grid(baseline, input_geometry, reference.shape, ref_geometry,
+                                                      f"{input_path} (vs {ref_path.name})")
         warnings += _check_grid(input_path, baseline, input_geometry, ref_path, reference, ref_geometry, "input",
                                 case_id)
     axis = axial_axis(ref_geometry)
@@ -557,7 +562,8 @@ def run(pred: Path, ref: Path, output: Path | None = None, window: Window | None
             panels into ``panels/`` beside it.
         window: the HU window (default :data:`DEFAULT_WINDOW`).
         baseline_input: folder of the degraded inputs (``<case>`` or ``<case>_0000`` files), scored
-            against the same references as a baseline.
+            against the same references as a baseline (a super-resolution dataset's coarse inputs
+            are refined onto the references' grid by cubic interpolation first: the cubic baseline).
         workers: processes (default: CPU count, bounded by free memory).
         progress: called as ``progress(done, total)`` after each case.
         panels: write ``panels/<case>.png``.

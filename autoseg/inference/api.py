@@ -183,7 +183,7 @@ class Segmenter:
         """
         array, geometry = self._read(image)
         labels, _, _ = self._segment(array, geometry)
-        return to_sitk(labels, geometry)
+        return to_sitk(labels, self.predictor.task.output_geometry(geometry))
 
     def predict_array(self, array: np.ndarray, spacing: Sequence[float], origin: Sequence[float] | None = None,
                       direction: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -226,7 +226,7 @@ class Segmenter:
         labels, _, predictions = self._segment(image, geometry, targets=targets, progress=progress,
                                                uncertainty=uncertainty)
         for extra in targets.labels[1:]:
-            write_image(extra, labels, geometry)
+            write_image(extra, labels, self.predictor.task.output_geometry(geometry))
         if targets.uncertainty is not None:
             from autoseg.inference.uncertainty import export_uncertainty
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from autoseg.dataset.super_resolution import check_coarse_input
 from autoseg.errors import DatasetError
 from autoseg.imageio import (
     SPACING_2D_AXIS,
@@ -159,7 +160,8 @@ def check_inputs(cases: Sequence[InputCase], plans: Plans, configurations: Seque
     Raises:
         DatasetError: a file is unreadable, has the wrong channel count, differs in shape from the
             case's other channel files, or has the wrong dimensionality for the model (a 3D image
-            for a model trained on 2D images, a 2D image for a 3D configuration).
+            for a model trained on 2D images, a 2D image for a 3D configuration); a super-resolution
+            model's input has the fine spacing already.
     """
     expected = len(plans.channel_names)
     trained_2d = is_2d_plans(plans)
@@ -180,6 +182,9 @@ def check_inputs(cases: Sequence[InputCase], plans: Plans, configurations: Seque
             if needs_3d and info.geometry.ndim == 2:
                 raise DatasetError(f"{path}: 2D image; {needs_3d[0]} is a 3D model — use a 2d or 2.5d "
                                    "configuration (-c 2d) for 2D images")
+            if plans.upsample_factor is not None and plans.min_target_spacing is not None:
+                # A super-resolution model takes coarse inputs only.
+                check_coarse_input(info.geometry, plans.upsample_factor, plans.min_target_spacing, str(path))
         if channels != expected:
             files = case.images[0] if len(case.images) == 1 else f"case {case.case_id!r} ({len(case.images)} files)"
             raise DatasetError(f"{files}: {channels} channel(s); the model expects {expected} "

@@ -18,7 +18,7 @@ from autoseg.imageio import Geometry
 from autoseg.inference.inputs import is_2d_plans
 from autoseg.inference.models import ModelSelection, build_inference_network, previous_stage_selection
 from autoseg.plans import Configuration, Plans
-from autoseg.tasks import DEFAULT_TASK, ConfigPrediction, Task, get_task
+from autoseg.tasks import DEFAULT_TASK, ConfigPrediction, Task, get_task, task_options
 
 if TYPE_CHECKING:
     import torch
@@ -161,7 +161,7 @@ class Predictor:
         #: What the outputs are (activation, export, scores): the checkpoints' task.
         self.task: Task = get_task(self.plans.task, self.labels, f"{selections[0].checkpoints[0]}",
                                    channel_names=self.channel_names,
-                                   normalization=self.models[0].config.normalization)
+                                   normalization=self.models[0].config.normalization, **task_options(self.plans))
         self.task.check_outputs(self.num_classes, self.models[0].name)
 
     # -- loading
@@ -265,6 +265,15 @@ class Predictor:
         data["channel_names"] = list(meta["channel_names"])
         data["transpose"] = list(meta["transpose"])
         data["task"] = meta.get("task", data.get("task", DEFAULT_TASK))
+        if data["task"] != work_plans.task:
+            # WORK was planned again for another task since this fold was trained (a denoise fold in a
+            # WORK re-planned for super-resolution): its networks learnt something else.
+            raise ConfigError(f"{path}: a {data['task']} checkpoint, but plans.yaml beside it is planned for "
+                              f"{work_plans.task} (re-planned after this fold was trained); re-train it with "
+                              f"'autoseg train', or predict from a WORK planned for {data['task']}")
+        for key in ("upsample_factor", "min_target_spacing"):  # super-resolution: the checkpoint's grid wins
+            if key in meta:
+                data[key] = list(meta[key])
         try:
             return plans_io.from_dict(data)
         except PlanError as exc:
@@ -337,6 +346,8 @@ class Predictor:
 
         started = time.perf_counter()
         self._check_image(image, geometry)
+        # Super-resolution: the networks work on the input refined onto its fine grid (else a no-op).
+        image, geometry = self.task.to_output_grid(image, geometry)
         prepared: dict[str, tuple[np.ndarray, Props]] = {}
         jobs = []
         # Previous stages before the cascade stages that take their segmentation.
@@ -460,8 +471,13 @@ class Predictor:
                postprocess: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """The task's output in the original geometry (segmentation: the label map); optionally
         written, with the probabilities (:meth:`autoseg.tasks.base.Task.export`).
+
+        ``geometry`` is the input's, as given to :meth:`predict`; the output is written on the task's
+        output grid (:meth:`autoseg.tasks.base.Task.output_geometry`: the input's own, a
+        super-resolution model's fine grid).
         """
         started = time.perf_counter()
+        geometry = self.task.output_geometry(geometry)
         labels = self.task.export(predictions, geometry, path, probabilities_path, postprocess)
         self.stats.export_s += time.perf_counter() - started
         return labels

@@ -345,6 +345,9 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
         original_median_shape=tuple(float(v) for v in np.median(shapes, axis=0)),
         anisotropic=aniso_axis is not None,
         task=fp.task,
+        upsample_factor=fp.upsample_factor,
+        # Super-resolution: the thinnest target, so that no training input reads as "fine already".
+        min_target_spacing=None if fp.upsample_factor is None else tuple(float(v) for v in np.min(spacings, axis=0)),
         notes=tuple(notes),
         fingerprint_sha256=fingerprint_digest(fp),
         time_budget_s=None if budget is None else float(budget.seconds),

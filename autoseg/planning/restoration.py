@@ -1,5 +1,8 @@
-"""What the planner does differently for restoration (denoising): the invertible normalisation,
-the outputs, and the notes that say why (pure, torch-free).
+"""What the planner does differently for restoration (denoising, super-resolution): the invertible
+normalisation, the outputs, and the notes that say why (pure, torch-free).
+
+Super-resolution is planned as denoising on the targets' grid: the fingerprint's spacing and shapes
+are the targets' and it records the refinement (``upsample_factor``), which plans.yaml keeps.
 
 The memory model, spacing, patch, batch, topology and the 2d / 2.5d / 3d_fullres configurations
 are segmentation's (:mod:`autoseg.planning.planner`); the network has one output per input channel
@@ -51,6 +54,11 @@ def restoration_notes(fp: Fingerprint, normalization: tuple[Normalization, ...])
                  "softmax, no deep supervision, L1 loss (train --loss mse for MSE); patches centred uniformly on "
                  "the body; augmentation: flips and 90° in-plane rotations only (no intensity changes, no "
                  "interpolation)")
-    notes.append(f"3d_lowres / 3d_cascade_fullres: not planned for {fp.task} (the noise lives at full resolution, "
+    if fp.upsample_factor is not None:
+        notes.append(f"{fp.task}: planned on the targets' grid; each input is refined ×{list(fp.upsample_factor)} "
+                     "(z, y, x as read) onto it by cubic interpolation (same extent, the thick-slices convention), "
+                     "then trained and predicted as denoising: the network learns what the interpolation misses")
+    what = "the missing detail" if fp.upsample_factor is not None else "the noise"
+    notes.append(f"3d_lowres / 3d_cascade_fullres: not planned for {fp.task} ({what} lives at full resolution, "
                  "which a coarse first stage never sees)")
     return notes

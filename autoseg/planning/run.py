@@ -151,6 +151,11 @@ def _load_cache(paths: WorkPaths, spec: DatasetSpec) -> tuple[Fingerprint, list[
         warnings = [Issue(**i) for i in cache.get("warnings", [])]
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no cache, or an unreadable one: scan again
+    if fp.task != spec.task or (fp.task == "super-resolution" and fp.upsample_factor is None):
+        # Cached by an autoseg that did not plan this task (a super-resolution fingerprint without
+        # its factor): its plans would fail validation on every run. CACHE_VERSION stays, so the
+        # caches of other tasks (and their plans) remain as they are.
+        return None
     return fp, warnings
 
 

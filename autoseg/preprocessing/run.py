@@ -41,11 +41,13 @@ from autoseg import plans as plans_io
 from autoseg.atomic import atomic_path, folder_lock, remove_stale_temp, write_text
 from autoseg.dataset.kinds import DATASET_KINDS
 from autoseg.dataset.layout import Case
+from autoseg.dataset.super_resolution import fine_shape
 from autoseg.errors import DatasetError, PlanError, did_you_mean
 from autoseg.imageio import Geometry, read_image
 from autoseg.plans import Plans
 from autoseg.preprocessing.pipeline import Props, plan_digest, preprocess_case
 from autoseg.preprocessing.restoration import preprocess_pair
+from autoseg.preprocessing.super_resolution import refine_input
 from autoseg.dataset.scan import ProgressFn, available_memory_bytes, choose_workers, estimate_case_bytes
 from autoseg.processes import pool_context
 
@@ -202,8 +204,8 @@ def load_work_cases(work: Path) -> list[Case]:
     return cases
 
 
-def read_case(case: Case, num_channels: int,
-              target_channels: int | None = None) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+def read_case(case: Case, num_channels: int, target_channels: int | None = None,
+              upsample_factor: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
     """Read a case's image files (stacked as channels) and label.
 
     Args:
@@ -211,6 +213,8 @@ def read_case(case: Case, num_channels: int,
         num_channels: channels the plans expect.
         target_channels: None: the label file is a label map; else it is a restoration target
             with that many channels, returned whole.
+        upsample_factor: super-resolution: the target lies on the image's grid refined by these
+            factors (z, y, x), so its shape is the image's times them.
 
     Returns:
         The image ``(C, Z, Y, X)``, the label ``(Z, Y, X)`` (a target: ``(C_t, Z, Y, X)``; None
@@ -237,9 +241,11 @@ def read_case(case: Case, num_channels: int,
         if target_channels is not None and label.shape[0] != target_channels:
             raise DatasetError(f"{case.label}: {label.shape[0]} channel(s), the task expects {target_channels}; "
                                "run 'autoseg check' on the dataset")
-        if label.shape[-3:] != image.shape[1:]:
-            raise DatasetError(f"{case.label}: label shape {label.shape} differs from the image's "
-                               f"{image.shape[1:]}; run 'autoseg check' on the dataset")
+        expected = image.shape[1:] if upsample_factor is None else fine_shape(image.shape[1:], upsample_factor)
+        if label.shape[-3:] != tuple(expected):
+            what = "the image's" if upsample_factor is None else f"the image's refined ×{list(upsample_factor)},"
+            raise DatasetError(f"{case.label}: label shape {label.shape} differs from {what} "
+                               f"{tuple(expected)}; run 'autoseg check' on the dataset")
     return image, label, geometries[0]
 
 
@@ -267,12 +273,19 @@ def process_case(task: _Task, plans: Plans, work: Path) -> str:
 
     A restoration case (plans without labels, :mod:`autoseg.dataset.kinds`) goes through
     :func:`autoseg.preprocessing.restoration.preprocess_pair`: its target file is an image on the
-    input's grid, saved as ``<case>_target.npy``.
+    input's grid, saved as ``<case>_target.npy``. A super-resolution input is first refined onto its
+    fine grid (:func:`autoseg.preprocessing.super_resolution.refine_input`), where its target lies.
+
+    Raises:
+        DatasetError: a file is unreadable, or a super-resolution target is not on its input's fine grid.
     """
     case_id = task.case.case_id
     restoration = not DATASET_KINDS[plans.task].labels
     channels = len(plans.channel_names)
-    image, label, geometry = read_case(task.case, channels, channels if restoration else None)
+    image, label, geometry = read_case(task.case, channels, channels if restoration else None,
+                                       plans.upsample_factor)
+    if plans.upsample_factor is not None:
+        image, geometry = refine_input(image, geometry, plans.upsample_factor)
     for config_name in task.configs:
         target = None
         if restoration:
@@ -289,9 +302,15 @@ def _worker(task: _Task) -> str:
 
 
 def _growth(plans: Plans, configs: Sequence[str]) -> float:
-    """How much larger than the original a case becomes at the finest requested spacing (≥ 1)."""
+    """How much larger than the original a case becomes at the finest requested spacing (≥ 1).
+
+    A super-resolution input is refined onto its target's grid first (``prod(upsample_factor)`` times
+    the voxels, :func:`autoseg.preprocessing.super_resolution.refine_input`); the configurations'
+    spacings are then relative to that grid (``original_median_spacing`` is the targets').
+    """
     median = np.asarray(plans.original_median_spacing, dtype=np.float64)
     median_t = median[list(plans.transpose)]
+    refined = 1.0 if plans.upsample_factor is None else float(np.prod(plans.upsample_factor))
     growth = 1.0
     for name in configs:
         config = plans.configuration(name)
@@ -300,7 +319,7 @@ def _growth(plans: Plans, configs: Sequence[str]) -> float:
         if config.dims == 2:
             ratio[0] = 1.0
         growth = max(growth, float(np.prod(ratio)))
-    return growth
+    return refined * growth
 
 
 def choose_preprocess_workers(requested: int | None, cases: Sequence[Case], plans: Plans,

@@ -16,6 +16,8 @@ what                          asked by
 ``make_loss``                 the trainer (wrapped in deep supervision)
 ``validation_*``              the trainer's per-epoch online metric (pseudo-Dice, PSNR, ...)
 ``activate_``                 the predictor (fold-averaged logits -> probabilities)
+``to_output_grid``            the predictor (the input on the grid its output is written on)
+``output_geometry``           the predictor, fold validation (that grid; ``output_shape``: its shape)
 ``on_grid``                   the predictor (the output kept on the network grid)
 ``fold_output``               the predictor's fold disagreement map
 ``export``                    the predictor (network grid -> the input's geometry, written)
@@ -159,6 +161,23 @@ class Task(ABC):
     @abstractmethod
     def validation_scores(self, counts: np.ndarray) -> list[float]:
         """The online metric per output from the summed statistics (NaN where undefined)."""
+
+    # -- the output grid
+
+    def output_geometry(self, geometry: Geometry) -> Geometry:
+        """The geometry the output of an input of ``geometry`` is written with: the input's own
+        (super-resolution: its fine grid)."""
+        return geometry
+
+    def output_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The spatial shape of the output of an input of spatial ``shape``: the input's own."""
+        return tuple(int(s) for s in shape)
+
+    def to_output_grid(self, image: np.ndarray, geometry: Geometry,
+                       where: str = "image") -> tuple[np.ndarray, Geometry]:
+        """The input on the output grid, as the networks see it (the input itself; super-resolution
+        refines it). ``where`` names the input in errors."""
+        return image, geometry
 
     # -- prediction
 

@@ -252,3 +252,59 @@ def _capped_psnr(mse: float, data_range: float) -> float:
     """The online PSNR: :func:`~autoseg.image_metrics.psnr_from_mse`, at most :data:`ONLINE_PSNR_CAP_DB`."""
     value = psnr_from_mse(mse, data_range)
     return ONLINE_PSNR_CAP_DB if value is None else min(value, ONLINE_PSNR_CAP_DB)
+
+
+class SuperResolution(Denoise):
+    """Super-resolution: a coarse image in (thick slices), the fine one out, in the input's units.
+
+    Everything but the grid is denoising's: the input is refined onto its fine grid by cubic
+    interpolation (:func:`autoseg.preprocessing.super_resolution.refine_input`), in training as in
+    prediction, and the same residual network learns what the interpolation misses. The output is
+    written on that fine grid (:mod:`autoseg.dataset.super_resolution`), in the input's pixel type.
+
+    Args:
+        labels, channel_names, normalization: as :class:`Denoise`.
+        upsample_factor: the plans' refinement per array axis (z, y, x); needed to predict.
+        fine_spacing: the smallest target spacing of the training set (plans' ``min_target_spacing``,
+            array order), to refuse inputs that are fine already.
+    """
+
+    name: ClassVar[str] = "super-resolution"
+
+    def __init__(self, labels: Mapping[str, Sequence[int]] | None = None, channel_names: Sequence[str] = (),
+                 normalization: Sequence[Normalization] = (), upsample_factor: Sequence[int] | None = None,
+                 fine_spacing: Sequence[float] | None = None) -> None:
+        super().__init__(labels, channel_names, normalization)
+        self.upsample_factor = tuple(int(k) for k in upsample_factor) if upsample_factor else None
+        self.fine_spacing = tuple(float(s) for s in fine_spacing) if fine_spacing else None
+
+    def _factors(self) -> tuple[int, ...]:
+        if self.upsample_factor is None:
+            raise ConfigError("super-resolution needs the plans' upsample_factor; build the task with "
+                              "task_of(plans) (or re-run 'autoseg plan')")
+        return self.upsample_factor
+
+    def output_geometry(self, geometry: Geometry) -> Geometry:
+        from autoseg.dataset.super_resolution import fine_geometry
+
+        return fine_geometry(geometry, self._factors())
+
+    def output_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        from autoseg.dataset.super_resolution import fine_shape
+
+        return fine_shape(shape, self._factors())
+
+    def to_output_grid(self, image: np.ndarray, geometry: Geometry,
+                       where: str = "image") -> tuple[np.ndarray, Geometry]:
+        """The input refined onto its fine grid (the input's pixel type).
+
+        Raises:
+            DatasetError: the input already has about the fine spacing the model produces.
+        """
+        from autoseg.dataset.super_resolution import check_coarse_input
+        from autoseg.preprocessing.super_resolution import refine_input
+
+        factors = self._factors()
+        if self.fine_spacing is not None:
+            check_coarse_input(geometry, factors, self.fine_spacing, where)
+        return refine_input(image, geometry, factors)

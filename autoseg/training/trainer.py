@@ -163,13 +163,18 @@ def _autocast_dtype(device: torch.device, cfg: TrainConfig) -> torch.dtype | Non
 
 def plans_meta(plans: Plans) -> dict[str, Any]:
     """What a checkpoint needs to be used without the experiment folder's plans."""
-    return {
+    meta = {
         "labels": {k: list(v) for k, v in plans.labels.items()},
         "channel_names": list(plans.channel_names),
         "transpose": list(plans.transpose),
         "num_classes": plans.num_classes,
         "task": plans.task,
     }
+    if plans.upsample_factor is not None:  # super-resolution: the grid its outputs are written on
+        meta["upsample_factor"] = list(plans.upsample_factor)
+    if plans.min_target_spacing is not None:  # and the thinnest targets it was trained on
+        meta["min_target_spacing"] = list(plans.min_target_spacing)
+    return meta
 
 
 def write_log(path: Path, history: list[dict[str, Any]]) -> None:

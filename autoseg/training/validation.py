@@ -109,9 +109,9 @@ def validate_fold(
         ending = output_ending(case.images[0])
         image, geometry = read_input(InputCase(case_id, case.images, ending))
         reference = read_image(case.label)[0][0]
-        if reference.shape != image.shape[1:]:
-            raise DatasetError(f"{case.label}: label shape {reference.shape} differs from the image's "
-                               f"{image.shape[1:]}; run 'autoseg check' on the dataset")
+        if reference.shape != predictor.task.output_shape(image.shape[1:]):  # super-resolution: the fine grid
+            raise DatasetError(f"{case.label}: label shape {reference.shape} differs from the output's "
+                               f"{predictor.task.output_shape(image.shape[1:])}; run 'autoseg check' on the dataset")
         predictions = predictor.predict(image, geometry)
         _remove_other_label_maps(folder, case_id, ending)
         labels = predictor.export(predictions, geometry, folder / f"{case_id}{ending}", folder / f"{case_id}.npz")

@@ -170,10 +170,9 @@ def plans_meta(plans: Plans) -> dict[str, Any]:
         "num_classes": plans.num_classes,
         "task": plans.task,
     }
-    if plans.upsample_factor is not None:  # super-resolution: the grid its outputs are written on
-        meta["upsample_factor"] = list(plans.upsample_factor)
-    if plans.min_target_spacing is not None:  # and the thinnest targets it was trained on
-        meta["min_target_spacing"] = list(plans.min_target_spacing)
+    for key in ("upsample_factor", "min_target_spacing"):  # super-resolution: its output grid, thinnest targets
+        if getattr(plans, key) is not None:
+            meta[key] = list(getattr(plans, key))
     return meta
 
 

@@ -499,6 +499,19 @@ def test_find_best_and_export_refuse_restoration_in_one_line(work: Path, tmp_pat
         export_model(work, tmp_path / "model.zip", ["2d"], [0])
 
 
+def test_several_trained_restoration_configurations_ask_for_c_not_find_best(work: Path, tmp_path: Path) -> None:
+    from autoseg.inference.models import select_models
+
+    copy = tmp_path / "work"
+    (copy / "models").mkdir(parents=True)
+    shutil.copy(work / "plans.yaml", copy / "plans.yaml")
+    for name in ("2d", "3d_fullres"):  # two trained configurations (only the files' presence counts here)
+        shutil.copytree(work / "models" / "2d", copy / "models" / name)
+    with pytest.raises(ConfigError, match="several configurations are trained") as caught:
+        select_models(copy, None, None, "final")
+    assert "repeat -c" in str(caught.value) and "find-best" not in str(caught.value)
+
+
 def test_metrics_in_the_window() -> None:
     from autoseg.image_metrics import DEFAULT_WINDOW
     from autoseg.tasks.restoration import Denoise

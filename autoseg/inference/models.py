@@ -169,8 +169,11 @@ def select_models(
         elif len(trained) == 1:
             names = list(trained)
         else:
+            # find-best chooses among segmentation models only (it refuses restoration ones).
+            hint = ("repeat -c to average several" if _planned_task(plans_path) != "segmentation"
+                    else "or run 'autoseg find-best'")
             raise ConfigError(f"{work}: several configurations are trained ({_describe(trained)}) and there is "
-                              "no best.yaml; choose with -c (or run 'autoseg find-best')")
+                              f"no best.yaml; choose with -c ({hint})")
     planned = _planned_configurations(plans_path)
     selections = []
     for name in names:
@@ -218,6 +221,16 @@ def _planned_configurations(plans_path: Path) -> list[str]:
         return [str(k) for k in data.get("configurations", {})]
     except (yaml.YAMLError, AttributeError, OSError):
         return []
+
+
+def _planned_task(plans_path: Path) -> str:
+    """plans.yaml's ``task`` (segmentation when absent or unreadable)."""
+    import yaml
+
+    try:
+        return str(yaml.safe_load(plans_path.read_text(encoding="utf-8")).get("task") or "segmentation")
+    except (yaml.YAMLError, AttributeError, OSError):
+        return "segmentation"
 
 
 def _describe(trained: dict[str, list[int]]) -> str:

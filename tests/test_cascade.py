@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -212,6 +213,9 @@ def test_lowres_then_cascade_trains_predicts_and_exports(experiment, tmp_path: P
     exported = export_model(work, tmp_path / "cascade.autoseg.zip", ["3d_cascade_fullres"], [0])
     imported = import_model(exported.path, tmp_path / "imported")
     assert (imported.work / "models" / "3d_lowres" / "fold_0" / "checkpoint_final.pt").is_file()
+    with zipfile.ZipFile(exported.path) as archive:  # MODEL.md lists the lowres weights it carries
+        card = archive.read("MODEL.md").decode("utf-8")
+    assert "| 3d_lowres | 0 |" in card and "`3d_lowres` is a cascade's first stage" in card
     predict(imported.work, [raw / "imagesTr"], tmp_path / "out_model", ["3d_cascade_fullres"], [0], device="cpu",
             tta=False, engine="torch")
     for case_id in ids:

@@ -123,7 +123,8 @@ def _labels_table(labels: Mapping[str, Any]) -> list[str]:
 def model_card(file_name: str, plans: Plans, dataset: Mapping[str, Any], selections: Sequence[ModelSelection],
                folds_meta: Mapping[str, Mapping[int, Mapping[str, Any]]],
                training: Mapping[str, Mapping[int, Mapping[str, Any]]], best: Mapping[str, Any] | None,
-               checkpoint: str, licence: str | None, version: str, graphs: Sequence[str] = ()) -> str:
+               checkpoint: str, licence: str | None, version: str, graphs: Sequence[str] = (),
+               stages: Sequence[ModelSelection] = ()) -> str:
     """MODEL.md's text (Markdown).
 
     Args:
@@ -138,6 +139,7 @@ def model_card(file_name: str, plans: Plans, dataset: Mapping[str, Any], selecti
         licence: the model's licence, or None.
         version: the autoseg version writing the file.
         graphs: the ONNX graph kinds in the file (``fp32``, ``int8``), if any.
+        stages: the cascades' previous stages carried with them (weights, not ensemble members).
     """
     name = dataset.get("name") or plans.dataset_name
     channels = dataset.get("channel_names", {})
@@ -165,7 +167,7 @@ def model_card(file_name: str, plans: Plans, dataset: Mapping[str, Any], selecti
         out.append(f"- Training data licence: {dataset['data_licence']}.")
     out += ["", "## Configurations and folds", "",
             "| configuration | fold | checkpoint | epoch | trained on | patch | spacing (mm) |", "|---|---|---|---|---|---|---|"]
-    for selection in selections:
+    for selection in [*selections, *stages]:
         config = plans.configurations[selection.configuration]
         for fold in selection.folds:
             meta = folds_meta.get(selection.configuration, {}).get(fold, {})
@@ -174,6 +176,9 @@ def model_card(file_name: str, plans: Plans, dataset: Mapping[str, Any], selecti
             out.append(f"| {selection.configuration} | {fold} | {checkpoint} | {meta.get('epoch', '-')} | {trained} | "
                        f"{' × '.join(str(p) for p in config.patch_size)} | "
                        f"{' × '.join(f'{s:g}' for s in config.spacing)} |")
+    for stage in stages:
+        out += ["", f"`{stage.configuration}` is a cascade's first stage: its folds run first and their "
+                "segmentation is an input of the next stage; it is not a member of the ensemble."]
     out += ["", "## Cross-validation", ""]
     label_names = [n for n in dataset.get("labels", {}) if n != "background"]
     rows, kinds = [], set()

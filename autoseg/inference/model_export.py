@@ -199,7 +199,7 @@ def export_model(
     members["best.yaml"] = _best_yaml(default, from_find_best=best is not None)
     training = training_summary(work, selections)
     members[MODEL_CARD] = model_card(output.name, plans, dataset, selections, folds_meta, training, best,
-                                     checkpoint, licence, __version__, graph_kinds).encode("utf-8")
+                                     checkpoint, licence, __version__, graph_kinds, stages).encode("utf-8")
     manifest = {
         "format": MODEL_FORMAT,
         "schema_version": MODEL_SCHEMA_VERSION if graph_kinds else BASE_SCHEMA_VERSION,

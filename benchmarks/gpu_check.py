@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -879,6 +880,11 @@ def probe_ddp(work: Path, device_name: str) -> dict[str, Any]:
     step_s = time.perf_counter() - start
     finite = all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in net.parameters())
     world = dist.get_world_size()
+    # The DDP reducer holds the process group and its threads: release it before the group, or
+    # gloo's threads can be torn down at exit while joinable ("terminate called without an active
+    # exception", SIGABRT — seen in CI runs of the dry run).
+    del model, outputs, loss
+    gc.collect()
     destroy_process_group()
     if not (reduced and finite):
         raise RuntimeError(f"all-reduce ok: {reduced}, gradients finite: {finite}")
@@ -1182,8 +1188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.probe_ddp is not None:  # the nccl_ddp step's child process
-        print(json.dumps(probe_ddp(args.probe_ddp, args.device)))
-        return 0
+        print(json.dumps(probe_ddp(args.probe_ddp, args.device)), flush=True)
+        sys.stderr.flush()
+        os._exit(0)  # the result is out: no interpreter teardown, where torch's threads could still abort it
     sizes = DRY_RUN if args.dry_run else GPU
     if not args.dry_run:
         import torch

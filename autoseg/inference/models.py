@@ -170,8 +170,8 @@ def select_models(
             names = list(trained)
         else:
             # find-best chooses among segmentation models only (it refuses restoration ones).
-            hint = ("repeat -c to average several" if _planned_task(plans_path) != "segmentation"
-                    else "or run 'autoseg find-best'")
+            task = _plans_data(plans_path).get("task") or "segmentation"
+            hint = "repeat -c to average several" if task != "segmentation" else "or run 'autoseg find-best'"
             raise ConfigError(f"{work}: several configurations are trained ({_describe(trained)}) and there is "
                               f"no best.yaml; choose with -c ({hint})")
     planned = _planned_configurations(plans_path)
@@ -212,25 +212,21 @@ def previous_stage_selection(selection: ModelSelection, previous: str | None,
     return ModelSelection(previous, selection.folds, paths)
 
 
-def _planned_configurations(plans_path: Path) -> list[str]:
-    # Only the names: a hand-edited plans file with an unrelated error still lets -c report typos.
+def _plans_data(plans_path: Path) -> dict:
+    """plans.yaml as plain data, unvalidated ({} when unreadable): a hand-edited plans file with an
+    unrelated error still lets -c report typos and the messages name the task."""
     import yaml
 
     try:
         data = yaml.safe_load(plans_path.read_text(encoding="utf-8"))
-        return [str(k) for k in data.get("configurations", {})]
-    except (yaml.YAMLError, AttributeError, OSError):
-        return []
+    except (yaml.YAMLError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-def _planned_task(plans_path: Path) -> str:
-    """plans.yaml's ``task`` (segmentation when absent or unreadable)."""
-    import yaml
-
-    try:
-        return str(yaml.safe_load(plans_path.read_text(encoding="utf-8")).get("task") or "segmentation")
-    except (yaml.YAMLError, AttributeError, OSError):
-        return "segmentation"
+def _planned_configurations(plans_path: Path) -> list[str]:
+    configurations = _plans_data(plans_path).get("configurations")
+    return [str(k) for k in configurations] if isinstance(configurations, dict) else []
 
 
 def _describe(trained: dict[str, list[int]]) -> str:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from autoseg.planning.compute import ConfigCost, Throughput, config_cost
-from autoseg.planning.planner import _topology, memory_gb, shrink_patch
+from autoseg.planning.planner import NO_CASCADE_PATCH_NOTE, _topology, memory_gb, shrink_patch
 from autoseg.planning.presets import Preset
 from autoseg.planning.topology import pool_and_conv_props
 from autoseg.plans import Configuration
@@ -196,7 +196,7 @@ def apply_budget(configs: dict[str, Configuration], budget: TimeBudget, preset: 
         notes.append("3d_lowres / 3d_cascade_fullres: not planned under a time budget (two stages would share it)")
     else:  # the reason given was measured on the patch planned without the budget: say so
         notes[:] = [f"{n} (the patch planned without a time budget)"
-                    if n.startswith("3d_lowres / 3d_cascade_fullres: not planned: the 3d_fullres patch") else n
+                    if n.startswith(NO_CASCADE_PATCH_NOTE) else n
                     for n in notes]
     for name, config in configs.items():
         if name in ("3d_lowres", "3d_cascade_fullres"):

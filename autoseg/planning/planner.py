@@ -372,12 +372,17 @@ def region_notes(labels: dict[str, list[int]]) -> list[str]:
     return notes
 
 
+#: How the plan table's "why no cascade" note starts when the 3d_fullres patch decided it (a time
+#: budget, which refits that patch, qualifies this note: autoseg.planning.budget).
+NO_CASCADE_PATCH_NOTE = "3d_lowres / 3d_cascade_fullres: not planned: the 3d_fullres patch"
+
+
 def lowres_absent_note(fullres: Configuration, median_shape: np.ndarray, preset: Preset) -> str:
     """Why the plan has no cascade (said in the plan table, as the issue of users asking for
     ``3d_lowres`` on data that does not need it shows)."""
     covered = float(np.prod(fullres.patch_size, dtype=np.float64) / np.prod(median_shape, dtype=np.float64))
     if covered >= preset.lowres_threshold:
-        return (f"3d_lowres / 3d_cascade_fullres: not planned: the 3d_fullres patch covers "
+        return (f"{NO_CASCADE_PATCH_NOTE} covers "
                 f"{min(100 * covered, 100):.0f}% of the median image (a cascade starts below "
                 f"{100 * preset.lowres_threshold:.0f}%)")
     return ("3d_lowres / 3d_cascade_fullres: not planned: a coarser spacing that lets the patch see "

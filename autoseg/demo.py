@@ -56,9 +56,10 @@ VAL_STEP = 9
 #: 0.755 on the held-out cases, too close to the 0.75 the demo promises.
 DEFAULT_TIME_BUDGET_S = 420.0
 RECORD_SCHEMA_VERSION = 1
-#: What ``force`` deletes: only the names the demo writes, never anything else in OUT.
+#: What ``force`` deletes: only the names a demo writes (this one or ``autoseg demo denoise``), never
+#: anything else in OUT.
 _OWNED = ("raw", "test", "work", "predictions", "overlays", "evaluation.json", "evaluation.csv", "progress.png",
-          "demo.json")
+          "demo.json", "full_dose", "panels")
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ def _copy(source: Path, target: Path) -> bool:
     return True
 
 
-def _write_json_if_changed(path: Path, data: Any) -> None:
+def write_json_if_changed(path: Path, data: Any) -> None:
     try:
         if json.loads(path.read_text(encoding="utf-8")) == data:
             return
@@ -253,7 +254,7 @@ def materialise(paths: DemoPaths, settings: DemoSettings) -> tuple[list[str], li
             _copy(source / entries[case_id]["label"], paths.test_labels / f"{case_id}.nii.gz")
     raw_meta = {**meta, "training": [entries[c] for c in kept], "numTraining": len(kept),
                 "description": f"{meta.get('description', '')} (autoseg demo: {len(test)} case(s) held out)"}
-    _write_json_if_changed(paths.raw / "dataset.json", raw_meta)
+    write_json_if_changed(paths.raw / "dataset.json", raw_meta)
     return train, val, test
 
 
@@ -273,12 +274,19 @@ def _read_record(paths: DemoPaths) -> dict[str, Any] | None:
     return data
 
 
-def prepare(out: Path, settings: DemoSettings, force: bool = False) -> DemoPaths:
-    """Make ``OUT`` ready: new, or an earlier demo with the same options (reused), or forced clean.
+def prepare(out: Path, settings: Any, force: bool = False, *, name: str = EXAMPLE) -> DemoPaths:
+    """Make ``OUT`` ready: new, or an earlier run of demo ``name`` with the same options (reused),
+    or forced clean.
+
+    Args:
+        out: the demo's folder.
+        settings: the demo's options, a dataclass with ``describe()`` (recorded in ``demo.json``).
+        force: delete the demo outputs found in ``out`` first.
+        name: which demo (``hippocampus`` or ``denoise``); recorded, so one never reuses the other's folder.
 
     Raises:
         ConfigError: OUT is a file or a non-empty folder that is not a demo folder, or an earlier
-            demo there used other options and ``force`` is not set.
+            demo there was another one or used other options, and ``force`` is not set.
     """
     paths = DemoPaths(Path(out))
     root = paths.root
@@ -289,11 +297,15 @@ def prepare(out: Path, settings: DemoSettings, force: bool = False) -> DemoPaths
         if record is None:
             raise ConfigError(f"--out {root}: folder is not empty and holds no demo.json from an earlier demo; "
                               "choose a new or empty folder")
+        earlier = record.get("demo", EXAMPLE)
         if force:
             _remove_owned(paths)
+        elif earlier != name:
+            raise ConfigError(f"--out {root}: 'autoseg demo {earlier}' ran there; choose another --out for "
+                              f"'autoseg demo {name}', or add --force to delete the earlier demo's outputs")
         elif record.get("settings") != asdict(settings):
             try:
-                was = f" with {DemoSettings(**record['settings']).describe()}"
+                was = f" with {type(settings)(**record['settings']).describe()}"
             except (TypeError, ConfigError):
                 was = ""
             raise ConfigError(f"--out {root}: an earlier demo ran there{was}; rerun with the same options to "
@@ -301,12 +313,20 @@ def prepare(out: Path, settings: DemoSettings, force: bool = False) -> DemoPaths
                               "or choose another --out")
     root.mkdir(parents=True, exist_ok=True)
     if _read_record(paths) is None:
-        write_json(paths.record, {"schema_version": RECORD_SCHEMA_VERSION, "settings": asdict(settings),
-                                  "status": "started"})
+        write_json(paths.record, {"schema_version": RECORD_SCHEMA_VERSION, "demo": name,
+                                  "settings": asdict(settings), "status": "started"})
     return paths
 
 
 def _remove_owned(paths: DemoPaths) -> None:
+    from autoseg.atomic import TMP_PREFIX
+
+    # An interrupted atomic write (a killed run) leaves its temporary folder or file beside the output.
+    for stale in paths.root.glob(f"{TMP_PREFIX}*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     for name in _OWNED:
         target = paths.root / name
         if target.is_dir() and not target.is_symlink():
@@ -351,7 +371,7 @@ def preprocess(paths: DemoPaths, progress: ProgressFn | None) -> str:
             f"→ {summary.folder}")
 
 
-def train_config(settings: DemoSettings, device: str) -> TrainConfig:
+def train_config(settings: Any, device: str) -> TrainConfig:
     """The training options: those of ``autoseg train --time-budget`` (epochs bounded by the budget
     and sized from the measured step time; AdamW, see ``TrainConfig.optimizer``).
 
@@ -375,7 +395,7 @@ def train(paths: DemoPaths, cfg: TrainConfig, train_ids: list[str], val_ids: lis
     from autoseg.training import run as training
     from autoseg.training.trainer import FoldPaths
 
-    _write_json_if_changed(paths.work / "splits.json", [{"train": sorted(train_ids), "val": sorted(val_ids)}])
+    write_json_if_changed(paths.work / "splits.json", [{"train": sorted(train_ids), "val": sorted(val_ids)}])
     fold = FoldPaths(training.fold_folder(paths.work, CONFIGURATION, FOLD))
     if fold.final.is_file():
         return f"train: {fold.final} exists (trained by an earlier run): reused"
@@ -427,8 +447,8 @@ def draw_overlays(paths: DemoPaths, case_mean: dict[str, float | None],
     return written
 
 
-def _copy_progress_png(paths: DemoPaths) -> Path | None:
-    source = paths.work / "models" / CONFIGURATION / f"fold_{FOLD}" / "progress.png"
+def copy_progress_png(paths: DemoPaths, configuration: str = CONFIGURATION) -> Path | None:
+    source = paths.work / "models" / configuration / f"fold_{FOLD}" / "progress.png"
     if not source.is_file():
         return None
     with atomic_path(paths.progress_png) as tmp:
@@ -504,7 +524,7 @@ def run(out: Path, settings: DemoSettings, device: str = "auto", hooks: DemoHook
     mark = timed("evaluate", mark)
     with hooks.progress("drawing overlays") as progress:
         overlays = draw_overlays(paths, case_mean, progress)
-    progress_png = _copy_progress_png(paths)
+    progress_png = copy_progress_png(paths)
     timed("overlays", mark)
     seconds["total"] = round(time.perf_counter() - started, 2)
 
@@ -517,7 +537,7 @@ def run(out: Path, settings: DemoSettings, device: str = "auto", hooks: DemoHook
     outputs += [("predicted label maps", paths.predictions), ("experiment (plans, model)", paths.work),
                 ("demo record", paths.record)]
     write_json(paths.record, {
-        "schema_version": RECORD_SCHEMA_VERSION, "settings": asdict(settings), "status": "finished",
+        "schema_version": RECORD_SCHEMA_VERSION, "demo": EXAMPLE, "settings": asdict(settings), "status": "finished",
         "device": device, "test_cases": test_ids, "train_cases": train_ids, "validation_cases": val_ids,
         "labels": labels, "dice": dice, "case_mean_dice": case_mean, "mean_foreground_dice": mean,
         "seconds": seconds, "outputs": {str(p.relative_to(paths.root)): what for what, p in outputs},

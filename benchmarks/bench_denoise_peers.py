@@ -16,9 +16,12 @@ One command, one process per step, one after the other (never concurrently):
    each input's patients ordered by sha256("{seed}:{patient}"); of the rest, ≈ ``--val-fraction``
    (at least one patient) validates and the others train. autoseg (``--splits``, fold 0) and
    RED-CNN use the same train/val patients; nobody sees the test patients. The split is in the JSON.
-3. **autoseg**: ``plan`` on the train+val pairs, ``train -c C -f 0 --time-budget B`` for 2d, 2.5d
-   and 3d_fullres, ``predict`` with each and with the three averaged (``-c 2d -c 2.5d -c
-   3d_fullres``, the ensemble; its train wall is the three's sum).
+3. **autoseg**: ``plan --planner cpu --time-budget B`` on the train+val pairs (networks sized for
+   the budget on this machine, as a CPU user plans; the sizing keeps back time for a fold validation
+   that the training below skips, so the networks are a little smaller than the budget allows),
+   ``train -c C -f 0 --time-budget B --no-validate`` for 2d, 2.5d and 3d_fullres (the whole budget
+   trains, as RED-CNN's does; the test patients score every method), ``predict`` with each and with
+   the three averaged (``-c 2d -c 2.5d -c 3d_fullres``, the ensemble; its train wall is the three's sum).
 4. **BM3D** (``bm3d.bm3d``, profile ``np``) per axial slice, σ estimated per slice by
    scikit-image's ``estimate_sigma`` (``--bm3d-sigma estimate``; ``oracle``: one σ per case from the
    pair, an upper bound, reported as its own row). See ``denoise_peers_worker.py``.
@@ -324,16 +327,21 @@ def build_folders(raw: Path, out: Path, split: dict[str, Any]) -> dict[str, Path
 
 
 def run_autoseg(out: Path, folders: dict[str, Path], budget: str, configs: tuple[str, ...], planner: str,
-                logs: Path) -> dict[str, Any]:
-    """plan, train each configuration for ``budget``, predict with each and with all of them averaged."""
+                logs: Path, plan_budget: bool = True, fold_validation: bool = False) -> dict[str, Any]:
+    """plan (sized for ``budget`` per fold when ``plan_budget``), train each configuration for ``budget``
+    (all of it training unless ``fold_validation``: predicting the validation patient in full would spend
+    autoseg's budget on something RED-CNN's recipe does not do), predict with each and with all of them
+    averaged."""
     work = out / "autoseg_work"
     shutil.rmtree(work, ignore_errors=True)
+    sized = ["--time-budget", budget] if plan_budget else []
     runs: dict[str, Any] = {"plan": measure(autoseg_cmd("plan", str(folders["raw_train"]), "-o", str(work),
-                                                        "--planner", planner), logs / "autoseg_plan.log")}
+                                                        "--planner", planner, *sized), logs / "autoseg_plan.log")}
     methods: dict[str, Any] = {}
     for config in configs:
         train = measure(autoseg_cmd("train", str(work), "-c", config, "-f", "0", "--time-budget", budget,
-                                    "--splits", str(folders["splits"]), "--device", "cpu"),
+                                    "--splits", str(folders["splits"]), "--device", "cpu",
+                                    *([] if fold_validation else ["--no-validate"])),
                         logs / f"autoseg_train_{config}.log")
         methods[f"autoseg {config}"] = {"train_wall_s": train["wall_s"],
                                         "predict": predict_autoseg(work, folders, out, [config], logs)}
@@ -405,8 +413,10 @@ def run_job(peers_python: Path, step: str, job: dict[str, Any], job_file: Path, 
 
 
 def run_peers(peers_python: Path, out: Path, raw: Path, split: dict[str, Any], budget_s: float,
-              sigmas: list[str], redcnn: bool, dry_run: bool, logs: Path) -> dict[str, Any]:
-    """BM3D (one row per σ mode) and RED-CNN (when ``redcnn``); train and predict walls per method.
+              sigmas: list[str], redcnn: bool, dry_run: bool, logs: Path,
+              redcnn_batch: int | None = None) -> dict[str, Any]:
+    """BM3D (one row per σ mode), RED-CNN as published (when ``redcnn``) and RED-CNN with a batch of
+    ``redcnn_batch`` (when given, its own row); train and predict walls per method.
 
     A peer's predict wall is its worker's wall plus the harness's reading of the test inputs into
     arrays and writing its outputs back as images (``autoseg predict`` reads and writes its own).
@@ -427,22 +437,27 @@ def run_peers(peers_python: Path, out: Path, raw: Path, split: dict[str, Any], b
         methods[name] = {"train_wall_s": 0.0, "predict": {"wall_s": round(run["wall_s"] + test_io_s + write_s, 2),
                                                           "folder": str(out / "pred" / f"bm3d_{sigma}")},
                          "details": run.get("reported")}
-    if not redcnn:
+    variants = ([("RED-CNN", "redcnn", DRY_REDCNN if dry_run else {})] if redcnn else []) + \
+        ([(f"RED-CNN (batch {redcnn_batch})", f"redcnn_b{redcnn_batch}",
+           {**(DRY_REDCNN if dry_run else {}), "mbs": redcnn_batch})] if redcnn_batch else [])
+    if not variants:
         return methods
     started = time.perf_counter()
     export_arrays(raw, split["train"] + split["val"], arrays)
     train_io_s = time.perf_counter() - started
-    folder = out / "peers" / "redcnn"
-    shutil.rmtree(folder, ignore_errors=True)
-    job = {"arrays": str(arrays), "train": split["train"], "val": split["val"], "test": split["test"],
-           "out": str(folder), "budget_s": budget_s, "overrides": DRY_REDCNN if dry_run else {}}
-    train = run_job(peers_python, "redcnn-train", job, out / "peers" / "redcnn.json", logs)
-    predict = run_job(peers_python, "redcnn-predict", job, out / "peers" / "redcnn.json", logs)
-    write_s = write_peer_outputs(raw, split["test"], folder, out / "pred" / "redcnn")
-    methods["RED-CNN"] = {"train_wall_s": round(train["wall_s"] + train_io_s, 2),
-                          "predict": {"wall_s": round(predict["wall_s"] + test_io_s + write_s, 2),
-                                      "folder": str(out / "pred" / "redcnn")},
-                          "details": {"train": train.get("reported"), "predict": predict.get("reported")}}
+    for name, slug, overrides in variants:
+        folder = out / "peers" / slug
+        shutil.rmtree(folder, ignore_errors=True)
+        job = {"arrays": str(arrays), "train": split["train"], "val": split["val"], "test": split["test"],
+               "out": str(folder), "budget_s": budget_s, "overrides": overrides}
+        train = run_job(peers_python, "redcnn-train", job, out / "peers" / f"{slug}.json", logs)
+        predict = run_job(peers_python, "redcnn-predict", job, out / "peers" / f"{slug}.json", logs)
+        write_s = write_peer_outputs(raw, split["test"], folder, out / "pred" / slug)
+        methods[name] = {"train_wall_s": round(train["wall_s"] + train_io_s, 2),
+                         "predict": {"wall_s": round(predict["wall_s"] + test_io_s + write_s, 2),
+                                     "folder": str(out / "pred" / slug)},
+                         "details": {"train": train.get("reported"), "predict": predict.get("reported"),
+                                     "overrides": overrides}}
     return methods
 
 
@@ -452,9 +467,10 @@ def run_peers(peers_python: Path, out: Path, raw: Path, split: dict[str, Any], b
 
 def evaluate(pred: Path, folders: dict[str, Path], target: Path, panels: bool, logs: Path) -> dict[str, Any]:
     """``autoseg evaluate`` of one method: its summary (mean, std, n of each score; the input's)."""
+    target.parent.mkdir(parents=True, exist_ok=True)  # one folder per method: its report, CSV and panels
     measure(autoseg_cmd("evaluate", str(pred), str(folders["test_ref"]), "--task", "restoration",
                         "--baseline-input", str(folders["test_low"]), "-o", str(target),
-                        "--panels" if panels else "--no-panels"), logs / f"evaluate_{target.stem}.log")
+                        "--panels" if panels else "--no-panels"), logs / f"evaluate_{target.parent.name}.log")
     return json.loads(target.read_text())["summary"]
 
 
@@ -530,9 +546,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cases-limit", type=int, help="At most this many cases from each --ct input (sorted ids).")
     parser.add_argument("--patient-map", type=Path, help="JSON {case id: patient id} for cases of one patient.")
     parser.add_argument("--configs", default=",".join(AUTOSEG_CONFIGS), help="autoseg configurations to train.")
-    parser.add_argument("--planner", help="autoseg plan --planner (default: default; tiny in a dry run).")
+    parser.add_argument("--planner", help="autoseg plan --planner (default: cpu; tiny in a dry run).")
+    parser.add_argument("--fold-validation", action="store_true",
+                        help="Let autoseg train validate its fold in full within the budget (default: off, the whole "
+                             "budget trains, as RED-CNN's; the test patients score every method).")
+    parser.add_argument("--plan-budget", action=argparse.BooleanOptionalAction, default=None,
+                        help="autoseg plan --time-budget BUDGET: networks sized for the budget on this machine, as a "
+                             "CPU user plans (default: on; off in a dry run).")
     parser.add_argument("--bm3d-sigma", default="estimate", help="estimate, oracle, or both (estimate,oracle).")
-    parser.add_argument("--methods", default="autoseg,bm3d,redcnn", help="Which to run (comma list).")
+    parser.add_argument("--methods", default="autoseg,bm3d,redcnn",
+                        help="Which to run (comma list of autoseg, bm3d, redcnn, redcnn-batch; redcnn-batch: RED-CNN "
+                             "with --redcnn-batch patches per step, else as published, as its own row).")
+    parser.add_argument("--redcnn-batch", type=int, default=8,
+                        help="Patches per step of the redcnn-batch row (published: 73, which leaves RED-CNN a handful "
+                             "of iterations in minutes of CPU).")
     parser.add_argument("--panels", action=argparse.BooleanOptionalAction, default=None,
                         help="autoseg evaluate panels (default: on; off in a dry run).")
     parser.add_argument("--dry-run", action="store_true", help="Tiny cropped cases and 20 s budgets: plumbing only.")
@@ -548,8 +575,10 @@ def main(argv: list[str] | None = None) -> None:
     budget_s = parse_budget(args.budget) if args.budget else DRY_BUDGET_S if args.dry_run else parse_budget("10m")
     budget = f"{budget_s:g}s"
     methods = set(args.methods.split(","))
-    if methods - {"autoseg", "bm3d", "redcnn"}:
-        raise SystemExit(f"--methods {args.methods}: expected a comma list of autoseg, bm3d, redcnn")
+    if methods - {"autoseg", "bm3d", "redcnn", "redcnn-batch"}:
+        raise SystemExit(f"--methods {args.methods}: expected a comma list of autoseg, bm3d, redcnn, redcnn-batch")
+    if args.redcnn_batch < 1:
+        raise SystemExit(f"--redcnn-batch {args.redcnn_batch}: at least 1")
     sigmas = [s for s in args.bm3d_sigma.split(",") if s] if "bm3d" in methods else []
     if set(sigmas) - {"estimate", "oracle"}:
         raise SystemExit(f"--bm3d-sigma {args.bm3d_sigma}: expected estimate, oracle or estimate,oracle")
@@ -578,14 +607,16 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, Any] = {}
     if "autoseg" in methods:
         configs = tuple(c for c in args.configs.split(",") if c)
-        planner = args.planner or ("tiny" if args.dry_run else "default")
-        autoseg = run_autoseg(out, folders, budget, configs, planner, logs)
-        report["autoseg_plan"] = {**autoseg["plan"], "planner": planner}
+        planner = args.planner or ("tiny" if args.dry_run else "cpu")
+        plan_budget = args.plan_budget if args.plan_budget is not None else not args.dry_run
+        autoseg = run_autoseg(out, folders, budget, configs, planner, logs, plan_budget, args.fold_validation)
+        report["autoseg_plan"] = {**autoseg["plan"], "planner": planner, "sized_for_budget": plan_budget,
+                                  "fold_validation": args.fold_validation}
         runs.update(autoseg["methods"])
         save_report(out, report)
-    if "bm3d" in methods or "redcnn" in methods:
+    if methods & {"bm3d", "redcnn", "redcnn-batch"}:
         runs.update(run_peers(args.peers_python, out, raw, split, budget_s, sigmas, "redcnn" in methods,
-                              args.dry_run, logs))
+                              args.dry_run, logs, args.redcnn_batch if "redcnn-batch" in methods else None))
         save_report(out, report)
 
     panels = args.panels if args.panels is not None else not args.dry_run
@@ -594,7 +625,8 @@ def main(argv: list[str] | None = None) -> None:
     baseline: dict[str, Any] | None = None
     for name, run in runs.items():
         slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("σ", "sigma")
-        summary = evaluate(Path(run["predict"]["folder"]), folders, out / "evaluation" / f"{slug}.json", panels, logs)
+        summary = evaluate(Path(run["predict"]["folder"]), folders, out / "evaluation" / slug / "evaluation.json",
+                           panels, logs)
         baseline = baseline or scores(summary, "input")
         results[name] = {**scores(summary), "train_wall_s": run["train_wall_s"],
                          "predict_wall_s": run["predict"]["wall_s"]}

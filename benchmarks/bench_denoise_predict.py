@@ -38,9 +38,16 @@ def prepare(ct: Path, slices: int, work: Path, planner: str) -> Path:
     import numpy as np
     import SimpleITK as sitk
 
+    import shutil
+
     raw, inputs = work / "raw", work / "input"
-    if (work / "W" / "models" / "2d" / "fold_0" / "checkpoint_final.pt").is_file():
+    key_file, key = work / "prepared.json", {"ct": str(ct.resolve()), "slices": slices, "planner": planner}
+    if (work / "W" / "models" / "2d" / "fold_0" / "checkpoint_final.pt").is_file() and key_file.is_file() \
+            and json.loads(key_file.read_text()) == key:
         return inputs
+    for folder in (raw, inputs, work / "W"):  # another CT, slice count or planner: prepared again
+        shutil.rmtree(folder, ignore_errors=True)
+    key_file.unlink(missing_ok=True)
     image = sitk.ReadImage(str(ct))
     image = image[:, :, :slices]
     clean = sitk.GetArrayFromImage(image).astype(np.float32)
@@ -60,6 +67,7 @@ def prepare(ct: Path, slices: int, work: Path, planner: str) -> Path:
     run([sys.executable, "-m", "autoseg", "plan", str(raw), "-o", str(work / "W"), "--planner", planner])
     run([sys.executable, "-m", "autoseg", "train", str(work / "W"), "-c", "2d", "-f", "0", "--epochs", "1",
          "--iters-per-epoch", "1", "--val-iters", "0", "--no-validate", "--device", "cpu"])
+    key_file.write_text(json.dumps(key))
     return inputs
 
 

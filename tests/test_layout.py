@@ -30,7 +30,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(layer.split()) for layer in
     "inference",                                        # models, inputs, predictor, export, the predict run
     "simulate",                                         # restoration pairs (reads DICOM series as predict does)
     "training",                                         # the loop, DDP, fold validation (uses the predictor)
-    "demo",
+    "demo demo_denoise",
     "cli",
     "__main__",
     "__init__",                                         # the facade: autoseg.Segmenter, autoseg.__version__

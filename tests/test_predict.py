@@ -210,6 +210,16 @@ def test_tta_averages_the_flipped_back_predictions() -> None:
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_default_forward_batch_fills_a_call_and_batches_large_slices_on_the_cpu() -> None:
+    from autoseg.inference.window import CPU_MIN_SLICES, default_forward_batch
+
+    assert default_forward_batch((40, 56, 40)) == 2  # the default 3D patch: two per call
+    assert default_forward_batch((128, 128, 128)) == 1  # a large 3D patch: one (its activations are large)
+    assert default_forward_batch((512, 512)) == CPU_MIN_SLICES == 2  # a large slice: still two on the CPU
+    assert default_forward_batch((64, 64)) == 2 * 40 * 56 * 40 // (64 * 64)
+    assert default_forward_batch((512, 512), "meta") == 8 * 40 * 56 * 40 // (512 * 512)  # not the CPU: the budget
+
+
 def test_count_windows() -> None:
     assert count_windows((31, 45, 29), (12, 16, 14)) == len(window_starts(31, 12, .5)) * \
         len(window_starts(45, 16, .5)) * len(window_starts(29, 14, .5))

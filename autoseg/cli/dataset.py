@@ -192,22 +192,21 @@ def machine_throughput(gflops: float | None, required: bool) -> Throughput | Non
             budget the plan table simply leaves the estimates out (None).
     """
     from autoseg.errors import ConfigError
-    from autoseg.planning.compute import Throughput, given_throughput
+    from autoseg.planning.compute import given_throughput
 
     if gflops is not None:
         return given_throughput(gflops)
     try:
         from autoseg.device import resolve_device
-        from autoseg.networks.throughput import machine_rates
+        from autoseg.networks.throughput import machine_throughput as measured_throughput
 
-        train, infer, key, source = machine_rates("cuda" if resolve_device("auto").type == "cuda" else "cpu")
+        return measured_throughput("cuda" if resolve_device("auto").type == "cuda" else "cpu")
     except Exception as exc:  # noqa: BLE001 - a busy or broken device: planning does not need it
         if required:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise ConfigError(f"--time-budget: cannot measure this machine's convolution rate ({first}); "
                               "give it with --throughput GFLOPS") from None
         return None
-    return Throughput(train, infer, key, source)
 
 
 def print_plans(console: Console, plans: Plans, throughput: Throughput | None = None) -> None:

@@ -18,8 +18,12 @@ import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autoseg.atomic import write_text
+
+if TYPE_CHECKING:
+    from autoseg.planning.compute import Throughput
 
 #: The representative convolution: channels, kernel, batch, spatial size.
 CHANNELS, KERNEL, BATCH, SIZE = 32, 3, 2, (40, 56, 40)
@@ -130,6 +134,14 @@ def machine_rates(device: str = "cpu", *, refresh: bool = False) -> tuple[float,
             f"measured {entry.get('measured', '?')}, cached in {path}")
 
 
+def machine_throughput(device: str = "cpu") -> Throughput:
+    """:func:`machine_rates` as the planner's :class:`~autoseg.planning.compute.Throughput`."""
+    from autoseg.planning.compute import Throughput
+
+    train, infer, key, source = machine_rates(device)
+    return Throughput(train, infer, key, source)
+
+
 def _valid(entry: object) -> bool:
     """A cache entry with two finite positive rates (anything else is measured again)."""
     import math
@@ -139,4 +151,4 @@ def _valid(entry: object) -> bool:
         and math.isfinite(entry[k]) and entry[k] > 0 for k in ("train_gflops", "infer_gflops"))
 
 
-__all__ = ["cache_file", "device_key", "machine_rates", "measure"]
+__all__ = ["cache_file", "device_key", "machine_rates", "machine_throughput", "measure"]

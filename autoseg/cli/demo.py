@@ -44,7 +44,8 @@ def demo_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seeds the network init and the training batches (and the "
                                                      "simulated noise of denoise).")] = 12345,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Delete the demo's earlier outputs in OUT and start over.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Delete the earlier outputs of either demo in OUT (only the names "
+                                                        "a demo writes) and start over.")] = False,
     cases: Annotated[Optional[int], typer.Option("--cases", hidden=True,
                                                  help="Bundled cases (hippocampus) or slabs (denoise) to use (tests).")] = None,
 ) -> None:

@@ -392,22 +392,52 @@ def train(paths: DemoPaths, cfg: TrainConfig, train_ids: list[str], val_ids: lis
     (an interrupted run) is resumed. The full fold validation is skipped: the held-out test
     cases are the demo's evaluation.
     """
+    done = train_fold(paths, cfg, CONFIGURATION, train_ids, val_ids, callbacks_for)
+    if done.reused:
+        return f"train: {done.root / 'checkpoint_final.pt'} exists (trained by an earlier run): reused"
+    return (f"train: {len(train_ids)} case(s), {done.epochs} epoch(s), {done.iterations} iteration(s)"
+            f"{' (resumed)' if done.resumed else ''}, pseudo-Dice on {len(val_ids)} validation case(s) "
+            f"{done.last_metric:.3f} → {done.root}")
+
+
+@dataclass(frozen=True)
+class TrainedFold:
+    """What :func:`train_fold` did: its folder, and unless a final checkpoint was reused, the run's figures.
+
+    Attributes:
+        root: the fold's folder.
+        reused: a final checkpoint was there already; nothing was trained.
+        resumed: training continued from ``checkpoint_latest.pt``.
+        epochs, iterations: of the whole training (0 when reused).
+        last_metric: the last epoch's validation metric (pseudo-Dice, or PSNR for restoration; NaN if none).
+    """
+
+    root: Path
+    reused: bool
+    resumed: bool = False
+    epochs: int = 0
+    iterations: int = 0
+    last_metric: float = float("nan")
+
+
+def train_fold(paths: DemoPaths, cfg: TrainConfig, configuration: str, train_ids: list[str], val_ids: list[str],
+               callbacks_for: Callable[[int], Callbacks] | None) -> TrainedFold:
+    """Fold :data:`FOLD` of ``configuration`` on the given split, without the full fold validation:
+    reused when ``checkpoint_final.pt`` exists, resumed when only ``checkpoint_latest.pt`` does."""
     from autoseg.training import run as training
     from autoseg.training.trainer import FoldPaths
 
     write_json_if_changed(paths.work / "splits.json", [{"train": sorted(train_ids), "val": sorted(val_ids)}])
-    fold = FoldPaths(training.fold_folder(paths.work, CONFIGURATION, FOLD))
+    fold = FoldPaths(training.fold_folder(paths.work, configuration, FOLD))
     if fold.final.is_file():
-        return f"train: {fold.final} exists (trained by an earlier run): reused"
+        return TrainedFold(fold.root, reused=True)
     resume = fold.latest.is_file()
-    results = training.run(paths.work, CONFIGURATION, str(FOLD), cfg, resume=resume, callbacks_for=callbacks_for,
+    results = training.run(paths.work, configuration, str(FOLD), cfg, resume=resume, callbacks_for=callbacks_for,
                            validate=False)
     state = results[0].state
     last = state.history[-1] if state.history else {}
-    iterations = sum(int(r.get("iters", 0)) for r in state.history)
-    return (f"train: {len(train_ids)} case(s), {state.epoch} epoch(s), {iterations} iteration(s)"
-            f"{' (resumed)' if resume else ''}, pseudo-Dice on {len(val_ids)} validation case(s) "
-            f"{last.get('mean_fg_dice', float('nan')):.3f} → {fold.root}")
+    return TrainedFold(fold.root, False, resume, state.epoch, sum(int(r.get("iters", 0)) for r in state.history),
+                       float(last.get("mean_fg_dice", float("nan"))))
 
 
 def predict(paths: DemoPaths, device: str, callbacks: PredictCallbacks | None) -> str:

@@ -35,7 +35,7 @@ import numpy as np
 
 from autoseg.atomic import atomic_folder, write_json
 from autoseg.demo import (FOLD, RECORD_SCHEMA_VERSION, DemoHooks, DemoPaths, ProgressFn, copy_progress_png,
-                          write_json_if_changed, prepare)
+                          prepare)
 from autoseg.errors import ConfigError, PlanError
 
 if TYPE_CHECKING:
@@ -248,24 +248,14 @@ def preprocess(paths: DemoPaths, progress: ProgressFn | None) -> str:
 def train(paths: DemoPaths, settings: DenoiseDemoSettings, device: str, train_ids: list[str], val_id: str,
           callbacks_for: Callable[[int], Callbacks] | None) -> str:
     """Train fold 0 of 2d within the budget (reused when final, resumed when interrupted)."""
-    from autoseg.demo import train_config
-    from autoseg.training import run as training
-    from autoseg.training.trainer import FoldPaths
+    from autoseg.demo import train_config, train_fold
 
-    cfg = train_config(settings, device)
-    write_json_if_changed(paths.work / "splits.json", [{"train": sorted(train_ids), "val": [val_id]}])
-    fold = FoldPaths(training.fold_folder(paths.work, CONFIGURATION, FOLD))
-    if fold.final.is_file():
-        return f"train: {fold.final} exists (trained by an earlier run): reused"
-    resume = fold.latest.is_file()
-    results = training.run(paths.work, CONFIGURATION, str(FOLD), cfg, resume=resume, callbacks_for=callbacks_for,
-                           validate=False)
-    state = results[0].state
-    last = state.history[-1] if state.history else {}
-    iterations = sum(int(r.get("iters", 0)) for r in state.history)
-    return (f"train: {len(train_ids)} slab(s), {state.epoch} epoch(s), {iterations} iteration(s)"
-            f"{' (resumed)' if resume else ''}, validation PSNR on {val_id} "
-            f"{last.get('mean_fg_dice', float('nan')):.2f} dB → {fold.root}")
+    done = train_fold(paths, train_config(settings, device), CONFIGURATION, train_ids, [val_id], callbacks_for)
+    if done.reused:
+        return f"train: {done.root / 'checkpoint_final.pt'} exists (trained by an earlier run): reused"
+    return (f"train: {len(train_ids)} slab(s), {done.epochs} epoch(s), {done.iterations} iteration(s)"
+            f"{' (resumed)' if done.resumed else ''}, validation PSNR on {val_id} {done.last_metric:.2f} dB → "
+            f"{done.root}")
 
 
 def predict(paths: DemoPaths, device: str, callbacks: PredictCallbacks | None) -> str:

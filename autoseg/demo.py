@@ -505,6 +505,23 @@ def _dice_of(report: EvaluationReport) -> tuple[list[str], dict[str, dict[str, f
 # The whole demo
 
 
+class StageClock:
+    """Wall seconds per stage, in the order the stages ran, and the total (:meth:`finish`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._started = self._mark = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        """Record the seconds since the previous lap (or the start) as ``stage``."""
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._mark, 2)
+        self._mark = now
+
+    def finish(self) -> None:
+        self.seconds["total"] = round(time.perf_counter() - self._started, 2)
+
+
 def run(out: Path, settings: DemoSettings, device: str = "auto", hooks: DemoHooks | None = None,
         force: bool = False) -> DemoResult:
     """Materialise, check, plan, preprocess, train, predict, evaluate and draw, in ``out``.
@@ -520,43 +537,37 @@ def run(out: Path, settings: DemoSettings, device: str = "auto", hooks: DemoHook
         AutosegError: a bad option or OUT, or any stage's error (one-line message).
     """
     hooks = hooks or DemoHooks()
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
-
-    def timed(stage: str, since: float) -> float:
-        now = time.perf_counter()
-        seconds[stage] = round(now - since, 2)
-        return now
+    clock = StageClock()
 
     cfg = train_config(settings, device)  # bad options fail here, before any work
     paths = prepare(out, settings, force)
     train_ids, val_ids, test_ids = materialise(paths, settings)
     hooks.note(f"example: {len(train_ids) + len(val_ids)} case(s) for training → {paths.raw}, "
                f"{len(test_ids)} held out → {paths.test_images.parent}")
-    mark = timed("materialise", started)
+    clock.lap("materialise")
     with hooks.progress("checking and fingerprinting") as progress:
         line, _ = plan(paths, progress)
     hooks.note(line)
-    mark = timed("check_plan", mark)
+    clock.lap("check_plan")
     with hooks.progress("preprocessing") as progress:
         hooks.note(preprocess(paths, progress))
-    mark = timed("preprocess", mark)
+    clock.lap("preprocess")
     hooks.note(f"train: {CONFIGURATION} fold {FOLD}, budget {settings.time_budget_s:g} s")
     with hooks.training() as callbacks_for:
         hooks.note(train(paths, cfg, train_ids, val_ids, callbacks_for))
-    mark = timed("train", mark)
+    clock.lap("train")
     with hooks.predicting() as callbacks:
         hooks.note(predict(paths, device, callbacks))
-    mark = timed("predict", mark)
+    clock.lap("predict")
     with hooks.progress("evaluating") as progress:
         report = evaluate(paths, progress)
     labels, dice, case_mean = _dice_of(report)
-    mark = timed("evaluate", mark)
+    clock.lap("evaluate")
     with hooks.progress("drawing overlays") as progress:
         overlays = draw_overlays(paths, case_mean, progress)
     progress_png = copy_progress_png(paths)
-    timed("overlays", mark)
-    seconds["total"] = round(time.perf_counter() - started, 2)
+    clock.lap("overlays")
+    clock.finish()
 
     mean = report.summary.get("mean_foreground_dice")
     outputs = [("Dice, HD95, NSD per case and label", paths.report),
@@ -570,6 +581,6 @@ def run(out: Path, settings: DemoSettings, device: str = "auto", hooks: DemoHook
         "schema_version": RECORD_SCHEMA_VERSION, "demo": EXAMPLE, "settings": asdict(settings), "status": "finished",
         "device": device, "test_cases": test_ids, "train_cases": train_ids, "validation_cases": val_ids,
         "labels": labels, "dice": dice, "case_mean_dice": case_mean, "mean_foreground_dice": mean,
-        "seconds": seconds, "outputs": {str(p.relative_to(paths.root)): what for what, p in outputs},
+        "seconds": clock.seconds, "outputs": {str(p.relative_to(paths.root)): what for what, p in outputs},
     })
-    return DemoResult(paths, labels, dice, case_mean, mean, overlays, seconds, outputs)
+    return DemoResult(paths, labels, dice, case_mean, mean, overlays, clock.seconds, outputs)

@@ -25,7 +25,6 @@ every finished stage, as ``autoseg demo`` does.
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoseg.atomic import atomic_folder, write_json
-from autoseg.demo import (FOLD, RECORD_SCHEMA_VERSION, DemoHooks, DemoPaths, ProgressFn, copy_progress_png,
-                          prepare)
+from autoseg.demo import (FOLD, RECORD_SCHEMA_VERSION, DemoHooks, DemoPaths, ProgressFn, StageClock,
+                          copy_progress_png, prepare)
 from autoseg.errors import ConfigError, PlanError
 
 if TYPE_CHECKING:
@@ -291,41 +290,35 @@ def run(out: Path, settings: DenoiseDemoSettings, device: str = "auto", hooks: D
     from autoseg.demo import train_config
 
     hooks = hooks or DemoHooks()
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
-
-    def timed(stage: str, since: float) -> float:
-        now = time.perf_counter()
-        seconds[stage] = round(now - since, 2)
-        return now
+    clock = StageClock()
 
     train_config(settings, device)  # bad options fail here, before any work
     paths = prepare(out, settings, force, name=NAME)
     train_ids, val_id, test_id = write_slabs(paths, settings)
     hooks.note(f"example: {settings.slabs} slabs of {SLAB} slices of a real chest CT (LIDC-IDRI-0314, 0.78 mm pixels): "
                f"{len(train_ids)} train, {val_id} validates, {test_id} held out")
-    mark = timed("slabs", started)
+    clock.lap("slabs")
     with hooks.progress("simulating quarter dose") as progress:
         hooks.note(simulate(paths, settings, progress))
-    mark = timed("simulate", mark)
+    clock.lap("simulate")
     with hooks.progress("checking and fingerprinting") as progress:
         hooks.note(plan(paths, settings, device, progress))
-    mark = timed("check_plan", mark)
+    clock.lap("check_plan")
     with hooks.progress("preprocessing") as progress:
         hooks.note(preprocess(paths, progress))
-    mark = timed("preprocess", mark)
+    clock.lap("preprocess")
     hooks.note(f"train: {CONFIGURATION} fold {FOLD}, budget {settings.time_budget_s:g} s")
     with hooks.training() as callbacks_for:
         hooks.note(train(paths, settings, device, train_ids, val_id, callbacks_for))
-    mark = timed("train", mark)
+    clock.lap("train")
     with hooks.predicting() as callbacks:
         hooks.note(predict(paths, device, callbacks))
-    mark = timed("predict", mark)
+    clock.lap("predict")
     with hooks.progress("scoring and drawing panels") as progress:
         report = evaluate(paths, progress)
     progress_png = copy_progress_png(paths, CONFIGURATION)
-    timed("evaluate", mark)
-    seconds["total"] = round(time.perf_counter() - started, 2)
+    clock.lap("evaluate")
+    clock.finish()
 
     cases = {case: {"input": record.get("input", {}), "restored": record["restored"]}
              for case, record in report.cases.items()}
@@ -342,7 +335,7 @@ def run(out: Path, settings: DenoiseDemoSettings, device: str = "auto", hooks: D
     write_json(paths.record, {
         "schema_version": RECORD_SCHEMA_VERSION, "demo": NAME, "settings": asdict(settings), "status": "finished",
         "device": device, "dose": DOSE, "test_cases": [test_id], "train_cases": train_ids,
-        "validation_cases": [val_id], "window": window, "scores": cases, "seconds": seconds,
+        "validation_cases": [val_id], "window": window, "scores": cases, "seconds": clock.seconds,
         "outputs": {str(p.relative_to(paths.root)): what for what, p in outputs},
     })
-    return DenoiseDemoResult(paths, window, cases, panels, seconds, outputs)
+    return DenoiseDemoResult(paths, window, cases, panels, clock.seconds, outputs)

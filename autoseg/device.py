@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autoseg.errors import ConfigError
@@ -35,3 +37,22 @@ def resolve_device(name: str) -> "torch.device":
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device {name}: MPS is not available on this machine; use --device cpu")
     return device
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def has_bf16_units(flags: frozenset[str]) -> bool:
+    """Whether the CPU computes bf16 natively (AMX tiles or AVX-512 BF16); elsewhere bf16 is
+    emulated and slower than fp32."""
+    return bool({"amx_bf16", "avx512_bf16"} & flags)

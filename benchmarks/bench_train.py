@@ -1,14 +1,16 @@
 """Benchmark: training throughput of one configuration on preprocessed data, and its arithmetic floor.
 
     python benchmarks/bench_train.py WORK [-c 3d_fullres] [--iters 6] [--workers 0] [--batch-size B]
-                                     [--preset-features default] [--device cpu]
+                                     [--preset-features default] [--device cpu] [--precision auto|fp32|bf16]
 
 WORK must be planned (``autoseg plan``); it is preprocessed first if needed. Runs one epoch of
 ``--iters`` training iterations (no validation) through the real trainer (sampler, augmentation,
 network, loss, optimiser), skips the first iteration as warm-up, and prints JSON: seconds per
 iteration, samples/s, the fraction of step time spent waiting for data, peak RSS, and the
 arithmetic floor = FLOPs per iteration (forward + backward ≈ 3 × forward) / measured convolution
-throughput of this machine.
+throughput of this machine. With ``--precision bf16`` (bfloat16 autocast, ``train --precision
+bf16``) the floor is given twice: at the float32 rate and at the bfloat16 rate of the same
+convolution.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import time
 from pathlib import Path
 
 
-def conv_throughput_gflops(channels_last: bool, seconds: float = 3.0) -> float:
-    """Measured forward+backward GFLOP/s of a representative 3D convolution (32->32, 3^3, 40x56x40)."""
+def conv_throughput_gflops(channels_last: bool, seconds: float = 3.0, bf16: bool = False) -> float:
+    """Measured forward+backward GFLOP/s of a representative 3D convolution (32->32, 3^3, 40x56x40),
+    in float32 or under CPU bfloat16 autocast."""
     import torch
 
     x = torch.randn(2, 32, 40, 56, 40, requires_grad=True)
@@ -31,10 +34,15 @@ def conv_throughput_gflops(channels_last: bool, seconds: float = 3.0) -> float:
         x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
         conv = conv.to(memory_format=torch.channels_last_3d)
     flops = 2 * 32 * 32 * 27 * 40 * 56 * 40 * 2 * 3  # 2*MACs, batch 2, fwd + 2x bwd
-    conv(x).sum().backward()
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = conv(x)
+        out.float().sum().backward()
+
+    step()
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        conv(x).sum().backward()
+        step()
         n += 1
     return flops * n / (time.perf_counter() - start) / 1e9
 
@@ -48,6 +56,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--keep", action="store_true",
                         help="train into WORK/models (fold 0's checkpoints kept, e.g. to predict with) instead of a scratch copy")
     parser.add_argument("--json-line", action="store_true",
@@ -63,7 +72,8 @@ def main() -> None:
     config = plans.configuration(args.config)
     batch = args.batch_size or config.batch_size
     cfg = TrainConfig(epochs=1, iters_per_epoch=args.iters, val_iters=0, device=args.device,
-                      workers=args.workers, batch_size=batch, channels_last=not args.no_channels_last)
+                      workers=args.workers, batch_size=batch, channels_last=not args.no_channels_last,
+                      precision=args.precision)
     per_iteration: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         # Train in a scratch copy of the models folder so the benchmark never touches real runs.
@@ -97,6 +107,7 @@ def main() -> None:
         "features": list(config.topology.features_per_stage),
         "workers": args.workers,
         "device": args.device,
+        "precision": args.precision,
         "iterations_timed": len(per_iteration),
         "s_per_it": round(s_per_it, 3),
         "s_per_it_each": [round(t, 3) for t in per_iteration],
@@ -108,6 +119,10 @@ def main() -> None:
         "wall_s_including_setup": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if args.precision == "bf16" and args.device == "cpu":
+        bf16_rate = conv_throughput_gflops(channels_last=not args.no_channels_last and config.dims == 3, bf16=True)
+        result["measured_conv_gflops_fwd_bwd_bf16"] = round(bf16_rate, 1)
+        result["arithmetic_floor_s_per_it_bf16"] = round(flops_per_it / (bf16_rate * 1e9), 3)
     print(json.dumps(result, indent=2))
     if args.json_line:
         print("BENCH_RESULT " + json.dumps(result))

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_vs_nnunet.py --nnunet-python /path/to/nnunet-venv/bin/python \\
         [--dataset ../shared/data/OpenKBP_HN_CT] [--big-ct ../shared/data/CT_full_dose/LIDC-IDRI-0314.nii.gz] \\
-        [--out /tmp/vs-nnunet] [--stages plan,preprocess,train,predict] [--iters 6] [-j 2]
+        [--out /tmp/vs-nnunet] [--stages plan,preprocess,train,predict] [--iters 6] [-j 2] [--train-bf16]
 
 Each step is a fresh process of each tool, one after the other (never concurrently), timed by
 wall clock; peak memory is the largest sum of the resident set sizes of the process and all its
@@ -248,6 +248,8 @@ def main() -> None:
     parser.add_argument("--stages", default="plan,preprocess,train,predict")
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("-j", "--workers", type=int, default=2)
+    parser.add_argument("--train-bf16", action="store_true",
+                        help="train stage: also time autoseg under 'train --precision bf16' (CPU bf16 autocast)")
     args = parser.parse_args()
     stages = set(args.stages.split(","))
     out = args.out
@@ -300,10 +302,22 @@ def main() -> None:
         theirs = measure([tool(args.nnunet_python, "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr",
                           "nnUNetTrainer_bench", "-device", "cpu"], {**env, "BENCH_ITERS": str(args.iters)},
                          logs / "nnunet_train.log")
+        ours_bf16 = None
+        if args.train_bf16:  # last (into a scratch folder): a CPU without bf16 units refuses it
+            try:
+                ours_bf16 = measure([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), str(work), "-c",
+                                     "3d_fullres", "--iters", str(args.iters), "--precision", "bf16", "--json-line"],
+                                    log=logs / "autoseg_train_bf16.log")
+            except SystemExit as exc:
+                ours_bf16 = {"error": str(exc)}
         report["train_3d_fullres_at_nnunet_plan"] = {
             "autoseg": ours, "nnunet": theirs,
             "s_per_it_ratio": round(ours["s_per_it"] / theirs["s_per_it"], 3) if "s_per_it" in ours else None,
         }
+        if ours_bf16 is not None:
+            report["train_3d_fullres_at_nnunet_plan"]["autoseg_bf16"] = ours_bf16
+            report["train_3d_fullres_at_nnunet_plan"]["s_per_it_ratio_bf16"] = (
+                round(ours_bf16["s_per_it"] / theirs["s_per_it"], 3) if "s_per_it" in ours_bf16 else None)
 
     save()
     if "predict" in stages:

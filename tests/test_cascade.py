@@ -184,8 +184,10 @@ def test_lowres_then_cascade_trains_predicts_and_exports(experiment, tmp_path: P
             marked = np.zeros_like(labels[0])
             marked[: SHAPE[0] // 2] = fold + 1
             write_image(path, marked, geometry)
-    results = train(work, "3d_cascade_fullres", "0", FAST)
+    reported: list[tuple[int, int]] = []
+    results = train(work, "3d_cascade_fullres", "0", FAST, on_previous=lambda done, total: reported.append((done, total)))
     assert results[0].state.epoch == 1
+    assert reported == [(k, 4) for k in range(5)]  # every case of the fold's train + val, from 0
     assert (work / "models" / "3d_cascade_fullres" / "fold_0" / "metrics.json").is_file()
     folder = previous_folder(work, "3d_cascade_fullres")
     for fold, cases in ((0, ids[:2]), (1, ids[2:])):

@@ -104,3 +104,18 @@ def test_fold_validation_after_training_reports_its_cases_with_its_own_eta() -> 
         "fold 0 validation: case 2/4, elapsed 0:12, ETA 0:12",
         "fold 0 validation: case 4/4, elapsed 0:24, ETA 0:00",
     ]
+
+
+def test_cascade_preparation_of_the_previous_stage_reports_its_cases() -> None:
+    """A cascade's first step (the lowres segmentations of every case onto the fullres grid) takes
+    minutes on big CTs: it shows where it is, in the training display, and says when it ended."""
+    clock, log = FakeClock(), _log()
+    with training_progress(log, clock=clock) as callbacks_for:
+        callbacks_for.previous_stage(0, 6)
+        for done in range(1, 7):
+            clock.now += 4.0  # 6 cases of 4 s
+            callbacks_for.previous_stage(done, 6)
+    assert _lines(log) == [
+        "previous stage's segmentations onto this grid: case 3/6, elapsed 0:12, ETA 0:12",
+        "previous stage's segmentations onto this grid: case 6/6, elapsed 0:24, ETA 0:00",
+    ]

@@ -220,6 +220,39 @@ def test_channels_last_instance_norm_gradients() -> None:
     assert InstanceNorm3d(3, affine=True).state_dict().keys() == nn.InstanceNorm3d(3, affine=True).state_dict().keys()
 
 
+def test_channels_last_instance_norm_under_cpu_bf16_autocast() -> None:
+    """Under ``train --precision bf16`` the kernel takes the convolution's bfloat16 output, keeps
+    channels-last (PyTorch's own norm there copied to NCDHW and back), normalises in float32 and
+    matches a float64 reference to bfloat16's resolution, gradients included."""
+    torch.manual_seed(0)
+    norm = InstanceNorm3d(4, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x = (torch.randn(2, 4, 6, 7, 5) * 3 + 50).bfloat16().contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
+    grad = torch.randn(2, 4, 6, 7, 5).bfloat16()
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = (p.detach().double().requires_grad_() for p in (norm.weight, norm.bias))
+    reference = nn.functional.instance_norm(x64, weight=w64, bias=b64)
+    reference.backward(grad.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    out.backward(grad)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+    assert x.grad.is_contiguous(memory_format=torch.channels_last_3d)
+    assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32
+    # The reference sees the same bf16 input: what differs is the output's rounding to bf16 (8 bits,
+    # |out| <= ~4: ~0.016) and the gradient's.
+    torch.testing.assert_close(out.double(), reference, atol=0.03, rtol=0.01)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=0.02, rtol=0.02)
+    torch.testing.assert_close(norm.weight.grad.double(), w64.grad, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(norm.bias.grad.double(), b64.grad, atol=1e-3, rtol=1e-3)
+    # bf16 outside autocast is not this kernel's business (PyTorch's norm, whatever it does).
+    assert InstanceNorm3d(4, affine=True)._forward_channels_last(x.detach()) is None
+
+
 # ----------------------------------------------------------------------------------------------
 # errors
 

@@ -157,6 +157,55 @@ def test_time_budget_stops_training(tmp_path: Path) -> None:
     assert state.history[-1]["lr"] < cfg.resolved_lr == 1e-3  # AdamW; the schedule ran on elapsed time
 
 
+def test_cpu_bf16_training_trains_and_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--precision bf16`` on a CPU with bf16 units trains under bfloat16 autocast (the step's
+    convolutions see bfloat16) and says so in train_config.yaml; without the units it refuses."""
+    import yaml
+
+    from autoseg.training import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    seen: list[torch.dtype] = []
+    original = torch.nn.Conv3d.forward
+
+    def spy(self, x):  # noqa: ANN001, ANN202
+        out = original(self, x)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv3d, "forward", spy)
+    setup = _setup(tmp_path)
+    state = train_fold(setup, replace(FAST, precision="bf16"))
+    assert all(np.isfinite(r["train_loss"]) for r in state.history)
+    assert torch.bfloat16 in seen
+    record = yaml.safe_load(setup.paths.config.read_text())
+    assert record["resolved"]["precision"] == "bf16 autocast" and record["train"]["precision"] == "bf16"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    with pytest.raises(ConfigError, match="no bf16 units"):
+        train_fold(_setup(tmp_path, name="no_units"), replace(FAST, precision="bf16"))
+
+
+def test_resume_at_another_precision_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoseg.training import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    setup = _setup(tmp_path)
+    train_fold(setup, replace(FAST, epochs=1, precision="bf16"))
+    setup.paths.final.unlink()  # as if killed after epoch 1
+    with pytest.raises(ConfigError, match="resume with --precision bf16"):
+        train_fold(setup, replace(FAST, epochs=2), resume=True)
+    assert train_fold(setup, replace(FAST, epochs=2, precision="bf16"), resume=True).epoch == 2
+
+
+def test_precision_option_is_checked_and_auto_is_not_recorded() -> None:
+    assert "precision" not in FAST.to_dict()  # earlier records and digests unchanged
+    assert replace(FAST, precision="fp32").to_dict()["precision"] == "fp32"
+    with pytest.raises(ConfigError, match="expected auto, fp32 or bf16"):
+        replace(FAST, precision="fp16")
+    with pytest.raises(ConfigError, match="--no-amp"):
+        replace(FAST, precision="bf16", amp=False)
+
+
 def test_unavailable_device_is_a_clear_error(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA present")

@@ -172,7 +172,8 @@ def training_progress(console: Console, *, clock: Clock = time.monotonic) -> Ite
         clock: monotonic seconds, for the plain lines (a fake clock in tests).
 
     Yields:
-        ``callbacks_for(fold)``, making the fold's ``autoseg.training.trainer.Callbacks``.
+        ``callbacks_for(fold)``, making the fold's ``autoseg.training.trainer.Callbacks``; its
+        ``previous_stage(done, total)`` reports a cascade's preparation of the previous stage.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -232,6 +233,24 @@ def training_progress(console: Console, *, clock: Clock = time.monotonic) -> Ite
 
         return Callbacks(on_epoch_start=start, on_iteration=step, on_epoch_end=end, on_validation=validating)
 
+    previous: dict = {}
+
+    def previous_stage(done: int, total: int) -> None:
+        # A cascade's first step (autoseg.training.cascade.prepare_previous): a bar in the same live
+        # display (a second one cannot run beside it), or lines.
+        if "id" not in previous:
+            previous["id"] = progress.add_task("previous stage's segmentations onto this grid (cases)",
+                                               total=total, loss="-")
+            previous["lines"] = None if console.is_terminal else ProgressLines(console, clock)
+        progress.update(previous["id"], completed=done, total=total)
+        lines_ = previous["lines"]
+        if lines_ is not None and total and (lines_.due() or (done == total and lines_.long_running())):
+            lines_.say(f"previous stage's segmentations onto this grid: case {done}/{total}, "
+                       f"{lines_.timing(done / total)}")
+        if done == total:
+            progress.remove_task(previous.pop("id"))
+
+    callbacks_for.previous_stage = previous_stage  # type: ignore[attr-defined]
     with progress:
         yield callbacks_for
 

@@ -56,7 +56,12 @@ def train_cmd(
     workers: Annotated[Optional[int], typer.Option(
         "-j", "--workers", help="Background augmentation processes; 0 = in the training process (default: 0 "
                                 "on a CPU with <= 4 cores, where workers steal the step's cores).", min=0)] = None,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (--no-amp: the same "
+                                                             "as --precision fp32).")] = True,
+    precision: Annotated[str, typer.Option(
+        "--precision", help="auto (mixed precision on CUDA, fp32 on the CPU), fp32, or bf16: bfloat16 autocast, "
+                            "also on a CPU with AMX / AVX-512 BF16 (about 1.6x faster steps there; opt-in "
+                            "because time budgets are planned on fp32 rates).")] = "auto",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the network (CUDA).")] = False,
     save_every: Annotated[int, typer.Option("--save-every", help="Epochs between checkpoint_latest.pt writes.",
                                             min=1)] = 1,
@@ -101,18 +106,20 @@ def train_cmd(
             iters_per_epoch=iters_per_epoch if (iters_per_epoch or budget) else 250,
             val_iters=val_iters, time_budget_s=budget, optimizer=optimizer,
             lr=lr, batch_size=batch_size, device=device,
-            amp=amp, compile=compile_, seed=seed, workers=workers, save_every=save_every, loss=loss,
+            amp=amp, precision=precision, compile=compile_, seed=seed, workers=workers, save_every=save_every, loss=loss,
         )
+        import os
+
         with training_progress(console) as callbacks_for:
             results = training.run(
                 work, configuration, fold, cfg, resume=resume, splits_file=splits, callbacks_for=callbacks_for,
+                # under torchrun, rank 0 alone reports (the others wait on the same lock)
+                on_previous=callbacks_for.previous_stage if os.environ.get("RANK", "0") == "0" else None,  # type: ignore[attr-defined]
                 on_preprocess=lambda name: console.print(f"{name} is not preprocessed yet: preprocessing it first"),
                 validate=validate, validate_only=validate_only, launch=launch,
                 on_budget=lambda line: console.print(line),
                 on_validated=lambda fold, m: console.print(validation_line(fold, m)),
             )
-        import os
-
         rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
         for result in [] if (validate_only or not rank0) else results:
             last = result.state.history[-1] if result.state.history else {}

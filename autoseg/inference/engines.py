@@ -28,7 +28,6 @@ weights (the fold was trained again) is not used.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 from collections import OrderedDict
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from autoseg.device import cpu_flags, has_bf16_units
 from autoseg.errors import ConfigError, UnknownNameError
 
 if TYPE_CHECKING:
@@ -68,25 +68,6 @@ class EngineChoice:
 
     def describe(self) -> str:
         return f"{self.engine} {self.precision}" + (f" ({self.reason})" if self.reason else "")
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
-
-
-def has_bf16_units(flags: frozenset[str]) -> bool:
-    """Whether the CPU computes bf16 natively (AMX tiles or AVX-512 BF16); elsewhere bf16 is
-    emulated and slower than fp32."""
-    return bool({"amx_bf16", "avx512_bf16"} & flags)
 
 
 def installed(name: str) -> bool:

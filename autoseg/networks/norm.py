@@ -7,8 +7,11 @@ tensor: instance_norm 3.8 ms on NCDHW but 15-26 ms on channels_last_3d, of which
 copy to NCDHW). :class:`InstanceNorm3d` runs a two-pass mean/variance in the input's own layout
 instead (about 4 ms forward, 12 ms forward+backward, against torch's 33 ms). With it, the default
 plan's Hippocampus network (40x56x40, batch 2) trains about 1.15x faster in channels_last_3d than
-in NCDHW on that CPU; with torch's norm it was slower than NCDHW. Any other input (NCDHW, CUDA,
-non-float32, CPU autocast) goes to PyTorch's kernel.
+in NCDHW on that CPU; with torch's norm it was slower than NCDHW. Under CPU bfloat16 autocast
+(``train --precision bf16``) the same kernel normalises the convolution's bfloat16 output in
+float32 and returns bfloat16: PyTorch's kernel there (float32 policy) added the layout copies back
+and made a bf16 step slower than an fp32 one. Any other input (NCDHW, CUDA, float16/float64,
+bfloat16 outside autocast) goes to PyTorch's kernel.
 
 The state dict is the same as ``torch.nn.InstanceNorm{2,3}d(affine=True)``'s.
 """
@@ -45,12 +48,19 @@ class _InstanceNormChannelsLast(torch.autograd.Function):
                 eps: float) -> torch.Tensor:
         dims = tuple(range(2, x.dim()))
         shape = (1, -1) + (1,) * len(dims)
+        # A bfloat16 input (CPU autocast) is normalised in float32. Explicit casts: on the CPU,
+        # elementwise ops that mix bfloat16 and float32 (or store into a bfloat16 ``out``) run
+        # 2-4x slower than a cast followed by a float32 op.
+        dtype = x.dtype
+        if dtype == torch.bfloat16:
+            x = x.float()
         centred = x - x.mean(dim=dims, keepdim=True)
         var = torch.mean(centred * centred, dim=dims, keepdim=True)
         rstd = torch.rsqrt(var + eps)
-        scale = weight.view(shape) * rstd
+        scale = weight.to(x.dtype).view(shape) * rstd
         ctx.save_for_backward(centred, weight, rstd)
-        return torch.addcmul(bias.view(shape), centred, scale)
+        ctx.input_dtype = dtype  # type: ignore[attr-defined]
+        return torch.addcmul(bias.to(x.dtype).view(shape), centred, scale).to(dtype)
 
     @staticmethod
     @once_differentiable
@@ -59,16 +69,17 @@ class _InstanceNormChannelsLast(torch.autograd.Function):
         dims = tuple(range(2, centred.dim()))
         shape = (1, -1) + (1,) * len(dims)
         n = centred[0, 0].numel()
+        grad = grad.to(centred.dtype)
         sum_g = grad.sum(dim=dims, keepdim=True)
         sum_g_centred = (grad * centred).sum(dim=dims, keepdim=True)
-        scale = weight.view(shape) * rstd
+        scale = weight.to(centred.dtype).view(shape) * rstd
         # d/dx of w * (x - mean) * rstd + b, written as grad * A + centred * B + C so that it
         # takes two fused passes over the tensor.
         grad_x = torch.addcmul(-scale * sum_g / n, grad, scale)
         grad_x.addcmul_(centred, -scale * rstd * rstd * sum_g_centred / n)
         grad_weight = (rstd * sum_g_centred).sum(0).flatten()
         grad_bias = sum_g.sum(0).flatten()
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x.to(ctx.input_dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
 
 
 def _cpu_autocast() -> bool:
@@ -84,11 +95,11 @@ class _ChannelsLastMixin:
     eps: float
 
     def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor | None:
-        if (x.device.type != "cpu" or not channels_last(x) or x.dtype != torch.float32 or self.weight is None
-                or self.track_running_stats):
+        if (x.device.type != "cpu" or not channels_last(x) or self.weight is None or self.track_running_stats
+                or x.dtype not in (torch.float32, torch.bfloat16)):
             return None
-        if _cpu_autocast():
-            return None  # low-precision reductions: leave it to PyTorch's kernel
+        if x.dtype == torch.bfloat16 and not _cpu_autocast():
+            return None
         return _InstanceNormChannelsLast.apply(x, self.weight, self.bias, self.eps)  # type: ignore[no-any-return]
 
 

@@ -140,6 +140,8 @@ def prepare_previous(work: Path, plans: Plans, configuration: str, splits: list,
     folder = previous_folder(work, configuration)
     folder.mkdir(parents=True, exist_ok=True)
     cases = {case.case_id: case for case in load_work_cases(work)}
+    if progress is not None:
+        progress(0, len(case_ids))
     with _waiting_lock(folder / ".lock"):
         for index, case_id in enumerate(case_ids):
             source = validation_folder(work, previous, _source_fold(splits, case_id)) / \

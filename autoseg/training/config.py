@@ -37,6 +37,9 @@ class TrainConfig:
         oversample: forced-foreground fraction of each batch (nnU-Net: 0.33).
         device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
+        precision: ``auto`` (``amp`` on CUDA, float32 elsewhere), ``fp32`` (no autocast anywhere) or
+            ``bf16`` (bfloat16 autocast, also on a CPU with bf16 units: AMX or AVX-512 BF16).
+            Recorded only when not ``auto``, so earlier records and digests stay as they were.
         compile: ``torch.compile`` the network (CUDA only).
         seed: seeds the network init and every epoch's batches (``(seed, fold, epoch)``).
         workers: background augmentation processes; ``None`` = automatic (0 on a CPU with ≤ 4
@@ -67,6 +70,7 @@ class TrainConfig:
     save_every: int = 1
     channels_last: bool = True
     loss: str | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -87,6 +91,10 @@ class TrainConfig:
             raise ConfigError(f"--oversample must be in [0, 1], not {self.oversample}")
         if self.save_every < 1:
             raise ConfigError(f"--save-every must be >= 1, not {self.save_every}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"--precision {self.precision!r}: expected auto, fp32 or bf16")
+        if self.precision == "bf16" and not self.amp:
+            raise ConfigError("--precision bf16 asks for mixed precision and --no-amp turns it off; give one of them")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"--device {self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
 
@@ -106,6 +114,8 @@ class TrainConfig:
         data = dataclasses.asdict(self)
         if data["loss"] is None:
             del data["loss"]
+        if data["precision"] == "auto":
+            del data["precision"]
         return data
 
     def digest(self) -> str:

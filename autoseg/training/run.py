@@ -113,6 +113,7 @@ def run(
     on_validated: Callable[[int, dict], None] | None = None,
     launch: Launch | None = None,
     on_budget: Callable[[str], None] | None = None,
+    on_previous: Callable[[int, int], None] | None = None,
 ) -> list[FoldResult]:
     """Train ``folds`` of ``configuration`` in ``work``, then validate each fold in full.
 
@@ -123,7 +124,8 @@ def run(
     Preprocesses the configuration first if that was not done (``on_preprocess`` is told). After
     training, the fold's validation cases are predicted from the raw images with the predictor
     and scored into ``fold_<k>/metrics.json`` (``validate=False`` skips it; ``validate_only``
-    redoes only that, from ``checkpoint_final.pt``).
+    redoes only that, from ``checkpoint_final.pt``). A cascade stage first brings the previous
+    stage's cross-validation segmentations onto its grid (``on_previous(done, total)`` over the cases).
 
     ``launch`` (see :func:`autoseg.distributed.resolve_launch`) trains each fold with DDP
     over several processes, or several folds at once, one per process. Started by ``torchrun``
@@ -135,6 +137,11 @@ def run(
     work = Path(work)
     plans = plans_io.load(WorkPaths(work).plans)
     plans.configuration(configuration)  # raises with a did-you-mean for an unknown name
+    if not validate_only:  # --precision bf16 without bf16 units: said before any work
+        from autoseg.device import resolve_device
+        from autoseg.training.precision import step_dtype
+
+        step_dtype(resolve_device(launch.devices[0] if launch is not None and launch.devices else cfg.device), cfg)
     data_config = DATA_OF.get(configuration, configuration)
     data_folder = work / "preprocessed" / data_config
     case_ids = case_ids_of(work)
@@ -156,7 +163,7 @@ def run(
 
         fold_ids = parse_folds(folds, len(splits))
         used = sorted({c for f in fold_ids for part in crossval.fold_cases(splits, f).values() for c in part})
-        prepare_previous(work, plans, configuration, splits, used)
+        prepare_previous(work, plans, configuration, splits, used, on_previous)
     if cfg.time_budget_s is not None and validate and not validate_only:
         cfg = _reserve_validation(plans, configuration, folds, splits, cfg, launch, on_budget or (lambda line: None))
     from autoseg import distributed

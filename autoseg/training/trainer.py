@@ -33,6 +33,7 @@ from autoseg.errors import ConfigError
 from autoseg.networks import build_network
 from autoseg.plans import Configuration, Plans
 from autoseg.training.config import TrainConfig
+from autoseg.training.precision import precision_name, step_dtype
 from autoseg.distributed import (SINGLE, DistContext, all_gather_strings, all_reduce_sum, broadcast_float,
                                  local_processes, rank_batch, rank_oversample, weights_digest)
 from autoseg.tasks import Task, task_of
@@ -149,14 +150,6 @@ def _memory_format(device: torch.device, config: Configuration, cfg: TrainConfig
     return torch.contiguous_format
 
 
-def _autocast_dtype(device: torch.device, cfg: TrainConfig) -> torch.dtype | None:
-    # Not on the CPU: on AMX bf16 speeds the forward pass up 1.34x but slows the backward down 1.25x
-    # (no gain per step; Hippocampus default plan, benchmarks/profile_train_step.py).
-    if not cfg.amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and records
 
@@ -195,7 +188,8 @@ def write_train_config(path: Path, cfg: TrainConfig, plans: Plans, configuration
         "train": cfg.to_dict(),
         "train_digest": cfg.digest(),
         "resolved": {"device": str(device), "workers": workers, "batch_size": batch_size,
-                     "optimizer": cfg.resolved_optimizer, "lr": cfg.resolved_lr, "processes": world_size},
+                     "optimizer": cfg.resolved_optimizer, "lr": cfg.resolved_lr, "processes": world_size,
+                     "precision": precision_name(step_dtype(device, cfg))},
         "plans_fingerprint_sha256": plans.fingerprint_sha256,
         "environment": {"torch": str(torch.__version__), "python": platform.python_version(),
                         "cuda": torch.version.cuda, "threads": torch.get_num_threads()},
@@ -301,7 +295,7 @@ def _train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool, callbacks: Cal
     memory_format = _memory_format(device, config, cfg)
     net = net.to(device=device, memory_format=memory_format)
     optimizer = make_optimizer(net, cfg)
-    autocast_dtype = _autocast_dtype(device, cfg)
+    autocast_dtype = step_dtype(device, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
     n_outputs = config.topology.num_stages - 1
     # The task's loss (segmentation: Dice + CE, or Dice + BCE over sigmoid region outputs) at every
@@ -572,6 +566,7 @@ def _full_payload(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
         },
         "torch_rng": torch.get_rng_state(),
         "loss": cfg.loss,
+        "precision": cfg.precision,
     })
     return payload
 
@@ -587,9 +582,13 @@ def _restore(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scale
     if "loss" in data and data["loss"] != cfg.loss:  # a resumed run continues the same objective
         raise ConfigError(f"{path}: this fold was started with --loss {data['loss'] or 'default'}, not "
                           f"{cfg.loss or 'default'}; resume with the same --loss")
+    if "precision" in data and data["precision"] != cfg.precision:  # --resume continues exactly
+        raise ConfigError(f"{path}: this fold was started with --precision {data['precision']}, not "
+                          f"{cfg.precision}; resume with --precision {data['precision']}")
     net.load_state_dict(data["model"])
     optimizer.load_state_dict(data["optimizer"])
-    scaler.load_state_dict(data["grad_scaler"])
+    if data["grad_scaler"]:  # empty when the run had no fp16 loss scaling
+        scaler.load_state_dict(data["grad_scaler"])
     torch.set_rng_state(data["torch_rng"])
     saved = data["state"]
     return TrainState(

@@ -38,6 +38,7 @@ from autoseg.errors import ConfigError, PlanError
 if TYPE_CHECKING:
     from autoseg.evaluation.evaluate import EvaluationReport
     from autoseg.inference.run import PredictCallbacks
+    from autoseg.plans import Configuration, Plans
     from autoseg.training.config import TrainConfig
     from autoseg.training.trainer import Callbacks
 
@@ -351,15 +352,28 @@ def plan(paths: DemoPaths, progress: ProgressFn | None) -> tuple[str, bool]:
     from autoseg.planning import run as experiment
 
     report, _, plans, reused = experiment.plan_dataset(paths.raw, paths.work, PLANNER, None, None, progress)
-    if CONFIGURATION not in plans.configurations:
-        raise PlanError(f"{paths.work / 'plans.yaml'}: the {PLANNER} preset planned no {CONFIGURATION}; "
-                        "delete OUT and run the demo again")
-    config = plans.configurations[CONFIGURATION]
+    config = planned_configuration(paths, plans, PLANNER, CONFIGURATION)
     n_cases = len(report.spec.cases) if report.spec else 0
-    patch = " × ".join(str(p) for p in config.patch_size)
     return (f"check: {n_cases} training case(s), {len(report.errors)} error(s), {len(report.warnings)} warning(s)"
-            f"{' (fingerprint reused)' if reused else ''}; plan ({PLANNER} preset): {CONFIGURATION} patch {patch}, "
-            f"batch {config.batch_size}, {config.topology.num_stages} stages"), reused
+            f"{' (fingerprint reused)' if reused else ''}; plan ({PLANNER} preset): {CONFIGURATION} patch "
+            f"{patch_text(config)}, batch {config.batch_size}, {config.topology.num_stages} stages"), reused
+
+
+def planned_configuration(paths: DemoPaths, plans: Plans, planner: str, configuration: str) -> Configuration:
+    """The demo's configuration in the plans just made.
+
+    Raises:
+        PlanError: the preset planned no such configuration (the fix: start the demo afresh).
+    """
+    if configuration not in plans.configurations:
+        raise PlanError(f"{paths.work / 'plans.yaml'}: the {planner} preset planned no {configuration}; "
+                        "delete OUT and run the demo again")
+    return plans.configurations[configuration]
+
+
+def patch_text(config: Configuration) -> str:
+    """``40 × 56 × 40``."""
+    return " × ".join(str(p) for p in config.patch_size)
 
 
 def preprocess(paths: DemoPaths, progress: ProgressFn | None) -> str:

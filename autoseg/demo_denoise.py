@@ -34,8 +34,8 @@ import numpy as np
 
 from autoseg.atomic import atomic_folder, write_json
 from autoseg.demo import (FOLD, RECORD_SCHEMA_VERSION, DemoHooks, DemoPaths, ProgressFn, StageClock,
-                          copy_progress_png, prepare)
-from autoseg.errors import ConfigError, PlanError
+                          copy_progress_png, patch_text, planned_configuration, prepare)
+from autoseg.errors import ConfigError
 
 if TYPE_CHECKING:
     from autoseg.evaluation.restoration import RestorationReport
@@ -202,19 +202,15 @@ def plan(paths: DemoPaths, settings: DenoiseDemoSettings, device: str, progress:
         if CONFIGURATION in plans.configurations:
             config = plans.configurations[CONFIGURATION]
             return (f"plan: {paths.work / 'plans.yaml'} exists (planned by an earlier run): reused; {CONFIGURATION} "
-                    f"patch {' × '.join(str(p) for p in config.patch_size)}, batch {config.batch_size}")
+                    f"patch {patch_text(config)}, batch {config.batch_size}")
     throughput = _throughput(device)
     report, _, plans, reused = experiment.plan_dataset(paths.raw, paths.work, PLANNER, None, None, progress,
                                                        time_budget_s=settings.time_budget_s, throughput=throughput)
-    if CONFIGURATION not in plans.configurations:
-        raise PlanError(f"{paths.work / 'plans.yaml'}: the {PLANNER} preset planned no {CONFIGURATION}; "
-                        "delete OUT and run the demo again")
-    config = plans.configurations[CONFIGURATION]
+    config = planned_configuration(paths, plans, PLANNER, CONFIGURATION)
     n_cases = len(report.spec.cases) if report.spec else 0
-    patch = " × ".join(str(p) for p in config.patch_size)
     return (f"check: {n_cases} pair(s), {len(report.errors)} error(s), {len(report.warnings)} warning(s)"
             f"{' (fingerprint reused)' if reused else ''}; plan ({PLANNER} preset sized for "
-            f"{settings.time_budget_s:g} s, task {plans.task}): {CONFIGURATION} patch {patch}, batch "
+            f"{settings.time_budget_s:g} s, task {plans.task}): {CONFIGURATION} patch {patch_text(config)}, batch "
             f"{config.batch_size}, {config.topology.num_stages} stages")
 
 

@@ -102,6 +102,9 @@ class Configuration:
         previous_stage_channels: a cascade stage's extra input channels: the previous stage's
             segmentation, one-hot, one channel per foreground label value (0 elsewhere; not
             written when 0).
+        mirror_axes: the patch axes mirrored in training and in mirroring TTA (0-based, ``(0, 1, 2)``
+            in 3D); None (not written) for every axis. The planner leaves out the left-right axis
+            when labels come in left/right pairs (:mod:`autoseg.planning.mirroring`).
     """
 
     dims: int
@@ -117,6 +120,7 @@ class Configuration:
     previous_stage: str | None = None
     next_stage: str | None = None
     previous_stage_channels: int = 0
+    mirror_axes: tuple[int, ...] | None = None
 
     @property
     def input_channels(self) -> int:
@@ -196,6 +200,8 @@ def to_dict(plans: Plans) -> dict[str, Any]:
     for config in data["configurations"].values():
         if not config.get("previous_stage_channels"):
             config.pop("previous_stage_channels", None)  # only cascade stages have them
+        if config.get("mirror_axes") is None:
+            config.pop("mirror_axes", None)  # every axis: plans without left/right labels stay as before
     return {"schema_version": data.pop("schema_version"), **data}
 
 
@@ -452,6 +458,13 @@ def _validate(plans: Plans) -> None:
                             + ("(one per foreground label value of the previous stage's segmentation)"
                                if config.previous_stage else "without a previous_stage")
                             + f", got {config.previous_stage_channels}")
+        if config.mirror_axes is not None and not plans.labels:
+            raise PlanError(f"{where}.mirror_axes: only segmentation plans choose their mirror axes "
+                            f"(a {plans.task} task mirrors every axis); remove the key")
+        if config.mirror_axes is not None and (len(set(config.mirror_axes)) != len(config.mirror_axes) or any(
+                not 0 <= a < dims for a in config.mirror_axes)):
+            raise PlanError(f"{where}.mirror_axes: {list(config.mirror_axes)}: distinct patch axes from 0 to "
+                            f"{dims - 1} ([] for no mirroring; remove the key to mirror every axis)")
         if config.previous_stage and (config.dims != 3 or plans.configurations[config.previous_stage].dims != 3):
             raise PlanError(f"{where}: a cascade links two 3D configurations")
 

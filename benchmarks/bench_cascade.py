@@ -7,11 +7,14 @@ The data (synthetic, CT-like, written by :func:`make_raw`): 48x160x160 voxels at
 (soft tissue, 40 HU, wider than the image so that no left or right outline shows), a spinal cord
 on the midline (label 3, 120 HU, inside a 700 HU bone ring that is not labelled) and two glands of
 the same look (70 HU, radii 5-8 mm) at mirrored positions 40-48 mm either side of the midline:
-label 1 on the image's +x side, label 2 on its -x side. Body position, gland sizes and positions
-vary per case. A gland alone does not say which side it is on: only the context (the midline) does,
-and a patch that sees one gland and not the midline cannot tell label 1 from label 2. This is the situation nnU-Net's cascade
-is for (large organs and left/right structures in images several patches wide), made small enough
-for a 2-core CPU.
+label 1 (``gland_left``) on the image's +x side (the patient's left: ITK's physical space is LPS and
+the direction is the identity), label 2 (``gland_right``) on its -x side. Body position, gland sizes
+and positions vary per case. A gland alone does not say which side it is on: only the context (the
+midline) does, and a patch that sees one gland and not the midline cannot tell label 1 from label 2.
+The label names make the planner leave the left-right axis (x) out of mirroring
+(:mod:`autoseg.planning.mirroring`); with it mirrored no stage could learn the side at all. This
+is the situation nnU-Net's cascade is for (large organs and left/right structures in images several
+patches wide), made small enough for a 2-core CPU.
 
 Preset: ``cpu`` with ``memory_budget_gb`` set to ``--budget-gb`` (default 0.1) so that the
 3d_fullres patch covers under a quarter of the image and the planner plans 3d_lowres and
@@ -34,7 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (48, 160, 160)
-LABELS = {"background": 0, "gland_plus_x": 1, "gland_minus_x": 2, "cord": 3}
+LABELS = {"background": 0, "gland_left": 1, "gland_right": 2, "cord": 3}
 FOLDS = 3
 CONFIGS = ("3d_lowres", "3d_fullres", "3d_cascade_fullres")
 
@@ -99,6 +102,20 @@ def _mean(summary: dict, name: str, value: int, metric: str) -> float | None:
     return None if mean is None else round(mean, 4)
 
 
+def side_swapped(pred_dir: Path, ref_dir: Path) -> float:
+    """The fraction of reference gland voxels (labels 1 and 2) predicted as the *other* gland."""
+    import SimpleITK as sitk
+
+    swapped = total = 0
+    for ref_path in sorted(ref_dir.glob("*.nii.gz")):
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_path)))
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / ref_path.name)))
+        glands = (ref == 1) | (ref == 2)
+        swapped += int((glands & (pred == 3 - ref)).sum())
+        total += int(glands.sum())
+    return round(swapped / max(total, 1), 4)
+
+
 def run(cmd: list[str], log: list[dict]) -> float:
     """Run one CLI command (printed), fail loudly, return its wall time."""
     print("$", " ".join(cmd), flush=True)
@@ -153,7 +170,8 @@ def main() -> None:
                         "-c", config, "-f", "0"], log)
             run([*autoseg, "evaluate", str(target), str(raw / "labelsTs"), "-l", str(raw)], log)
             summary = json.loads((target / "evaluation.json").read_text())["summary"]["labels"]
-            results[config] = {"predict_wall_s": round(wall, 1), **{
+            results[config] = {"predict_wall_s": round(wall, 1),
+                               "gland_voxels_side_swapped": side_swapped(target, raw / "labelsTs"), **{
                 name: {m: _mean(summary, name, v, m) for m in ("dice", "hd95")} for name, v in LABELS.items() if v}}
     (out / "result.json").write_text(json.dumps({"log": log, "results": results}, indent=2) + "\n")
     print(json.dumps({"log": log, "results": results}, indent=2))

@@ -157,8 +157,9 @@ def rotation_range_deg(config: Configuration, settings: AugmentationSettings) ->
 
 
 def mirror_axes(config: Configuration) -> tuple[int, ...]:
-    """Spatial axes mirrored in training, which are also the axes for mirroring TTA."""
-    return tuple(range(config.dims))
+    """Spatial axes mirrored in training, which are also the axes for mirroring TTA: the plan's
+    ``mirror_axes`` (the planner leaves out the left-right axis for left/right labels), else all."""
+    return tuple(range(config.dims)) if config.mirror_axes is None else tuple(config.mirror_axes)
 
 
 def initial_patch_size(config: Configuration, settings: AugmentationSettings) -> tuple[int, ...]:
@@ -291,7 +292,7 @@ class Augmenter:
         self.transforms = Compose(self._build())
 
     def _build(self) -> list[AbstractTransform]:
-        s, dims = self.settings, self.config.dims
+        s = self.settings
         angle = math.radians(rotation_range_deg(self.config, s))
         spatial_patch = self.patch_size[1:] if self.in_plane_only else self.patch_size
         spatial = SpatialTransform(
@@ -326,8 +327,8 @@ class Augmenter:
             GammaTransform(gamma_range=s.gamma, invert_image=False, per_channel=True, retain_stats=True,
                            p_per_sample=s.p_gamma),
         ]
-        if s.mirror:
-            transforms.append(MirrorTransform(axes=tuple(range(dims)), p_per_sample=1))
+        if s.mirror and mirror_axes(self.config):
+            transforms.append(MirrorTransform(axes=mirror_axes(self.config), p_per_sample=1))
         return transforms
 
     def __call__(self, image: np.ndarray, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

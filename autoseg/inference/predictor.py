@@ -287,10 +287,12 @@ class Predictor:
         return tuple(m.name for m in self.models)
 
     def mirror_axes(self, configuration: str) -> tuple[int, ...]:
-        """The TTA mirror axes of a configuration: the axes mirrored in training (every spatial
-        axis of the patch, :func:`autoseg.data.augment.mirror_axes`); empty without TTA."""
+        """The TTA mirror axes of a configuration: the axes mirrored in training
+        (:func:`autoseg.data.augment.mirror_axes`); empty without TTA."""
+        from autoseg.data.augment import mirror_axes
+
         config = next(m.config for m in [*self.models, *self.previous_stages.values()] if m.name == configuration)
-        return tuple(range(config.dims)) if self.tta else ()
+        return mirror_axes(config) if self.tta else ()
 
     def _net_fn(self, models: _ConfigModels, nets: Sequence["torch.nn.Module"] | None = None,
                 ) -> Callable[["torch.Tensor"], "torch.Tensor"]:

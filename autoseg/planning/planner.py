@@ -19,6 +19,7 @@ from autoseg.channels import FALLBACK_SCHEME, is_known_channel, scheme_for_chann
 from autoseg.dataset.fingerprint import Fingerprint
 from autoseg.dataset.kinds import DATASET_KINDS
 from autoseg.errors import PlanError
+from autoseg.planning.mirroring import with_mirror_axes
 from autoseg.planning.presets import Preset
 from autoseg.planning.restoration import restoration_normalization, restoration_notes
 
@@ -320,6 +321,11 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
         from autoseg.planning.budget import apply_budget
 
         configs, fits = apply_budget(configs, budget, preset, num_classes, notes)
+    if not restoration:
+        orientations: dict[str, int] = {}
+        for case in fp.cases:
+            orientations[case.orientation] = orientations.get(case.orientation, 0) + 1
+        configs = with_mirror_axes(configs, fp.labels, orientations, transpose, notes)
     notes.extend(region_notes(fp.labels))
     notes.extend(restoration_notes(fp, normalization) if restoration else [])
     notes.extend(f"channel {index} ({name!r}): no modality autoseg knows; normalised with {FALLBACK_SCHEME} "

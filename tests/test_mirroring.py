@@ -1,0 +1,145 @@
+"""Left/right labels: the planner leaves the left-right axis out of mirroring, in training and TTA.
+
+A mirrored patch keeps its labels, so mirroring along the left-right axis teaches a network that a
+left parotid on the right side is still "left": it can learn the organ but not its side (nnU-Net
+issues #80, #869, #2225). These tests pin each link: the names, the axis from the orientation, the
+plan, the augmentation and the test-time augmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autoseg import plans as plans_io
+from autoseg.data import AugmentationSettings, Augmenter, mirror_axes
+from autoseg.errors import PlanError
+from autoseg.planning import load_preset, plan
+from autoseg.planning.mirroring import left_right_axis, left_right_pairs, name_words, planned_mirror_axes
+from test_data import make_config
+from test_planning import make_fingerprint
+
+OPENKBP = {"background": [0], "Brainstem": [1], "SpinalCord": [2], "RightParotid": [3], "LeftParotid": [4],
+           "Esophagus": [5], "Larynx": [6], "Mandible": [7]}
+
+
+@pytest.mark.parametrize(("names", "pairs"), [
+    (OPENKBP, [("LeftParotid", "RightParotid")]),
+    (["background", "Parotid_L", "Parotid_R", "Cochlea_L"], [("Parotid_L", "Parotid_R")]),
+    (["kidney_left", "kidney_right", "lung_upper_lobe_left", "lung_upper_lobe_right"],
+     [("kidney_left", "kidney_right"), ("lung_upper_lobe_left", "lung_upper_lobe_right")]),
+    (["Lt femur", "Rt femur"], [("Lt femur", "Rt femur")]),
+    (["background", "Anterior", "Posterior"], []),  # MSD Hippocampus: no sides
+    (["vertebra_L1", "vertebra_L2", "lr_marker", "left"], []),  # L1/L2 are levels, not sides
+])
+def test_left_right_pairs_are_found_by_name(names, pairs) -> None:
+    assert left_right_pairs(names) == pairs
+    assert name_words("RightParotid") == ("right", "parotid") and name_words("CTVHigh") == ("ctv", "high")
+
+
+@pytest.mark.parametrize(("orientations", "transpose", "axis"), [
+    ({"LPS": 60}, (0, 1, 2), 2),  # ITK x (the columns) runs left-right: numpy's last axis
+    ({"LPS": 60}, (1, 0, 2), 2),  # OpenKBP's plan moves y first; the left-right axis stays last
+    ({"RAS": 3, "LPS": 1}, (2, 0, 1), 0),  # transposed to the front
+    ({"PLS": 5}, (0, 1, 2), 1),  # rows and columns swapped: numpy's axis 1
+    ({"SPL": 2, "LPS": 1}, (0, 1, 2), 0),  # the most common orientation decides
+    ({"LP": 40}, (0, 1, 2), 2),  # a 2D image (array (1, y, x))
+    ({"PSA": 4}, (0, 1, 2), None),  # no axis runs left-right
+    ({}, (0, 1, 2), None),
+])
+def test_left_right_axis_from_the_orientation(orientations, transpose, axis) -> None:
+    assert left_right_axis(orientations, transpose) == axis
+
+
+def test_planned_axes_for_3d_and_2d_patches() -> None:
+    three, two = make_config(patch=(16, 16, 16)), make_config(patch=(24, 20))
+    assert planned_mirror_axes(three, 2) == (0, 1) and planned_mirror_axes(three, 0) == (1, 2)
+    assert planned_mirror_axes(two, 2) == (0,) and planned_mirror_axes(two, 1) == (1,)
+    assert planned_mirror_axes(two, 0) is None  # sagittal slices: no in-plane flip swaps sides
+    assert planned_mirror_axes(three, None) is None
+
+
+def _ct(labels: dict[str, list[int]], n: int = 20):
+    fp = make_fingerprint([(2.5, 1.0, 1.0)] * n, [(60, 120, 140)] * n, labels=labels)
+    return dataclasses.replace(fp, cases=tuple(dataclasses.replace(c, orientation="LPS") for c in fp.cases))
+
+
+def test_plan_leaves_the_left_right_axis_unmirrored(tmp_path: Path) -> None:
+    plans = plan(_ct(OPENKBP), load_preset("default"))
+    for name, config in plans.configurations.items():
+        assert config.mirror_axes == ((0, 1) if config.dims == 3 else (0,)), name
+        assert mirror_axes(config) == config.mirror_axes
+    assert any("LeftParotid/RightParotid" in n and "axis 2" in n and "not mirrored" in n for n in plans.notes)
+    path = tmp_path / "plans.yaml"
+    plans_io.save(plans, path)
+    assert "mirror_axes: [0, 1]" in path.read_text()
+    assert plans_io.load(path) == plans
+
+
+def test_plan_without_sides_mirrors_every_axis_and_writes_no_key() -> None:
+    plans = plan(_ct({"background": [0], "liver": [1], "tumour": [2]}), load_preset("default"))
+    assert all(c.mirror_axes is None for c in plans.configurations.values())
+    assert mirror_axes(plans.configurations["3d_fullres"]) == (0, 1, 2)
+    assert "mirror_axes" not in plans_io.dumps(plans)  # plans of such data are as before, byte for byte
+
+
+@pytest.mark.parametrize(("axes", "message"), [("[0, 3]", "distinct patch axes from 0 to 2"),
+                                               ("[1, 1]", "distinct patch axes")])
+def test_hand_edited_mirror_axes_are_validated(tmp_path: Path, axes: str, message: str) -> None:
+    path = tmp_path / "plans.yaml"
+    plans_io.save(plan(_ct(OPENKBP), load_preset("default")), path)
+    path.write_text(path.read_text().replace("mirror_axes: [0, 1]", f"mirror_axes: {axes}", 1))
+    with pytest.raises(PlanError, match=message):
+        plans_io.load(path)
+    path.write_text(path.read_text().replace(f"mirror_axes: {axes}", "mirror_axes: []", 1))
+    assert plans_io.load(path).configurations["3d_fullres"].mirror_axes == ()  # no mirroring at all
+
+
+def _flips_seen(config, trials: int = 40) -> set[int]:
+    """Axes the augmentation flipped over ``trials`` batches of an image that counts up every axis."""
+    only_mirror = AugmentationSettings(p_rotation=0.0, p_scale=0.0, p_noise=0.0, p_blur=0.0, p_brightness=0.0,
+                                       p_contrast=0.0, p_low_res=0.0, p_gamma=0.0, p_gamma_inverted=0.0)
+    augmenter = Augmenter(config, only_mirror)
+    shape = augmenter.initial_patch_size
+    grids = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    image = np.ascontiguousarray(np.broadcast_to(sum(g * 10.0 ** k for k, g in enumerate(grids)), (2, 1, *shape)))
+    seen: set[int] = set()
+    np.random.seed(0)
+    for _ in range(trials):
+        out, _ = augmenter(image.copy(), np.zeros((2, 1, *shape), dtype=np.int16))
+        for sample in out[:, 0]:
+            seen |= {a for a in range(len(shape)) if np.diff(sample, axis=a).mean() < 0}
+    return seen
+
+
+def test_training_augmentation_mirrors_only_the_planned_axes() -> None:
+    config = make_config(patch=(16, 16, 16))
+    assert _flips_seen(config) == {0, 1, 2}
+    assert _flips_seen(dataclasses.replace(config, mirror_axes=(0, 1))) == {0, 1}
+    assert _flips_seen(dataclasses.replace(config, mirror_axes=())) == set()
+
+
+def test_tta_flips_the_axes_the_fold_was_trained_with(tmp_path: Path) -> None:
+    """The checkpoint carries its configuration's mirror_axes; the predictor's TTA uses them."""
+    import phantoms
+    from autoseg import crossval
+    from autoseg.inference.models import select_models
+    from autoseg.inference.predictor import Predictor
+    from autoseg.planning import run as experiment
+    from test_predict import TRAIN_SHAPE, TRAIN_SPACING, _save_fold
+
+    raw, work = tmp_path / "raw", tmp_path / "work"
+    ids = phantoms.write_nnunet_dataset(raw, n_cases=5, shape=TRAIN_SHAPE, spacing=TRAIN_SPACING)
+    _, _, plans, _ = experiment.plan_dataset(raw, work, "tiny", None, 1, None)
+    crossval.load_or_create(work, ids)
+    sided = dataclasses.replace(plans, configurations={**plans.configurations, "3d_fullres": dataclasses.replace(
+        plans.configurations["3d_fullres"], mirror_axes=(0, 1))})
+    _save_fold(work, sided, "3d_fullres", 0, seed=1)
+    selections, _ = select_models(work, ["3d_fullres"], [0])
+    assert Predictor(work, selections, device="cpu", tta=True).mirror_axes("3d_fullres") == (0, 1)
+    assert Predictor(work, selections, device="cpu", tta=False).mirror_axes("3d_fullres") == ()
+    _save_fold(work, plans, "3d_fullres", 0, seed=1)  # a fold trained with every axis mirrored
+    assert Predictor(work, selections, device="cpu", tta=True).mirror_axes("3d_fullres") == (0, 1, 2)

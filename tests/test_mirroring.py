@@ -143,3 +143,18 @@ def test_tta_flips_the_axes_the_fold_was_trained_with(tmp_path: Path) -> None:
     assert Predictor(work, selections, device="cpu", tta=False).mirror_axes("3d_fullres") == ()
     _save_fold(work, plans, "3d_fullres", 0, seed=1)  # a fold trained with every axis mirrored
     assert Predictor(work, selections, device="cpu", tta=True).mirror_axes("3d_fullres") == (0, 1, 2)
+
+
+def test_plan_table_shows_the_mirrored_axes() -> None:
+    from rich.console import Console
+
+    from autoseg.cli.dataset import print_plans
+
+    console = Console(record=True, width=200)
+    print_plans(console, plan(_ct(OPENKBP), load_preset("default")))
+    text = console.export_text()
+    assert "0, 1 (of 0, 1, 2; see the notes)" in text and "mirrored axes" in text
+    assert "LeftParotid/RightParotid" in text
+    console = Console(record=True, width=200)
+    print_plans(console, plan(_ct({"background": [0], "liver": [1]}), load_preset("default")))
+    assert "mirrored axes" not in console.export_text()

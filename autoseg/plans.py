@@ -123,6 +123,11 @@ class Configuration:
     mirror_axes: tuple[int, ...] | None = None
 
     @property
+    def mirrored_axes(self) -> tuple[int, ...]:
+        """The axes mirrored in training and TTA: ``mirror_axes``, or every patch axis when None."""
+        return tuple(range(self.dims)) if self.mirror_axes is None else tuple(self.mirror_axes)
+
+    @property
     def input_channels(self) -> int:
         """The network's input channels: the image's (with 2.5D neighbours), then the previous
         stage's one-hot segmentation for a cascade stage."""

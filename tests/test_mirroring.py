@@ -18,7 +18,14 @@ from autoseg import plans as plans_io
 from autoseg.data import AugmentationSettings, Augmenter, mirror_axes
 from autoseg.errors import PlanError
 from autoseg.planning import load_preset, plan
-from autoseg.planning.mirroring import left_right_axis, left_right_pairs, name_words, planned_mirror_axes
+from autoseg.planning.mirroring import (
+    left_right_axis,
+    majority_orientation,
+    mirrored_cases,
+    name_words,
+    planned_mirror_axes,
+    sided_labels,
+)
 from test_data import make_config
 from test_planning import make_fingerprint
 
@@ -26,32 +33,38 @@ OPENKBP = {"background": [0], "Brainstem": [1], "SpinalCord": [2], "RightParotid
            "Esophagus": [5], "Larynx": [6], "Mandible": [7]}
 
 
-@pytest.mark.parametrize(("names", "pairs"), [
-    (OPENKBP, [("LeftParotid", "RightParotid")]),
-    (["background", "Parotid_L", "Parotid_R", "Cochlea_L"], [("Parotid_L", "Parotid_R")]),
-    (["kidney_left", "kidney_right", "lung_upper_lobe_left", "lung_upper_lobe_right"],
-     [("kidney_left", "kidney_right"), ("lung_upper_lobe_left", "lung_upper_lobe_right")]),
-    (["Lt femur", "Rt femur"], [("Lt femur", "Rt femur")]),
+@pytest.mark.parametrize(("names", "sided"), [
+    (OPENKBP, ["RightParotid", "LeftParotid"]),
+    (["background", "Parotid_L", "Brainstem"], ["Parotid_L"]),  # one side alone: mirroring marks both
+    (["kidney_left", "kidney_right", "rib_left_1", "liver"], ["kidney_left", "kidney_right", "rib_left_1"]),
+    (["Lt femur", "Left-Cerebral-White-Matter", "ctx-lh-insula", "lung_R"],
+     ["Lt femur", "Left-Cerebral-White-Matter", "ctx-lh-insula", "lung_R"]),
     (["background", "Anterior", "Posterior"], []),  # MSD Hippocampus: no sides
-    (["vertebra_L1", "vertebra_L2", "lr_marker", "left"], []),  # L1/L2 are levels, not sides
+    (["vertebrae_L1", "vertebrae_L2", "Lateral", "Rectum", "CTVHigh"], []),  # L1/L2 are levels, not sides
 ])
-def test_left_right_pairs_are_found_by_name(names, pairs) -> None:
-    assert left_right_pairs(names) == pairs
+def test_labels_that_name_a_side(names, sided) -> None:
+    assert sided_labels(names) == sided
     assert name_words("RightParotid") == ("right", "parotid") and name_words("CTVHigh") == ("ctv", "high")
 
 
-@pytest.mark.parametrize(("orientations", "transpose", "axis"), [
-    ({"LPS": 60}, (0, 1, 2), 2),  # ITK x (the columns) runs left-right: numpy's last axis
-    ({"LPS": 60}, (1, 0, 2), 2),  # OpenKBP's plan moves y first; the left-right axis stays last
-    ({"RAS": 3, "LPS": 1}, (2, 0, 1), 0),  # transposed to the front
-    ({"PLS": 5}, (0, 1, 2), 1),  # rows and columns swapped: numpy's axis 1
-    ({"SPL": 2, "LPS": 1}, (0, 1, 2), 0),  # the most common orientation decides
-    ({"LP": 40}, (0, 1, 2), 2),  # a 2D image (array (1, y, x))
-    ({"PSA": 4}, (0, 1, 2), None),  # no axis runs left-right
-    ({}, (0, 1, 2), None),
+@pytest.mark.parametrize(("orientation", "transpose", "axis"), [
+    ("LPS", (0, 1, 2), 2),  # ITK x (the columns) runs left-right: numpy's last axis
+    ("LPS", (1, 0, 2), 2),  # OpenKBP's plan moves y first; the left-right axis stays last
+    ("RAS", (2, 0, 1), 0),  # transposed to the front
+    ("PLS", (0, 1, 2), 1),  # rows and columns swapped: numpy's axis 1
+    ("SPL", (0, 1, 2), 0),
+    ("LP", (0, 1, 2), 2),  # a 2D image (array (1, y, x))
+    ("PSA", (0, 1, 2), None),  # no axis runs left-right
+    (None, (0, 1, 2), None),
 ])
-def test_left_right_axis_from_the_orientation(orientations, transpose, axis) -> None:
-    assert left_right_axis(orientations, transpose) == axis
+def test_left_right_axis_from_the_orientation(orientation, transpose, axis) -> None:
+    assert left_right_axis(orientation, transpose) == axis
+
+
+def test_cases_in_another_orientation_are_counted() -> None:
+    codes = ["LPS"] * 5 + ["RAS", "RPS", "PLS", "LAS"]  # RAS, RPS reversed; PLS another axis; LAS the same
+    assert majority_orientation(codes) == "LPS" and majority_orientation([]) is None
+    assert mirrored_cases(codes, "LPS") == 3
 
 
 def test_planned_axes_for_3d_and_2d_patches() -> None:
@@ -62,9 +75,11 @@ def test_planned_axes_for_3d_and_2d_patches() -> None:
     assert planned_mirror_axes(three, None) is None
 
 
-def _ct(labels: dict[str, list[int]], n: int = 20):
+def _ct(labels: dict[str, list[int]], n: int = 20, others: tuple[str, ...] = ()):
+    """A CT-like fingerprint in LPS; the last ``len(others)`` cases in those orientations."""
     fp = make_fingerprint([(2.5, 1.0, 1.0)] * n, [(60, 120, 140)] * n, labels=labels)
-    return dataclasses.replace(fp, cases=tuple(dataclasses.replace(c, orientation="LPS") for c in fp.cases))
+    codes = ["LPS"] * (n - len(others)) + list(others)
+    return dataclasses.replace(fp, cases=tuple(dataclasses.replace(c, orientation=o) for c, o in zip(fp.cases, codes)))
 
 
 def test_plan_leaves_the_left_right_axis_unmirrored(tmp_path: Path) -> None:
@@ -72,7 +87,9 @@ def test_plan_leaves_the_left_right_axis_unmirrored(tmp_path: Path) -> None:
     for name, config in plans.configurations.items():
         assert config.mirror_axes == ((0, 1) if config.dims == 3 else (0,)), name
         assert mirror_axes(config) == config.mirror_axes
-    assert any("LeftParotid/RightParotid" in n and "axis 2" in n and "not mirrored" in n for n in plans.notes)
+    [note] = [n for n in plans.notes if "labels name a side" in n]
+    assert "RightParotid, LeftParotid" in note and "axis 2" in note and "not mirrored" in note
+    assert "reorient" not in note and "sagittal" not in note
     path = tmp_path / "plans.yaml"
     plans_io.save(plans, path)
     assert "mirror_axes: [0, 1]" in path.read_text()
@@ -154,7 +171,32 @@ def test_plan_table_shows_the_mirrored_axes() -> None:
     print_plans(console, plan(_ct(OPENKBP), load_preset("default")))
     text = console.export_text()
     assert "0, 1 (of 0, 1, 2; see the notes)" in text and "mirrored axes" in text
-    assert "LeftParotid/RightParotid" in text
+    assert "RightParotid, LeftParotid" in text
     console = Console(record=True, width=200)
     print_plans(console, plan(_ct({"background": [0], "liver": [1]}), load_preset("default")))
     assert "mirrored axes" not in console.export_text()
+
+
+def test_plan_says_what_mirroring_cannot_fix() -> None:
+    """Cases mirrored as arrays (RAS beside LPS) and sagittal 2D slices are said in the note."""
+    plans = plan(_ct(OPENKBP, others=("RAS", "RAS")), load_preset("default"))
+    [note] = [n for n in plans.notes if "labels name a side" in n]
+    assert "2 case(s) run left-right along another axis or the other way" in note and "reorient them to LPS" in note
+    sagittal = make_fingerprint([(1.0, 1.0, 3.0)] * 20, [(120, 140, 50)] * 20, labels=OPENKBP)  # x is coarsest
+    sagittal = dataclasses.replace(sagittal, cases=tuple(dataclasses.replace(c, orientation="LPS")
+                                                         for c in sagittal.cases))
+    plans = plan(sagittal, load_preset("default"))
+    assert plans.transpose[0] == 2  # the left-right axis is sliced along
+    assert plans.configurations["2d"].mirror_axes is None and plans.configurations["3d_fullres"].mirror_axes == (1, 2)
+    assert any("a sagittal slice cannot show the side" in n for n in plans.notes)
+
+
+def test_prediction_estimate_counts_the_mirrored_passes() -> None:
+    from autoseg.planning.compute import Throughput, prediction_seconds
+
+    config = make_config(patch=(16, 16, 16))
+    rate = Throughput(100.0, 120.0, "cpu: test", "given")
+    every = prediction_seconds(config, 3, rate)
+    assert prediction_seconds(dataclasses.replace(config, mirror_axes=(0, 1)), 3, rate) == pytest.approx(every / 2)
+    assert prediction_seconds(dataclasses.replace(config, mirror_axes=()), 3, rate) == pytest.approx(
+        prediction_seconds(config, 3, rate, tta=False))

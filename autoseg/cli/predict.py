@@ -31,7 +31,7 @@ def predict_cmd(
     checkpoint: Annotated[Optional[str], typer.Option(
         "--checkpoint", metavar="final|best", help="Checkpoint of each fold: final (default) or best; a model file "
                                                    "holds one, chosen at export.")] = None,
-    no_tta: Annotated[bool, typer.Option("--no-tta", help="No mirroring test-time augmentation (8x fewer network "
+    no_tta: Annotated[bool, typer.Option("--no-tta", help="No mirroring test-time augmentation (up to 8x fewer network "
                                                           "passes in 3D, 4x in 2D; slightly less accurate).")] = False,
     save_probabilities: Annotated[bool, typer.Option(
         "--save-probabilities", help="Also write <case>.npz: float16 class probabilities in the input's grid.")] = False,

@@ -159,7 +159,7 @@ def rotation_range_deg(config: Configuration, settings: AugmentationSettings) ->
 def mirror_axes(config: Configuration) -> tuple[int, ...]:
     """Spatial axes mirrored in training, which are also the axes for mirroring TTA: the plan's
     ``mirror_axes`` (the planner leaves out the left-right axis for left/right labels), else all."""
-    return tuple(range(config.dims)) if config.mirror_axes is None else tuple(config.mirror_axes)
+    return config.mirrored_axes
 
 
 def initial_patch_size(config: Configuration, settings: AugmentationSettings) -> tuple[int, ...]:

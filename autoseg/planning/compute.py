@@ -13,7 +13,7 @@ scaled by the machine's conv rate relative to :data:`REFERENCE_GFLOPS`, and dear
 full-resolution feature map outgrows the caches (+1 per :data:`LARGE_MAP_MB` MB of it per sample).
 The constants were fitted on five configurations measured on this project's development CPU
 (``benchmarks/README.md``, "Compute model": each within 11 %); the conv term alone is the
-arithmetic floor. Prediction costs every window × mirror forward pass at the forward rate, plus its norms and
+arithmetic floor. Prediction costs every window × mirror forward pass (the planned mirror axes) at the forward rate, plus its norms and
 activations (:data:`INFER_MEMORY_S_PER_UNIT`).
 """
 
@@ -130,7 +130,7 @@ def prediction_seconds(config: Configuration, num_classes: int, throughput: Thro
     forward = conv_flops(config.topology, config.patch_size, config.input_channels, num_classes, deep_supervision=False)
     units = estimate_feature_map_units(config.patch_size, config.topology, num_classes, deep_supervision=False)
     memory = units * INFER_MEMORY_S_PER_UNIT * REFERENCE_GFLOPS / throughput.train_gflops
-    mirrors = 2 ** config.dims if tta else 1
+    mirrors = 2 ** len(config.mirrored_axes) if tta else 1
     passes = window_count(config.median_shape, config.patch_size) * mirrors
     return passes * (forward / (throughput.infer_gflops * 1e9 * CONV_EFFICIENCY) + memory)
 

@@ -316,16 +316,13 @@ def plan(fp: Fingerprint, preset: Preset, gpu_memory: GpuMemory | None = None, p
     if not configs:
         raise PlanError(f"preset {preset.name!r} plans no configuration for a {fp.dims}D dataset; "
                         "add '2d' to its configurations")
+    if not restoration:  # before the budget: its prediction estimates count the mirrored passes
+        configs = with_mirror_axes(configs, fp.labels, [c.orientation for c in fp.cases], transpose, notes)
     fits = None
     if budget is not None:
         from autoseg.planning.budget import apply_budget
 
         configs, fits = apply_budget(configs, budget, preset, num_classes, notes)
-    if not restoration:
-        orientations: dict[str, int] = {}
-        for case in fp.cases:
-            orientations[case.orientation] = orientations.get(case.orientation, 0) + 1
-        configs = with_mirror_axes(configs, fp.labels, orientations, transpose, notes)
     notes.extend(region_notes(fp.labels))
     notes.extend(restoration_notes(fp, normalization) if restoration else [])
     notes.extend(f"channel {index} ({name!r}): no modality autoseg knows; normalised with {FALLBACK_SCHEME} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,10 @@ class Configuration:
             written when 0).
         mirror_axes: the patch axes mirrored in training and in mirroring TTA (0-based, ``(0, 1, 2)``
             in 3D); None (not written) for every axis. The planner leaves out the left-right axis
-            when labels come in left/right pairs (:mod:`autoseg.planning.mirroring`).
+            when a label names a side (:mod:`autoseg.planning.mirroring`).
+        orientation: the training images' orientation code (the most common, ``"LPS"``), recorded
+            where a label names a side (None, not written, elsewhere): ``predict`` warns on an input
+            whose left-right runs along another axis or the other way.
     """
 
     dims: int
@@ -121,6 +125,7 @@ class Configuration:
     next_stage: str | None = None
     previous_stage_channels: int = 0
     mirror_axes: tuple[int, ...] | None = None
+    orientation: str | None = None
 
     @property
     def mirrored_axes(self) -> tuple[int, ...]:
@@ -205,8 +210,9 @@ def to_dict(plans: Plans) -> dict[str, Any]:
     for config in data["configurations"].values():
         if not config.get("previous_stage_channels"):
             config.pop("previous_stage_channels", None)  # only cascade stages have them
-        if config.get("mirror_axes") is None:
-            config.pop("mirror_axes", None)  # every axis: plans without left/right labels stay as before
+        for key in ("mirror_axes", "orientation"):
+            if config.get(key) is None:
+                config.pop(key, None)  # plans without labels that name a side stay as before
     return {"schema_version": data.pop("schema_version"), **data}
 
 
@@ -470,6 +476,8 @@ def _validate(plans: Plans) -> None:
                 not 0 <= a < dims for a in config.mirror_axes)):
             raise PlanError(f"{where}.mirror_axes: {list(config.mirror_axes)}: distinct patch axes from 0 to "
                             f"{dims - 1} ([] for no mirroring; remove the key to mirror every axis)")
+        if config.orientation is not None and not re.fullmatch(r"[LRAPSI]{2,3}", config.orientation):
+            raise PlanError(f"{where}.orientation: {config.orientation!r} is not an orientation code such as 'LPS'")
         if config.previous_stage and (config.dims != 3 or plans.configurations[config.previous_stage].dims != 3):
             raise PlanError(f"{where}: a cascade links two 3D configurations")
 

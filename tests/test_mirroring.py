@@ -86,7 +86,7 @@ def test_plan_leaves_the_left_right_axis_unmirrored(tmp_path: Path) -> None:
     plans = plan(_ct(OPENKBP), load_preset("default"))
     for name, config in plans.configurations.items():
         assert config.mirror_axes == ((0, 1) if config.dims == 3 else (0,)), name
-        assert mirror_axes(config) == config.mirror_axes
+        assert mirror_axes(config) == config.mirror_axes and config.orientation == "LPS"
     [note] = [n for n in plans.notes if "labels name a side" in n]
     assert "RightParotid, LeftParotid" in note and "axis 2" in note and "not mirrored" in note
     assert "reorient" not in note and "sagittal" not in note
@@ -100,7 +100,8 @@ def test_plan_without_sides_mirrors_every_axis_and_writes_no_key() -> None:
     plans = plan(_ct({"background": [0], "liver": [1], "tumour": [2]}), load_preset("default"))
     assert all(c.mirror_axes is None for c in plans.configurations.values())
     assert mirror_axes(plans.configurations["3d_fullres"]) == (0, 1, 2)
-    assert "mirror_axes" not in plans_io.dumps(plans)  # plans of such data are as before, byte for byte
+    text = plans_io.dumps(plans)
+    assert "mirror_axes" not in text and "orientation" not in text  # such plans are as before, byte for byte
 
 
 @pytest.mark.parametrize(("axes", "message"), [("[0, 3]", "distinct patch axes from 0 to 2"),
@@ -139,12 +140,11 @@ def test_training_augmentation_mirrors_only_the_planned_axes() -> None:
     assert _flips_seen(dataclasses.replace(config, mirror_axes=())) == set()
 
 
-def test_tta_flips_the_axes_the_fold_was_trained_with(tmp_path: Path) -> None:
-    """The checkpoint carries its configuration's mirror_axes; the predictor's TTA uses them."""
+def _sided_fold(tmp_path: Path):
+    """An experiment whose 3d_fullres fold 0 was trained as a left/right plan says (random weights):
+    mirror axes (0, 1), orientation LPS. Returns (work, the plans without those)."""
     import phantoms
     from autoseg import crossval
-    from autoseg.inference.models import select_models
-    from autoseg.inference.predictor import Predictor
     from autoseg.planning import run as experiment
     from test_predict import TRAIN_SHAPE, TRAIN_SPACING, _save_fold
 
@@ -153,8 +153,18 @@ def test_tta_flips_the_axes_the_fold_was_trained_with(tmp_path: Path) -> None:
     _, _, plans, _ = experiment.plan_dataset(raw, work, "tiny", None, 1, None)
     crossval.load_or_create(work, ids)
     sided = dataclasses.replace(plans, configurations={**plans.configurations, "3d_fullres": dataclasses.replace(
-        plans.configurations["3d_fullres"], mirror_axes=(0, 1))})
+        plans.configurations["3d_fullres"], mirror_axes=(0, 1), orientation="LPS")})
     _save_fold(work, sided, "3d_fullres", 0, seed=1)
+    return work, plans
+
+
+def test_tta_flips_the_axes_the_fold_was_trained_with(tmp_path: Path) -> None:
+    """The checkpoint carries its configuration's mirror_axes; the predictor's TTA uses them."""
+    from autoseg.inference.models import select_models
+    from autoseg.inference.predictor import Predictor
+    from test_predict import _save_fold
+
+    work, plans = _sided_fold(tmp_path)
     selections, _ = select_models(work, ["3d_fullres"], [0])
     assert Predictor(work, selections, device="cpu", tta=True).mirror_axes("3d_fullres") == (0, 1)
     assert Predictor(work, selections, device="cpu", tta=False).mirror_axes("3d_fullres") == ()
@@ -200,3 +210,33 @@ def test_prediction_estimate_counts_the_mirrored_passes() -> None:
     assert prediction_seconds(dataclasses.replace(config, mirror_axes=(0, 1)), 3, rate) == pytest.approx(every / 2)
     assert prediction_seconds(dataclasses.replace(config, mirror_axes=()), 3, rate) == pytest.approx(
         prediction_seconds(config, 3, rate, tta=False))
+
+
+@pytest.mark.parametrize(("direction", "warned"), [
+    ((1, 0, 0, 0, 1, 0, 0, 0, 1), None),  # LPS, as trained
+    ((1, 0, 0, 0, -1, 0, 0, 0, 1), None),  # LAS: left-right as trained
+    ((-1, 0, 0, 0, -1, 0, 0, 0, 1), "orientation RAS"),  # mirrored left-right
+    ((0, 1, 0, 1, 0, 0, 0, 0, 1), "orientation PLS"),  # left-right along the rows
+])
+def test_side_warning_for_an_input_oriented_against_the_model(direction, warned) -> None:
+    from autoseg.planning.mirroring import side_warning
+
+    line = side_warning(direction, "LPS", "ct.nii.gz")
+    assert (line is None) if warned is None else (warned in line and "reorient the image to LPS" in line)
+    assert side_warning(direction, None, "ct.nii.gz") is None  # no labels that name a side
+
+
+def test_predict_warns_on_an_input_oriented_against_the_model(tmp_path: Path, cli) -> None:
+    from autoseg.imageio import Geometry, write_image
+
+    work, _ = _sided_fold(tmp_path)
+    images = tmp_path / "in"
+    image = np.random.default_rng(0).normal(size=(10, 12, 14)).astype(np.float32)
+    write_image(images / "lps_0000.nii.gz", image, Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0),
+                                                          (1, 0, 0, 0, 1, 0, 0, 0, 1), 3))
+    write_image(images / "ras_0000.nii.gz", image, Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0),
+                                                          (-1, 0, 0, 0, -1, 0, 0, 0, 1), 3))
+    result = cli("predict", work, "-i", images, "-o", tmp_path / "out", "-c", "3d_fullres", "-f", "0", "--no-tta")
+    assert result.exit_code == 0, result.output
+    assert "ras_0000.nii.gz: orientation RAS, but the model learned its left/right labels on LPS" in result.output
+    assert "lps_0000" not in result.output.split("warning:", 1)[-1]

@@ -223,6 +223,7 @@ class Segmenter:
         What the writers have to say of the outputs (a DICOM series' clipped voxels, new UIDs for
         blank ones), one line each, is appended to ``warnings``, or logged as warnings without it."""
         image, geometry = read_input(case)
+        self._warn_sides(geometry, case.images[0], warnings)
         labels, _, predictions = self._segment(image, geometry, targets=targets, progress=progress,
                                                uncertainty=uncertainty)
         for extra in targets.labels[1:]:
@@ -248,6 +249,18 @@ class Segmenter:
                 for line in lines:
                     log.warning("%s", line)
         return targets.primary
+
+    def _warn_sides(self, geometry: Geometry, source: Path, warnings: list[str] | None) -> None:
+        """Say it (into ``warnings``, else the log) when ``source`` is oriented against a model that
+        learned left/right labels (:func:`autoseg.planning.mirroring.side_warning`)."""
+        from autoseg.planning.mirroring import side_warning
+
+        said = {side_warning(geometry.direction, m.config.orientation, str(source)) for m in self.predictor.models}
+        for line in sorted(s for s in said if s):
+            if warnings is not None:
+                warnings.append(line)
+            else:
+                log.warning("%s", line)
 
     def _write_series(self, folder: Path, restored: np.ndarray, geometry: Geometry, source: Path) -> "SeriesWritten":
         """The restored image as a DICOM series beside its ``source`` series (``--output-format dicom``)."""

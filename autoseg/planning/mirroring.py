@@ -136,9 +136,25 @@ def with_mirror_axes(configs: Mapping[str, Configuration], labels: Iterable[str]
     others = mirrored_cases(orientations, majority) if majority and lr_axis is not None else 0
     sagittal_2d = lr_axis == 0 and any(c.dims == 2 for c in configs.values())
     notes.append(mirroring_note(sided, lr_axis, majority, others, sagittal_2d))
-    return {name: dataclasses.replace(config, mirror_axes=planned_mirror_axes(config, lr_axis))
+    return {name: dataclasses.replace(config, mirror_axes=planned_mirror_axes(config, lr_axis), orientation=majority)
             for name, config in configs.items()}
 
 
+def side_warning(direction: Sequence[float], trained: str | None, source: str) -> str | None:
+    """A warning when an input's left-right runs along another axis or the other way than the
+    ``trained`` orientation of a model whose labels name a side (its output's sides would be swapped
+    or meaningless), else None."""
+    from autoseg.dataset.fingerprint import orientation_code
+
+    if trained is None or _left_right_of(trained) is None:
+        return None
+    code = orientation_code(tuple(direction))
+    if _left_right_of(code) == _left_right_of(trained):
+        return None
+    return (f"{source}: orientation {code}, but the model learned its left/right labels on {trained} images: "
+            f"autoseg does not reorient, so the sides in its output may be swapped; reorient the image to "
+            f"{trained} and predict again")
+
+
 __all__ = ["SIDE_WORDS", "left_right_axis", "majority_orientation", "mirrored_cases", "mirroring_note",
-           "name_words", "planned_mirror_axes", "sided_labels", "with_mirror_axes"]
+           "name_words", "planned_mirror_axes", "side_warning", "sided_labels", "with_mirror_axes"]

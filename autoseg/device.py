@@ -52,6 +52,16 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+#: Tasks whose CPU training ``--precision auto`` runs in bf16 (measured: segmentation).
+CPU_BF16_TASKS = frozenset({"segmentation"})
+
+
+def auto_cpu_bf16(task: str, flags: frozenset[str]) -> bool:
+    """Whether ``train --precision auto`` trains ``task`` in bf16 on a CPU with these flags: AMX
+    only (where it was measured; :mod:`autoseg.training.precision`)."""
+    return task in CPU_BF16_TASKS and "amx_bf16" in flags
+
+
 def has_bf16_units(flags: frozenset[str]) -> bool:
     """Whether the CPU computes bf16 natively (AMX tiles or AVX-512 BF16); elsewhere bf16 is
     emulated and slower than fp32."""

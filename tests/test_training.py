@@ -192,9 +192,29 @@ def test_resume_at_another_precision_is_refused(tmp_path: Path, monkeypatch: pyt
     setup = _setup(tmp_path)
     train_fold(setup, replace(FAST, epochs=1, precision="bf16"))
     setup.paths.final.unlink()  # as if killed after epoch 1
-    with pytest.raises(ConfigError, match="resume with --precision bf16"):
-        train_fold(setup, replace(FAST, epochs=2), resume=True)
-    assert train_fold(setup, replace(FAST, epochs=2, precision="bf16"), resume=True).epoch == 2
+    with pytest.raises(ConfigError, match="trained in bf16 autocast and would go on in fp32; resume with --precision bf16"):
+        train_fold(setup, replace(FAST, epochs=2, precision="fp32"), resume=True)
+    # auto resolves to bf16 on an AMX CPU: the same precision, so it resumes
+    assert train_fold(setup, replace(FAST, epochs=2), resume=True).epoch == 2
+
+
+def test_auto_is_bf16_on_amx_cpus_for_segmentation_only() -> None:
+    from autoseg.device import auto_cpu_bf16
+    from autoseg.training.precision import resume_check, step_dtype
+
+    cpu = torch.device("cpu")
+    assert auto_cpu_bf16("segmentation", frozenset({"amx_bf16", "avx512_bf16"}))
+    assert not auto_cpu_bf16("segmentation", frozenset({"avx512_bf16"}))  # no AMX: not measured, fp32
+    assert not auto_cpu_bf16("restoration", frozenset({"amx_bf16"}))
+    assert step_dtype(cpu, replace(FAST, precision="fp32")) is None
+    assert step_dtype(cpu, replace(FAST, amp=False)) is None  # --no-amp is fp32 everywhere
+    # checkpoints of earlier versions: on the CPU, auto meant fp32
+    assert resume_check({"precision": "auto"}, "bf16 autocast", cpu) == (
+        "this fold trained in fp32 and would go on in bf16 autocast; resume with --precision fp32")
+    assert resume_check({}, "fp32", cpu) is None
+    assert resume_check({"precision": "auto"}, "bf16 autocast", torch.device("cuda")) is None  # not known
+    assert resume_check({"precision_resolved": "fp16 autocast"}, "fp32", torch.device("cuda")).endswith(
+        "--precision auto")
 
 
 def test_precision_option_is_checked_and_auto_is_not_recorded() -> None:

@@ -259,12 +259,13 @@ def print_plans(console: Console, plans: Plans, throughput: Throughput | None = 
     if throughput is not None:
         console.print(f"estimates on {throughput.describe()}")
         if throughput.device.startswith("cpu"):
-            from autoseg.device import cpu_flags, has_bf16_units
+            from autoseg.device import auto_cpu_bf16, cpu_flags
 
-            if has_bf16_units(cpu_flags()):
-                console.print("the training estimates are float32; this CPU has bf16 units, where "
-                              "'autoseg train --precision bf16' took 0.53x the float32 time a step on nnU-Net's "
-                              "OpenKBP plan (benchmarks/README.md)")
+            if auto_cpu_bf16(plans.task, cpu_flags()):
+                console.print("the training estimates are float32; 'autoseg train' runs this plan in bf16 on this "
+                              "CPU (AMX), where a step of nnU-Net's OpenKBP plan took 0.53x the float32 time: a "
+                              "time budget buys more iterations than the table says (--precision fp32 runs the "
+                              "table's)")
     console.print(f"recommended: {', '.join(plans.recommended)}")
 
 

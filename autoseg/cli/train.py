@@ -56,12 +56,12 @@ def train_cmd(
     workers: Annotated[Optional[int], typer.Option(
         "-j", "--workers", help="Background augmentation processes; 0 = in the training process (default: 0 "
                                 "on a CPU with <= 4 cores, where workers steal the step's cores).", min=0)] = None,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (--no-amp: the same "
-                                                             "as --precision fp32).")] = True,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision (CUDA; bf16 on AMX CPUs). "
+                                                             "--no-amp: the same as --precision fp32.")] = True,
     precision: Annotated[str, typer.Option(
-        "--precision", help="auto (mixed precision on CUDA, fp32 on the CPU), fp32, or bf16: bfloat16 autocast, "
-                            "also on a CPU with AMX / AVX-512 BF16 (about 1.6x faster steps there; opt-in "
-                            "because time budgets are planned on fp32 rates).")] = "auto",
+        "--precision", help="auto (mixed precision on CUDA; bf16 autocast for segmentation on a CPU with AMX, "
+                            "about 1.6-1.9x faster steps; fp32 elsewhere), fp32, or bf16 (also on a CPU with "
+                            "AVX-512 BF16).")] = "auto",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the network (CUDA).")] = False,
     save_every: Annotated[int, typer.Option("--save-every", help="Epochs between checkpoint_latest.pt writes.",
                                             min=1)] = 1,

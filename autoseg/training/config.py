@@ -37,7 +37,8 @@ class TrainConfig:
         oversample: forced-foreground fraction of each batch (nnU-Net: 0.33).
         device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
-        precision: ``auto`` (``amp`` on CUDA, float32 elsewhere), ``fp32`` (no autocast anywhere) or
+        precision: ``auto`` (``amp`` on CUDA; bf16 autocast for segmentation on a CPU with AMX;
+            float32 elsewhere: :mod:`autoseg.training.precision`), ``fp32`` (no autocast anywhere) or
             ``bf16`` (bfloat16 autocast, also on a CPU with bf16 units: AMX or AVX-512 BF16).
             Recorded only when not ``auto``, so earlier records and digests stay as they were.
         compile: ``torch.compile`` the network (CUDA only).

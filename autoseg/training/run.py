@@ -141,7 +141,8 @@ def run(
         from autoseg.device import resolve_device
         from autoseg.training.precision import step_dtype
 
-        step_dtype(resolve_device(launch.devices[0] if launch is not None and launch.devices else cfg.device), cfg)
+        step_dtype(resolve_device(launch.devices[0] if launch is not None and launch.devices else cfg.device), cfg,
+                   plans.task)
     data_config = DATA_OF.get(configuration, configuration)
     data_folder = work / "preprocessed" / data_config
     case_ids = case_ids_of(work)

@@ -33,7 +33,7 @@ from autoseg.errors import ConfigError
 from autoseg.networks import build_network
 from autoseg.plans import Configuration, Plans
 from autoseg.training.config import TrainConfig
-from autoseg.training.precision import precision_name, step_dtype
+from autoseg.training.precision import precision_name, resume_check, step_dtype
 from autoseg.distributed import (SINGLE, DistContext, all_gather_strings, all_reduce_sum, broadcast_float,
                                  local_processes, rank_batch, rank_oversample, weights_digest)
 from autoseg.tasks import Task, task_of
@@ -189,7 +189,7 @@ def write_train_config(path: Path, cfg: TrainConfig, plans: Plans, configuration
         "train_digest": cfg.digest(),
         "resolved": {"device": str(device), "workers": workers, "batch_size": batch_size,
                      "optimizer": cfg.resolved_optimizer, "lr": cfg.resolved_lr, "processes": world_size,
-                     "precision": precision_name(step_dtype(device, cfg))},
+                     "precision": precision_name(step_dtype(device, cfg, plans.task))},
         "plans_fingerprint_sha256": plans.fingerprint_sha256,
         "environment": {"torch": str(torch.__version__), "python": platform.python_version(),
                         "cuda": torch.version.cuda, "threads": torch.get_num_threads()},
@@ -295,7 +295,7 @@ def _train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool, callbacks: Cal
     memory_format = _memory_format(device, config, cfg)
     net = net.to(device=device, memory_format=memory_format)
     optimizer = make_optimizer(net, cfg)
-    autocast_dtype = step_dtype(device, cfg)
+    autocast_dtype = step_dtype(device, cfg, setup.plans.task)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
     n_outputs = config.topology.num_stages - 1
     # The task's loss (segmentation: Dice + CE, or Dice + BCE over sigmoid region outputs) at every
@@ -305,7 +305,7 @@ def _train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool, callbacks: Cal
                        val_iters=cfg.val_iters)
 
     if resume:
-        state = _restore(paths.latest, net, optimizer, scaler, cfg, setup)
+        state = _restore(paths.latest, net, optimizer, scaler, cfg, setup, precision_name(autocast_dtype), device)
     elif paths.latest.exists() or paths.final.exists():
         raise ConfigError(f"{paths.root}: this fold already has checkpoints; use --resume to continue it "
                           "or delete the folder to start over")
@@ -334,7 +334,8 @@ def _train_fold(setup: FoldSetup, cfg: TrainConfig, resume: bool, callbacks: Cal
                 save_checkpoint(paths.best, _weights_payload(net, state, cfg, setup))
         last = state.epoch >= cfg.epochs or _budget_spent(state, cfg)
         if (state.epoch % cfg.save_every == 0 or last) and dist.is_main:
-            save_checkpoint(paths.latest, _full_payload(net, optimizer, scaler, state, cfg, setup))
+            save_checkpoint(paths.latest, _full_payload(net, optimizer, scaler, state, cfg, setup,
+                                                          precision_name(autocast_dtype)))
         callbacks.on_epoch_end(record)
     if dist.is_main:
         save_checkpoint(paths.final, _weights_payload(net, state, cfg, setup))
@@ -550,7 +551,7 @@ def _weights_payload(net: nn.Module, state: TrainState, cfg: TrainConfig, setup:
 
 
 def _full_payload(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  state: TrainState, cfg: TrainConfig, setup: FoldSetup) -> dict[str, Any]:
+                  state: TrainState, cfg: TrainConfig, setup: FoldSetup, resolved_precision: str) -> dict[str, Any]:
     payload = _weights_payload(net, state, cfg, setup)
     payload.update({
         "optimizer": optimizer.state_dict(),
@@ -567,12 +568,13 @@ def _full_payload(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
         "torch_rng": torch.get_rng_state(),
         "loss": cfg.loss,
         "precision": cfg.precision,
+        "precision_resolved": resolved_precision,
     })
     return payload
 
 
 def _restore(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             cfg: TrainConfig, setup: FoldSetup) -> TrainState:
+             cfg: TrainConfig, setup: FoldSetup, resolved_precision: str, device: torch.device) -> TrainState:
     if not path.exists():
         raise ConfigError(f"{path}: no checkpoint to resume from; start without --resume")
     data = load_checkpoint(path)
@@ -582,9 +584,8 @@ def _restore(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scale
     if "loss" in data and data["loss"] != cfg.loss:  # a resumed run continues the same objective
         raise ConfigError(f"{path}: this fold was started with --loss {data['loss'] or 'default'}, not "
                           f"{cfg.loss or 'default'}; resume with the same --loss")
-    if "precision" in data and data["precision"] != cfg.precision:  # --resume continues exactly
-        raise ConfigError(f"{path}: this fold was started with --precision {data['precision']}, not "
-                          f"{cfg.precision}; resume with --precision {data['precision']}")
+    if refused := resume_check(data, resolved_precision, device):  # --resume continues exactly
+        raise ConfigError(f"{path}: {refused}")
     net.load_state_dict(data["model"])
     optimizer.load_state_dict(data["optimizer"])
     if data["grad_scaler"]:  # empty when the run had no fp16 loss scaling

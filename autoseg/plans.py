@@ -482,6 +482,15 @@ def _validate(plans: Plans) -> None:
             raise PlanError(f"{where}: a cascade links two 3D configurations")
 
 
+def configuration_changes(saved: dict[str, Any] | None, plans: Plans, name: str) -> str:
+    """The keys of configuration ``name`` in which ``plans`` differ from ``saved`` (a checkpoint's
+    :func:`to_dict` entry), comma-separated; empty when they agree or nothing was saved."""
+    if saved is None:
+        return ""
+    current = to_dict(plans)["configurations"][name]
+    return ", ".join(sorted(k for k in {**saved, **current} if saved.get(k) != current.get(k)))
+
+
 def with_configuration(data: dict[str, Any], name: str, config: dict[str, Any]) -> dict[str, Any]:
     """Plans data (:func:`to_dict`) holding one configuration, e.g. a checkpoint's own, in place of
     the planned ones, ready for :func:`from_dict`.
@@ -512,6 +521,7 @@ def foreground_label_values(labels: dict[str, list[int]]) -> list[int]:
 
 
 __all__ = [
-    "Configuration", "Normalization", "Plans", "Resampling", "Topology", "dumps", "foreground_label_values", "from_dict",
+    "Configuration", "Normalization", "Plans", "Resampling", "Topology", "configuration_changes", "dumps",
+    "foreground_label_values", "from_dict",
     "load", "save", "to_dict", "with_configuration",
 ]

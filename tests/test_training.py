@@ -198,6 +198,19 @@ def test_resume_at_another_precision_is_refused(tmp_path: Path, monkeypatch: pyt
     assert train_fold(setup, replace(FAST, epochs=2), resume=True).epoch == 2
 
 
+def test_resume_with_an_edited_configuration_is_refused(tmp_path: Path) -> None:
+    """A fold resumes only on the configuration it started with (e.g. not after mirror_axes was edited)."""
+    setup = _setup(tmp_path)
+    train_fold(setup, replace(FAST, epochs=1, precision="fp32"))
+    setup.paths.final.unlink()  # as if killed after epoch 1
+    config = setup.plans.configurations[setup.configuration]
+    edited = replace(setup, plans=replace(setup.plans, configurations={
+        **setup.plans.configurations, setup.configuration: replace(config, mirror_axes=(0, 1))}))
+    with pytest.raises(ConfigError, match=r"changed since this fold started \(mirror_axes\); restore it"):
+        train_fold(edited, replace(FAST, epochs=2, precision="fp32"), resume=True)
+    assert train_fold(setup, replace(FAST, epochs=2, precision="fp32"), resume=True).epoch == 2
+
+
 def test_auto_is_bf16_on_amx_cpus_for_segmentation_only() -> None:
     from autoseg.device import auto_cpu_bf16
     from autoseg.training.precision import resume_check, step_dtype

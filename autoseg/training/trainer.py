@@ -31,7 +31,7 @@ from autoseg.device import resolve_device
 from autoseg.data import BatchLoader, Case
 from autoseg.errors import ConfigError
 from autoseg.networks import build_network
-from autoseg.plans import Configuration, Plans
+from autoseg.plans import Configuration, Plans, configuration_changes
 from autoseg.training.config import TrainConfig
 from autoseg.training.precision import precision_name, resume_check, step_dtype
 from autoseg.distributed import (SINGLE, DistContext, all_gather_strings, all_reduce_sum, broadcast_float,
@@ -556,15 +556,9 @@ def _full_payload(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
     payload.update({
         "optimizer": optimizer.state_dict(),
         "grad_scaler": scaler.state_dict(),
-        "state": {
-            "epoch": state.epoch,
-            "elapsed_s": state.elapsed_s,
-            "iters_per_epoch": state.iters_per_epoch,
-            "val_iters": state.val_iters,
-            "ema_dice": state.ema_dice,
-            "best_ema_dice": state.best_ema_dice,
-            "history": state.history,
-        },
+        "state": {"epoch": state.epoch, "elapsed_s": state.elapsed_s, "iters_per_epoch": state.iters_per_epoch,
+                  "val_iters": state.val_iters, "ema_dice": state.ema_dice, "best_ema_dice": state.best_ema_dice,
+                  "history": state.history},
         "torch_rng": torch.get_rng_state(),
         "loss": cfg.loss,
         "precision": cfg.precision,
@@ -586,6 +580,9 @@ def _restore(path: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scale
                           f"{cfg.loss or 'default'}; resume with the same --loss")
     if refused := resume_check(data, resolved_precision, device):  # --resume continues exactly
         raise ConfigError(f"{path}: {refused}")
+    if changed := configuration_changes(data.get("configuration"), setup.plans, setup.configuration):
+        raise ConfigError(f"{path}: plans.yaml's {setup.configuration} changed since this fold started ({changed}); "
+                          "restore it, or train the fold again without --resume")
     net.load_state_dict(data["model"])
     optimizer.load_state_dict(data["optimizer"])
     if data["grad_scaler"]:  # empty when the run had no fp16 loss scaling

@@ -8,9 +8,9 @@ WORK must be planned (``autoseg plan``); it is preprocessed first if needed. Run
 network, loss, optimiser), skips the first iteration as warm-up, and prints JSON: seconds per
 iteration, samples/s, the fraction of step time spent waiting for data, peak RSS, and the
 arithmetic floor = FLOPs per iteration (forward + backward ≈ 3 × forward) / measured convolution
-throughput of this machine. With ``--precision bf16`` (bfloat16 autocast, ``train --precision
-bf16``) the floor is given twice: at the float32 rate and at the bfloat16 rate of the same
-convolution.
+throughput of this machine. When the step runs under bfloat16 autocast (``--precision bf16``, or
+``auto`` on a CPU with AMX: ``precision_resolved`` says which) the floor is given twice: at the
+float32 rate and at the bfloat16 rate of the same convolution.
 """
 
 from __future__ import annotations
@@ -119,7 +119,12 @@ def main() -> None:
         "wall_s_including_setup": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    if args.precision == "bf16" and args.device == "cpu":
+    import torch
+
+    from autoseg.training.precision import precision_name, step_dtype
+
+    result["precision_resolved"] = precision_name(step_dtype(torch.device(args.device), cfg, plans.task))
+    if result["precision_resolved"] == "bf16 autocast" and args.device == "cpu":  # also --precision auto on AMX
         bf16_rate = conv_throughput_gflops(channels_last=not args.no_channels_last and config.dims == 3, bf16=True)
         result["measured_conv_gflops_fwd_bwd_bf16"] = round(bf16_rate, 1)
         result["arithmetic_floor_s_per_it_bf16"] = round(flops_per_it / (bf16_rate * 1e9), 3)
